@@ -1,0 +1,246 @@
+use chrono::{DateTime, Utc};
+use feature_store::FeatureDocument;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+/// A document ready to serve: its JSON is rendered once, when it enters a
+/// tier, and every hit after that copies bytes instead of serializing.
+#[derive(Debug)]
+pub struct CachedDocument {
+    pub customer_id: String,
+    pub version: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The document as JSON, `version` first (see [`FeatureDocument`]).
+    pub json: Box<RawValue>,
+}
+
+impl CachedDocument {
+    pub fn from_document(doc: &FeatureDocument) -> Arc<Self> {
+        // Serializing our own type into JSON cannot fail: every field is a
+        // string, number or JSON value.
+        let json = serde_json::value::to_raw_value(doc).unwrap_or_default();
+        Arc::new(Self {
+            customer_id: doc.customer_id.clone(),
+            version: doc.version,
+            expires_at: doc.expires_at,
+            json,
+        })
+    }
+
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// The response body: the document plus the tier that answered, appended
+    /// to the rendered JSON without parsing it again.
+    pub fn body_with_source(&self, source: &str) -> Vec<u8> {
+        let json = self.json.get();
+        let open = json.strip_suffix('}').unwrap_or(json);
+        let mut body = Vec::with_capacity(json.len() + 32);
+        body.extend_from_slice(open.as_bytes());
+        if open.len() > 1 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"\"source\":\"");
+        body.extend_from_slice(source.as_bytes());
+        body.extend_from_slice(b"\"}");
+        body
+    }
+}
+
+/// What a cache tier may hold for one customer.
+///
+/// Entries are totally ordered by `(version, rank)`, and a tier replaces what
+/// it holds only with an entry that is strictly greater — the version guard.
+/// At one version, a fence < the document < its tombstone, so:
+/// - a fill of an older document never overwrites a newer one;
+/// - a tombstone at the deleted version beats a late fill of that version;
+/// - a fence at version v evicts anything older while letting version v in.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// Versions below `version` are stale (an invalidation in delete mode, or
+    /// a change the replica heard about but does not hold).
+    Fence {
+        customer_id: String,
+        version: i64,
+    },
+    Document(Arc<CachedDocument>),
+    /// The document was deleted at `version`; never served.
+    Tombstone {
+        customer_id: String,
+        version: i64,
+    },
+}
+
+impl Entry {
+    pub fn customer_id(&self) -> &str {
+        match self {
+            Self::Fence { customer_id, .. } | Self::Tombstone { customer_id, .. } => customer_id,
+            Self::Document(doc) => &doc.customer_id,
+        }
+    }
+
+    pub fn version(&self) -> i64 {
+        match self {
+            Self::Fence { version, .. } | Self::Tombstone { version, .. } => *version,
+            Self::Document(doc) => doc.version,
+        }
+    }
+
+    /// Rank within one version; mirrored by the Lua guard in `redis_tier`.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Self::Fence { .. } => 0,
+            Self::Document(_) => 1,
+            Self::Tombstone { .. } => 2,
+        }
+    }
+
+    /// The version guard: may `self` replace `current`?
+    pub fn supersedes(&self, current: &Entry) -> bool {
+        let ours = (self.version(), self.rank());
+        let theirs = (current.version(), current.rank());
+        ours.cmp(&theirs) == Ordering::Greater
+    }
+
+    pub fn document(&self) -> Option<&Arc<CachedDocument>> {
+        match self {
+            Self::Document(doc) => Some(doc),
+            _ => None,
+        }
+    }
+
+    /// The value stored in Redis: the document JSON itself, or a small marker.
+    pub fn to_redis_value(&self) -> String {
+        match self {
+            Self::Document(doc) => doc.json.get().to_owned(),
+            Self::Tombstone { version, .. } => format!(r#"{{"version":{version},"deleted":true}}"#),
+            Self::Fence { version, .. } => format!(r#"{{"version":{version},"fence":true}}"#),
+        }
+    }
+
+    /// Reads a value stored in Redis. `None` for anything we did not write.
+    pub fn from_redis_value(customer_id: &str, raw: &str) -> Option<Entry> {
+        #[derive(Deserialize)]
+        struct Head {
+            version: i64,
+            #[serde(default)]
+            deleted: bool,
+            #[serde(default)]
+            fence: bool,
+            customer_id: Option<String>,
+            expires_at: Option<String>,
+        }
+        let head: Head = serde_json::from_str(raw).ok()?;
+        if head.deleted {
+            return Some(Entry::Tombstone {
+                customer_id: customer_id.to_owned(),
+                version: head.version,
+            });
+        }
+        if head.fence {
+            return Some(Entry::Fence {
+                customer_id: customer_id.to_owned(),
+                version: head.version,
+            });
+        }
+        head.customer_id.as_ref()?;
+        let expires_at = match head.expires_at {
+            Some(at) => Some(DateTime::parse_from_rfc3339(&at).ok()?.with_timezone(&Utc)),
+            None => None,
+        };
+        Some(Entry::Document(Arc::new(CachedDocument {
+            customer_id: customer_id.to_owned(),
+            version: head.version,
+            expires_at,
+            json: RawValue::from_string(raw.to_owned()).ok()?,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn doc(version: i64) -> Entry {
+        let doc: FeatureDocument = serde_json::from_value(json!({
+            "version": version,
+            "customer_id": "C1",
+            "features": {"score": 1},
+            "calculated_at": "2026-01-01T00:00:00.000Z",
+            "model_version": "v1.0.0",
+            "expires_at": "2999-01-01T00:00:00.000Z",
+        }))
+        .unwrap();
+        Entry::Document(CachedDocument::from_document(&doc))
+    }
+
+    fn tombstone(version: i64) -> Entry {
+        Entry::Tombstone {
+            customer_id: "C1".into(),
+            version,
+        }
+    }
+
+    fn fence(version: i64) -> Entry {
+        Entry::Fence {
+            customer_id: "C1".into(),
+            version,
+        }
+    }
+
+    #[test]
+    fn newer_versions_win_and_equal_ones_do_not() {
+        assert!(doc(2).supersedes(&doc(1)));
+        assert!(!doc(1).supersedes(&doc(2)));
+        assert!(!doc(2).supersedes(&doc(2)));
+    }
+
+    #[test]
+    fn tombstone_beats_late_fill_of_the_deleted_version_but_not_a_recreation() {
+        assert!(tombstone(5).supersedes(&doc(5)));
+        assert!(!doc(5).supersedes(&tombstone(5)));
+        assert!(!doc(4).supersedes(&tombstone(5)));
+        assert!(doc(6).supersedes(&tombstone(5)));
+    }
+
+    #[test]
+    fn fence_evicts_older_and_admits_its_own_version() {
+        assert!(fence(5).supersedes(&doc(4)));
+        assert!(!fence(5).supersedes(&doc(5)));
+        assert!(doc(5).supersedes(&fence(5)));
+        assert!(!doc(4).supersedes(&fence(5)));
+    }
+
+    #[test]
+    fn redis_values_round_trip() {
+        for entry in [doc(3), tombstone(4), fence(5)] {
+            let raw = entry.to_redis_value();
+            assert!(
+                raw.starts_with(&format!(r#"{{"version":{},"#, entry.version())),
+                "{raw}"
+            );
+            let back = Entry::from_redis_value("C1", &raw).unwrap();
+            assert_eq!(
+                (back.version(), back.rank()),
+                (entry.version(), entry.rank())
+            );
+        }
+        assert!(Entry::from_redis_value("C1", "not json").is_none());
+        assert!(Entry::from_redis_value("C1", r#"{"foo":1}"#).is_none());
+    }
+
+    #[test]
+    fn body_gets_the_source_appended() {
+        let Entry::Document(d) = doc(3) else {
+            unreachable!()
+        };
+        let body: serde_json::Value = serde_json::from_slice(&d.body_with_source("redis")).unwrap();
+        assert_eq!(body["source"], "redis");
+        assert_eq!(body["version"], 3);
+        assert_eq!(body["features"]["score"], 1);
+    }
+}

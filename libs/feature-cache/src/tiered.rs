@@ -1,0 +1,343 @@
+use crate::coalesce::{Coalescer, Role};
+use crate::entry::{CachedDocument, Entry};
+use crate::near::NearCache;
+use crate::redis_tier::RedisTier;
+use chrono::Utc;
+use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use thiserror::Error;
+use tracing::Instrument;
+
+/// The tier that answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Local,
+    Redis,
+    Mongodb,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Redis => "redis",
+            Self::Mongodb => "mongodb",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub document: Arc<CachedDocument>,
+    pub source: Source,
+}
+
+/// Reads fail only when MongoDB is needed and cannot answer; Redis trouble
+/// degrades to MongoDB and is never an error for the caller.
+#[derive(Debug, Error, Clone)]
+pub enum ReadError {
+    #[error("MongoDB is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(reason) => Self::Unavailable(reason),
+            other => Self::Store(other.to_string()),
+        }
+    }
+}
+
+/// The result of a write: the stored document, rendered once.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub document: Arc<CachedDocument>,
+    pub created: bool,
+}
+
+type LoadResult = Result<Option<Lookup>, ReadError>;
+
+/// MongoDB seen through its cache tiers: reads go near cache → Redis →
+/// MongoDB and warm the tiers above on the way back; writes go to MongoDB
+/// first and then through the version guard into Redis and the near cache.
+#[derive(Clone)]
+pub struct TieredStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    near: Option<NearCache>,
+    redis: RedisTier,
+    store: FeatureStore,
+    loads: Coalescer<CustomerId, LoadResult>,
+}
+
+impl TieredStore {
+    pub fn new(near: Option<NearCache>, redis: RedisTier, store: FeatureStore) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                near,
+                redis,
+                store,
+                loads: Coalescer::default(),
+            }),
+        }
+    }
+
+    pub fn near(&self) -> Option<&NearCache> {
+        self.inner.near.as_ref()
+    }
+
+    pub fn redis(&self) -> &RedisTier {
+        &self.inner.redis
+    }
+
+    pub fn store(&self) -> &FeatureStore {
+        &self.inner.store
+    }
+
+    /// One customer's document from the nearest tier that has it.
+    pub async fn get(&self, id: &CustomerId) -> Result<Option<Lookup>, ReadError> {
+        if let Some(near) = &self.inner.near {
+            let _span = tracing::debug_span!(
+                "near_cache.get",
+                cache.tier = "local",
+                cache.hit = tracing::field::Empty
+            )
+            .entered();
+            if let Some(Entry::Document(doc)) = near.get(id.as_str()) {
+                if !doc.is_expired(Utc::now()) {
+                    _span.record("cache.hit", true);
+                    metrics::counter!("cache_requests_total", "tier" => "local", "result" => "hit")
+                        .increment(1);
+                    tracing::debug!(customer_id = %id, source = "local", "served");
+                    return Ok(Some(Lookup {
+                        document: doc,
+                        source: Source::Local,
+                    }));
+                }
+            }
+            _span.record("cache.hit", false);
+            metrics::counter!("cache_requests_total", "tier" => "local", "result" => "miss")
+                .increment(1);
+        }
+        let this = self.clone();
+        let key = id.clone();
+        let (result, role) = self
+            .inner
+            .loads
+            .run(id.clone(), || {
+                async move { this.load(&key).await }.in_current_span()
+            })
+            .await;
+        if role == Role::Follower {
+            metrics::counter!("cache_coalesced_waits_total").increment(1);
+            tracing::debug!(customer_id = %id, "waited on a coalesced load");
+        }
+        result
+    }
+
+    /// Below the near cache: Redis, then MongoDB. Coalesced per customer.
+    #[tracing::instrument(name = "cache.load", skip(self), fields(customer_id = %id))]
+    async fn load(&self, id: &CustomerId) -> LoadResult {
+        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        match self.inner.redis.get(id.as_str()).await {
+            Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
+                metrics::counter!("cache_requests_total", "tier" => "redis", "result" => "hit")
+                    .increment(1);
+                self.offer_near(Entry::Document(Arc::clone(&doc)), epoch);
+                tracing::debug!(customer_id = %id, source = "redis", "served");
+                return Ok(Some(Lookup {
+                    document: doc,
+                    source: Source::Redis,
+                }));
+            }
+            Ok(_) => {
+                metrics::counter!("cache_requests_total", "tier" => "redis", "result" => "miss")
+                    .increment(1);
+            }
+            Err(err) => {
+                tracing::warn!(customer_id = %id, error = %err, "Redis read failed; falling back to MongoDB")
+            }
+        }
+        let Some(doc) = self.inner.store.get(id).await? else {
+            tracing::debug!(customer_id = %id, "not found in MongoDB");
+            return Ok(None);
+        };
+        let document = CachedDocument::from_document(&doc);
+        self.warm(Entry::Document(Arc::clone(&document)), epoch)
+            .await;
+        tracing::debug!(customer_id = %id, source = "mongodb", "served");
+        Ok(Some(Lookup {
+            document,
+            source: Source::Mongodb,
+        }))
+    }
+
+    /// Many customers at once: near cache, one MGET, one `$in` query.
+    /// Returns the found documents by id and the ids found nowhere.
+    #[tracing::instrument(skip_all, fields(count = ids.len()))]
+    pub async fn get_many(
+        &self,
+        ids: &[CustomerId],
+    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), ReadError> {
+        let mut seen = HashSet::with_capacity(ids.len());
+        let unique: Vec<&CustomerId> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
+        let now = Utc::now();
+        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        let mut found = Vec::with_capacity(unique.len());
+        let mut pending: Vec<&CustomerId> = Vec::new();
+        for id in unique {
+            match self
+                .inner
+                .near
+                .as_ref()
+                .and_then(|near| near.get(id.as_str()))
+            {
+                Some(Entry::Document(doc)) if !doc.is_expired(now) => found.push(Lookup {
+                    document: doc,
+                    source: Source::Local,
+                }),
+                _ => pending.push(id),
+            }
+        }
+
+        let mut from_mongo: Vec<CustomerId> = Vec::new();
+        let keys: Vec<&str> = pending.iter().map(|id| id.as_str()).collect();
+        match self.inner.redis.get_many(&keys).await {
+            Ok(entries) => {
+                for (id, entry) in pending.iter().zip(entries) {
+                    match entry {
+                        Some(Entry::Document(doc)) if !doc.is_expired(now) => {
+                            self.offer_near(Entry::Document(Arc::clone(&doc)), epoch);
+                            found.push(Lookup {
+                                document: doc,
+                                source: Source::Redis,
+                            });
+                        }
+                        _ => from_mongo.push((*id).clone()),
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis MGET failed; falling back to MongoDB");
+                from_mongo.extend(pending.iter().map(|id| (*id).clone()));
+            }
+        }
+
+        let mut missing = Vec::new();
+        if !from_mongo.is_empty() {
+            let docs = self.inner.store.get_many(&from_mongo).await?;
+            let mut by_id: HashMap<String, FeatureDocument> = docs
+                .into_iter()
+                .map(|d| (d.customer_id.clone(), d))
+                .collect();
+            let mut fills = Vec::new();
+            for id in from_mongo {
+                match by_id.remove(id.as_str()) {
+                    Some(doc) => {
+                        let document = CachedDocument::from_document(&doc);
+                        fills.push(Entry::Document(Arc::clone(&document)));
+                        found.push(Lookup {
+                            document,
+                            source: Source::Mongodb,
+                        });
+                    }
+                    None => missing.push(id),
+                }
+            }
+            self.warm_many(fills, epoch).await;
+        }
+        Ok((found, missing))
+    }
+
+    /// Writes one document to MongoDB, then to the tiers.
+    pub async fn upsert(&self, write: &FeatureWrite) -> Result<WriteOutcome, StoreError> {
+        let outcome = self.inner.store.upsert(write).await?;
+        let document = CachedDocument::from_document(&outcome.document);
+        self.warm(
+            Entry::Document(Arc::clone(&document)),
+            self.inner.near.as_ref().map(NearCache::epoch),
+        )
+        .await;
+        Ok(WriteOutcome {
+            document,
+            created: outcome.created,
+        })
+    }
+
+    /// Writes many documents with one bulk write and one Redis pipeline.
+    pub async fn upsert_many(
+        &self,
+        writes: &[FeatureWrite],
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        let outcomes = self.inner.store.upsert_many(writes).await?;
+        let mut fills = Vec::new();
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.map(|o| {
+                    let document = CachedDocument::from_document(&o.document);
+                    fills.push(Entry::Document(Arc::clone(&document)));
+                    WriteOutcome {
+                        document,
+                        created: o.created,
+                    }
+                })
+            })
+            .collect();
+        self.warm_many(fills, epoch).await;
+        Ok(results)
+    }
+
+    /// Deletes from MongoDB and leaves a tombstone at the removed version, so
+    /// no late fill can bring the document back. `false` when it was absent.
+    pub async fn delete(&self, id: &CustomerId) -> Result<bool, StoreError> {
+        let Some(version) = self.inner.store.delete(id).await? else {
+            return Ok(false);
+        };
+        let tombstone = Entry::Tombstone {
+            customer_id: id.to_string(),
+            version,
+        };
+        self.warm(tombstone, self.inner.near.as_ref().map(NearCache::epoch))
+            .await;
+        Ok(true)
+    }
+
+    /// Offers an entry to Redis and then to the near cache. The near cache
+    /// takes it only if Redis did (or Redis is down): when Redis refuses, it
+    /// holds something newer and so must the near cache not hold this.
+    async fn warm(&self, entry: Entry, epoch: Option<u64>) {
+        self.warm_many(vec![entry], epoch).await;
+    }
+
+    async fn warm_many(&self, entries: Vec<Entry>, epoch: Option<u64>) {
+        if entries.is_empty() {
+            return;
+        }
+        let accepted = match self.inner.redis.offer_many(&entries).await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis write failed; the invalidator will repair it");
+                vec![true; entries.len()]
+            }
+        };
+        for (entry, accepted) in entries.into_iter().zip(accepted) {
+            if accepted {
+                self.offer_near(entry, epoch);
+            }
+        }
+    }
+
+    fn offer_near(&self, entry: Entry, epoch: Option<u64>) {
+        if let (Some(near), Some(epoch)) = (&self.inner.near, epoch) {
+            near.offer_at(entry, epoch);
+        }
+    }
+}

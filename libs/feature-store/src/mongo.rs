@@ -1,0 +1,479 @@
+use crate::model::{CustomerId, FeatureDocument, FeatureWrite, format_time};
+use crate::version;
+use bson::{Bson, Document, doc};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::event::EventHandler;
+use mongodb::event::command::CommandEvent;
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// MongoDB error code for a duplicate key.
+const DUPLICATE_KEY: i32 = 11000;
+/// How often an upsert that lost a race with a delete of the same id is tried.
+const UPSERT_ATTEMPTS: usize = 5;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database did not answer in time or could not be reached.
+    #[error("MongoDB is unavailable: {0}")]
+    Unavailable(String),
+    /// A write kept colliding with concurrent writes of the same document.
+    #[error("concurrent writes to the same customer kept conflicting; retry")]
+    Conflict,
+    /// A single item of a bulk write was refused by the database.
+    #[error("MongoDB refused the write: {0}")]
+    Refused(String),
+    #[error("MongoDB error: {0}")]
+    Driver(#[from] mongodb::error::Error),
+    #[error("stored document is malformed: {0}")]
+    Malformed(String),
+}
+
+impl StoreError {
+    fn from_driver(err: mongodb::error::Error) -> Self {
+        use mongodb::error::ErrorKind;
+        match *err.kind {
+            ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. } => Self::Unavailable(err.to_string()),
+            _ => Self::Driver(err),
+        }
+    }
+}
+
+/// The result of a single upsert.
+#[derive(Debug, Clone)]
+pub struct UpsertOutcome {
+    pub document: FeatureDocument,
+    pub created: bool,
+}
+
+/// The feature collection in MongoDB: the source of truth.
+#[derive(Clone)]
+pub struct FeatureStore {
+    client: Client,
+    database: Database,
+    collection: Collection<Document>,
+    timeout: Duration,
+}
+
+impl FeatureStore {
+    /// Connects lazily (the driver connects on first use) with server selection
+    /// bounded by `timeout`, so a dead database fails requests fast. Every
+    /// command the driver sends is counted in `mongodb_commands_total`.
+    pub async fn connect(
+        uri: &str,
+        database: &str,
+        collection: &str,
+        timeout: Duration,
+        app_name: &str,
+    ) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri).await?;
+        options.app_name = Some(app_name.to_owned());
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        options.command_event_handler = Some(EventHandler::callback(|event| match event {
+            CommandEvent::Started(started) => {
+                metrics::counter!("mongodb_commands_total", "command" => started.command_name)
+                    .increment(1);
+            }
+            CommandEvent::Failed(failed) => {
+                metrics::counter!("mongodb_errors_total", "command" => failed.command_name)
+                    .increment(1);
+            }
+            _ => {}
+        }));
+        let client = Client::with_options(options)?;
+        let database = client.database(database);
+        let collection = database.collection(collection);
+        Ok(Self {
+            client,
+            database,
+            collection,
+            timeout,
+        })
+    }
+
+    /// The raw collection, for change streams and tools.
+    pub fn collection(&self) -> &Collection<Document> {
+        &self.collection
+    }
+
+    pub fn collection_name(&self) -> &str {
+        self.collection.name()
+    }
+
+    pub fn database_name(&self) -> &str {
+        self.database.name()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Creates the TTL index on `expires_at` (idempotent).
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "createIndexes"))]
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let index = IndexModel::builder()
+            .keys(doc! { "expires_at": 1 })
+            .options(
+                IndexOptions::builder()
+                    .expire_after(Duration::from_secs(0))
+                    .name("expires_at_ttl".to_owned())
+                    .build(),
+            )
+            .build();
+        self.bounded(async { self.collection.create_index(index).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Round-trip time of a `ping`.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        self.bounded(async { self.database.run_command(doc! { "ping": 1 }).await })
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        self.bounded(async { self.collection.estimated_document_count().await })
+            .await
+    }
+
+    /// The current, unexpired document of one customer.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "find"))]
+    pub async fn get(&self, id: &CustomerId) -> Result<Option<FeatureDocument>, StoreError> {
+        let found = self
+            .bounded(async { self.collection.find_one(doc! { "_id": id.as_str() }).await })
+            .await?;
+        let now = Utc::now();
+        match found {
+            Some(raw) => {
+                let doc = document_from_bson(raw)?;
+                Ok((!doc.is_expired(now)).then_some(doc))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The current, unexpired documents of many customers, in one `$in` query.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "find", count = ids.len()))]
+    pub async fn get_many(&self, ids: &[CustomerId]) -> Result<Vec<FeatureDocument>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
+        let raw: Vec<Document> = self
+            .bounded(async {
+                self.collection
+                    .find(doc! { "_id": { "$in": keys } })
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        let now = Utc::now();
+        let mut docs = Vec::with_capacity(raw.len());
+        for raw in raw {
+            let doc = document_from_bson(raw)?;
+            if !doc.is_expired(now) {
+                docs.push(doc);
+            }
+        }
+        Ok(docs)
+    }
+
+    /// One atomic upsert: sets the fields, advances the version, returns the
+    /// stored document and whether it was created.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "findAndModify", customer_id = %write.customer_id))]
+    pub async fn upsert(&self, write: &FeatureWrite) -> Result<UpsertOutcome, StoreError> {
+        let command = doc! {
+            "findAndModify": self.collection.name(),
+            "query": { "_id": write.customer_id.as_str() },
+            "update": update_pipeline(write, Utc::now()),
+            "upsert": true,
+            "new": true,
+        };
+        for attempt in 1..=UPSERT_ATTEMPTS {
+            let reply = match self
+                .bounded(async { self.database.run_command(command.clone()).await })
+                .await
+            {
+                Ok(reply) => reply,
+                // An upsert racing a delete or another upsert of the same id may
+                // hit the unique index; MongoDB itself retries some of these, we
+                // retry the rest.
+                Err(StoreError::Driver(err)) if is_duplicate_key(&err) => {
+                    tracing::debug!(attempt, "upsert collided with a concurrent write; retrying");
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            match reply.get("value") {
+                Some(Bson::Document(value)) => {
+                    let created = reply
+                        .get_document("lastErrorObject")
+                        .ok()
+                        .and_then(|last| last.get_bool("updatedExisting").ok())
+                        .map(|existed| !existed)
+                        .unwrap_or(false);
+                    return Ok(UpsertOutcome {
+                        document: document_from_bson(value.clone())?,
+                        created,
+                    });
+                }
+                // MongoDB always returns the new document here; the stand-in
+                // used in tests can return null when a delete interleaves.
+                _ => {
+                    tracing::debug!(attempt, "upsert returned no document; retrying");
+                    continue;
+                }
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Many upserts in one unordered bulk `update` command, then one `$in`
+    /// read of the stored documents. Each item succeeds or fails alone.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "update", count = writes.len()))]
+    pub async fn upsert_many(
+        &self,
+        writes: &[FeatureWrite],
+    ) -> Result<Vec<Result<UpsertOutcome, StoreError>>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Utc::now();
+        let updates: Vec<Document> = writes
+            .iter()
+            .map(|w| {
+                doc! {
+                    "q": { "_id": w.customer_id.as_str() },
+                    "u": update_pipeline(w, now),
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let command = doc! {
+            "update": self.collection.name(),
+            "updates": updates,
+            "ordered": false,
+        };
+        let reply = self
+            .bounded(async { self.database.run_command(command).await })
+            .await?;
+
+        // Per item: Ok(created) or the database's refusal.
+        let mut outcomes: Vec<Result<bool, StoreError>> =
+            writes.iter().map(|_| Ok(false)).collect();
+        if let Ok(upserted) = reply.get_array("upserted") {
+            for entry in upserted {
+                if let Some(index) = entry.as_document().and_then(|d| index_of(d)) {
+                    if let Some(slot) = outcomes.get_mut(index) {
+                        *slot = Ok(true);
+                    }
+                }
+            }
+        }
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for entry in errors.iter().filter_map(Bson::as_document) {
+                if let Some(index) = index_of(entry) {
+                    let message = entry.get_str("errmsg").unwrap_or("write error").to_owned();
+                    if let Some(slot) = outcomes.get_mut(index) {
+                        *slot = Err(StoreError::Refused(message));
+                    }
+                }
+            }
+        }
+
+        let written: Vec<CustomerId> = writes
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .map(|(w, _)| w.customer_id.clone())
+            .collect();
+        let stored = self.get_many(&written).await?;
+        let by_id: std::collections::HashMap<&str, &FeatureDocument> =
+            stored.iter().map(|d| (d.customer_id.as_str(), d)).collect();
+
+        Ok(writes
+            .iter()
+            .zip(outcomes)
+            .map(|(w, outcome)| match outcome {
+                Ok(created) => match by_id.get(w.customer_id.as_str()) {
+                    Some(doc) => Ok(UpsertOutcome {
+                        document: (*doc).clone(),
+                        created,
+                    }),
+                    // Deleted again between the write and the read-back.
+                    None => Err(StoreError::Conflict),
+                },
+                Err(err) => Err(err),
+            })
+            .collect())
+    }
+
+    /// Deletes one customer's document; returns the version it had.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "findAndModify"))]
+    pub async fn delete(&self, id: &CustomerId) -> Result<Option<i64>, StoreError> {
+        let removed = self
+            .bounded(async {
+                self.collection
+                    .find_one_and_delete(doc! { "_id": id.as_str() })
+                    .projection(doc! { "version": 1 })
+                    .await
+            })
+            .await?;
+        Ok(removed.map(|d| version_of(&d)))
+    }
+
+    /// Gives a version to a document that was changed without one (by another
+    /// tool), so every content a cache can hold has a version of its own. Only
+    /// applies while the document still has `seen_version`.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "update"))]
+    pub async fn stamp_version(&self, id: &str, seen_version: i64) -> Result<bool, StoreError> {
+        let seen = if seen_version == 0 {
+            doc! { "$in": [Bson::Null, 0_i64] }
+        } else {
+            doc! { "$eq": seen_version }
+        };
+        let result = self
+            .bounded(async {
+                self.collection
+                    .update_one(
+                        doc! { "_id": id, "version": seen },
+                        vec![doc! { "$set": { "version": version::next_version_expr() } }],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(result.modified_count == 1)
+    }
+
+    /// Closes the driver's connections; call before the process exits.
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+    }
+
+    /// Bounds a database call by the configured timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(StoreError::from_driver),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+fn index_of(entry: &Document) -> Option<usize> {
+    match entry.get("index")? {
+        Bson::Int32(i) => usize::try_from(*i).ok(),
+        Bson::Int64(i) => usize::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    let code = match &*err.kind {
+        ErrorKind::Command(command) => Some(command.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(write)) => Some(write.code),
+        _ => None,
+    };
+    code == Some(DUPLICATE_KEY) || err.to_string().contains("E11000")
+}
+
+/// The update pipeline of one write. `$literal` keeps the features verbatim:
+/// inside a pipeline an object would otherwise be read as an expression.
+fn update_pipeline(write: &FeatureWrite, now: DateTime<Utc>) -> Vec<Document> {
+    let expires_at = now + chrono::Duration::days(i64::from(write.ttl_days));
+    let features =
+        bson::to_bson(&write.features).unwrap_or_else(|_| Bson::Document(Document::new()));
+    let mut set = doc! {
+        "customer_id": write.customer_id.as_str(),
+        "features": { "$literal": features },
+        "calculated_at": format_time(now),
+        "model_version": { "$literal": write.model_version.as_str() },
+        "expires_at": bson::DateTime::from_chrono(expires_at),
+        "version": version::next_version_expr(),
+    };
+    let mut pipeline = Vec::with_capacity(2);
+    match &write.traceparent {
+        Some(traceparent) => {
+            set.insert("trace", traceparent.as_str());
+            pipeline.push(doc! { "$set": set });
+        }
+        None => {
+            pipeline.push(doc! { "$set": set });
+            pipeline.push(doc! { "$unset": ["trace"] });
+        }
+    }
+    pipeline
+}
+
+fn version_of(raw: &Document) -> i64 {
+    match raw.get("version") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
+}
+
+/// Reads a stored document leniently: documents written by other tools may
+/// lack fields (no version counts as version 0).
+pub fn document_from_bson(raw: Document) -> Result<FeatureDocument, StoreError> {
+    let version = version_of(&raw);
+    let customer_id = match (raw.get("customer_id"), raw.get("_id")) {
+        (Some(Bson::String(id)), _) | (None, Some(Bson::String(id))) => id.clone(),
+        (_, Some(Bson::String(id))) => id.clone(),
+        _ => return Err(StoreError::Malformed("no string customer_id or _id".into())),
+    };
+    let features = match raw.get("features") {
+        Some(Bson::Document(features)) => {
+            match Bson::Document(features.clone()).into_relaxed_extjson() {
+                serde_json::Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            }
+        }
+        _ => serde_json::Map::new(),
+    };
+    let calculated_at = time_field(&raw, "calculated_at").unwrap_or(DateTime::UNIX_EPOCH);
+    let model_version = raw
+        .get_str("model_version")
+        .unwrap_or(FeatureWrite::DEFAULT_MODEL_VERSION)
+        .to_owned();
+    Ok(FeatureDocument {
+        version,
+        customer_id,
+        features,
+        calculated_at,
+        model_version,
+        expires_at: time_field(&raw, "expires_at"),
+    })
+}
+
+/// The W3C trace context stored with a document by the write that made it.
+pub fn traceparent_of(raw: &Document) -> Option<&str> {
+    raw.get_str("trace").ok()
+}
+
+fn time_field(raw: &Document, name: &str) -> Option<DateTime<Utc>> {
+    match raw.get(name)? {
+        Bson::DateTime(at) => Some(at.to_chrono()),
+        Bson::String(s) => DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        _ => None,
+    }
+}

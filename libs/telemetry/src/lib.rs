@@ -1,0 +1,143 @@
+//! Logs, traces and metrics, set up the same way in every binary.
+//!
+//! - [`init`]: structured logs (JSON or pretty) through `tracing`, and — when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set — spans exported over OTLP (gRPC or
+//!   HTTP/protobuf per `OTEL_EXPORTER_OTLP_PROTOCOL`) in batches that never
+//!   block a request. The returned [`Telemetry`] flushes on shutdown.
+//! - [`metrics`]: the Prometheus recorder and the `/metrics` text.
+//! - [`propagation`]: W3C `traceparent` in and out of HTTP headers and messages.
+
+pub mod metrics;
+pub mod propagation;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use thiserror::Error;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+#[derive(Debug, Error)]
+pub enum TelemetryError {
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+    #[error("invalid OTEL_EXPORTER_OTLP_PROTOCOL {0:?} (want grpc or http/protobuf)")]
+    Protocol(String),
+    #[error("cannot install the log subscriber: {0}")]
+    Subscriber(String),
+}
+
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are being exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes buffered spans; call once before the process exits.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(err) = provider.shutdown() {
+                eprintln!("telemetry: flushing spans failed: {err}");
+            }
+        }
+    }
+}
+
+/// Installs logging and, when configured, OTLP trace export. Also installs the
+/// Prometheus recorder, so metrics count from the first request.
+///
+/// `RUST_LOG` sets the log filter (default `info`).
+pub fn init(
+    service_name: &str,
+    instance_id: &str,
+    json_logs: bool,
+) -> Result<Telemetry, TelemetryError> {
+    metrics::install();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.trim().is_empty() => {
+            Some(tracer_provider(service_name, instance_id, &endpoint)?)
+        }
+        _ => None,
+    };
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = if json_logs {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service_name.to_owned()))
+            .with_error_records_to_exceptions(true)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    if provider.is_some() {
+        tracing::info!(endpoint = %std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(), "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+fn tracer_provider(
+    service_name: &str,
+    instance_id: &str,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "grpc".to_owned());
+    let exporter = match protocol.as_str() {
+        "grpc" => SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build(),
+        "http/protobuf" => SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(traces_url(endpoint))
+            .build(),
+        other => return Err(TelemetryError::Protocol(other.to_owned())),
+    }
+    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+
+    // The environment (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES) is read by
+    // the default builder; our name applies only when none is given there.
+    let mut resource = Resource::builder()
+        .with_attribute(KeyValue::new("service.instance.id", instance_id.to_owned()));
+    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.is_empty()) {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The signal path for HTTP export, as the OTLP spec derives it from the base.
+fn traces_url(endpoint: &str) -> String {
+    if endpoint.ends_with("/v1/traces") {
+        endpoint.to_owned()
+    } else {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    }
+}

@@ -1,0 +1,131 @@
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use feature_store::StoreError;
+use serde::Serialize;
+use thiserror::Error;
+
+/// One problem with one field of the input.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldError>>,
+}
+
+/// Every way a request can fail, each with its status and machine code.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("Features not found for customer_id: {0}")]
+    NotFound(String),
+    #[error("invalid customer_id {0:?}: must be 1-128 characters of [A-Za-z0-9_.:-]")]
+    InvalidCustomerId(String),
+    #[error("request validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("concurrent writes to the same customer kept conflicting; retry")]
+    Conflict,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::InvalidCustomerId(_) | Self::Validation(_) | Self::MalformedJson(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not_found",
+            Self::InvalidCustomerId(_) => "invalid_customer_id",
+            Self::Validation(_) => "validation_error",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::RouteNotFound(_) => "route_not_found",
+            Self::Conflict => "conflict",
+            Self::Unavailable(_) => "service_unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(reason) => Self::Unavailable(reason),
+            StoreError::Conflict => Self::Conflict,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<feature_cache::ReadError> for ApiError {
+    fn from(err: feature_cache::ReadError) -> Self {
+        match err {
+            feature_cache::ReadError::Unavailable(reason) => Self::Unavailable(reason),
+            feature_cache::ReadError::Store(reason) => Self::Internal(reason),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Internal(reason) = &self {
+            tracing::error!(%reason, "request failed");
+        } else if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let details = match &self {
+            Self::Validation(details) => Some(details.clone()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: self.to_string(),
+            code: self.code(),
+            details,
+        };
+        (status, Json(body)).into_response()
+    }
+}

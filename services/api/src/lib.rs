@@ -1,0 +1,22 @@
+//! `cache-api`: customer feature documents over REST, served from the nearest
+//! cache tier that holds them.
+//!
+//! - [`startup`]: [`Application`] — `build` wires settings into the store, the
+//!   tiers and the router and binds the port; `run` serves until shutdown.
+//! - [`routes`]: one module per resource (features, health, info, docs).
+//! - [`error`]: [`ApiError`], every failure as a JSON body with the right status.
+//! - [`extract`]: the JSON body extractor that turns bad input into `ApiError`s.
+//! - [`middleware`]: per-request span (continuing the caller's trace), metrics
+//!   and the `traceparent` response header.
+//!
+//! The cache logic itself lives in `feature-cache`; this crate is wiring.
+
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod routes;
+pub mod startup;
+pub mod state;
+
+pub use error::ApiError;
+pub use startup::Application;

@@ -1,0 +1,444 @@
+use super::both;
+use crate::error::{ApiError, FieldError};
+use crate::extract::{ApiJson, CustomerIdPath};
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use feature_cache::{CachedDocument, WriteOutcome};
+use feature_store::{CustomerId, FeatureDocument, FeatureWrite};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+/// Most items in one bulk write or batch read.
+pub const MAX_ITEMS: usize = 1000;
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = both(router, "/api/features/", post(create_features));
+    let router = both(router, "/api/features/bulk/", post(bulk_create));
+    let router = both(router, "/api/features/batch/", post(batch_get));
+    let router = both(
+        router,
+        "/api/features/{customer_id}/delete/",
+        delete(delete_features),
+    );
+    both(
+        router,
+        "/api/features/{customer_id}/",
+        get(get_features).delete(delete_features),
+    )
+}
+
+/// Body of `POST /api/features/`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateFeatures {
+    #[schema(example = "CUST00001")]
+    pub customer_id: String,
+    #[schema(value_type = Object)]
+    pub features: Value,
+    #[schema(example = "v1.0.0")]
+    pub model_version: Option<String>,
+    /// 1–30, default 7.
+    pub ttl_days: Option<i64>,
+}
+
+/// A document as served: the stored fields plus the tier that answered.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServedDocument {
+    #[serde(flatten)]
+    pub document: FeatureDocument,
+    /// `local`, `redis` or `mongodb`.
+    pub source: String,
+}
+
+#[utoipa::path(
+    get, path = "/api/features/{customer_id}/", tag = "features",
+    params(("customer_id" = String, Path, description = "1–128 characters of [A-Za-z0-9_.:-]")),
+    responses(
+        (status = 200, description = "The document; `source` and header `x-cache-source` name the tier", body = ServedDocument),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+        (status = 503, description = "Not cached and MongoDB unavailable", body = crate::error::ErrorBody)
+    )
+)]
+#[tracing::instrument(skip_all, fields(customer_id = %id.0, cache.tier = tracing::field::Empty))]
+pub async fn get_features(
+    State(state): State<AppState>,
+    id: CustomerIdPath,
+) -> Result<Response, ApiError> {
+    let CustomerIdPath(id) = id;
+    let Some(lookup) = state.tiers.get(&id).await? else {
+        return Err(ApiError::NotFound(id.to_string()));
+    };
+    let source = lookup.source.as_str();
+    tracing::Span::current().record("cache.tier", source);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::HeaderName::from_static("x-cache-source"),
+                HeaderValue::from_static(source),
+            ),
+        ],
+        lookup.document.body_with_source(source),
+    )
+        .into_response())
+}
+
+#[utoipa::path(
+    post, path = "/api/features/", tag = "features", request_body = CreateFeatures,
+    responses(
+        (status = 201, description = "Created", body = FeatureDocument),
+        (status = 200, description = "Updated", body = FeatureDocument),
+        (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody),
+        (status = 415, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)
+    )
+)]
+#[tracing::instrument(skip_all, fields(customer_id = %body.customer_id))]
+pub async fn create_features(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CreateFeatures>,
+) -> Result<Response, ApiError> {
+    let options = WriteOptions::validate(body.model_version.as_deref(), body.ttl_days)
+        .map_err(ApiError::Validation)?;
+    let write = validate_item(&body.customer_id, &body.features, &options, "")
+        .map_err(ApiError::Validation)?;
+    let WriteOutcome { document, created } = state.tiers.upsert(&write).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(document_response(status, &document))
+}
+
+#[utoipa::path(
+    delete, path = "/api/features/{customer_id}/", tag = "features",
+    params(("customer_id" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, body = crate::error::ErrorBody),
+              (status = 400, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody))
+)]
+#[tracing::instrument(skip_all, fields(customer_id = %id.0))]
+pub async fn delete_features(
+    State(state): State<AppState>,
+    id: CustomerIdPath,
+) -> Result<StatusCode, ApiError> {
+    let CustomerIdPath(id) = id;
+    if state.tiers.delete(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(id.to_string()))
+    }
+}
+
+/// One item of a bulk write.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BulkItem {
+    pub customer_id: Value,
+    #[schema(value_type = Object)]
+    pub features: Value,
+}
+
+/// Body of `POST /api/features/bulk/`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BulkCreate {
+    pub features_list: Vec<BulkItem>,
+    pub model_version: Option<String>,
+    pub ttl_days: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkItemResult {
+    pub customer_id: Value,
+    /// `created`, `updated` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkResponse {
+    pub success: usize,
+    pub failed: usize,
+    pub message: &'static str,
+    pub results: Vec<BulkItemResult>,
+}
+
+#[utoipa::path(
+    post, path = "/api/features/bulk/", tag = "features", request_body = BulkCreate,
+    responses((status = 201, body = BulkResponse), (status = 400, body = crate::error::ErrorBody),
+              (status = 503, body = crate::error::ErrorBody))
+)]
+#[tracing::instrument(skip_all, fields(count = body.features_list.len()))]
+pub async fn bulk_create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BulkCreate>,
+) -> Result<Response, ApiError> {
+    if body.features_list.len() > MAX_ITEMS {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "features_list",
+            format!(
+                "at most {MAX_ITEMS} items, got {}",
+                body.features_list.len()
+            ),
+        )]));
+    }
+    let options = WriteOptions::validate(body.model_version.as_deref(), body.ttl_days)
+        .map_err(ApiError::Validation)?;
+
+    // Each item is validated alone; the valid ones go to MongoDB together.
+    let mut results: Vec<Option<BulkItemResult>> = Vec::with_capacity(body.features_list.len());
+    let mut writes = Vec::new();
+    let mut write_slots = Vec::new();
+    for (index, item) in body.features_list.iter().enumerate() {
+        let id = item.customer_id.as_str().unwrap_or_default();
+        match validate_item(
+            id,
+            &item.features,
+            &options,
+            &format!("features_list[{index}]."),
+        ) {
+            Ok(write) => {
+                writes.push(write);
+                write_slots.push(index);
+                results.push(None);
+            }
+            Err(details) => results.push(Some(BulkItemResult {
+                customer_id: item.customer_id.clone(),
+                status: "failed",
+                version: None,
+                error: Some(
+                    details
+                        .into_iter()
+                        .map(|d| d.message)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            })),
+        }
+    }
+    let outcomes = state.tiers.upsert_many(&writes).await?;
+    for ((slot, write), outcome) in write_slots.into_iter().zip(&writes).zip(outcomes) {
+        results[slot] = Some(match outcome {
+            Ok(outcome) => BulkItemResult {
+                customer_id: Value::String(write.customer_id.to_string()),
+                status: if outcome.created {
+                    "created"
+                } else {
+                    "updated"
+                },
+                version: Some(outcome.document.version),
+                error: None,
+            },
+            Err(err) => BulkItemResult {
+                customer_id: Value::String(write.customer_id.to_string()),
+                status: "failed",
+                version: None,
+                error: Some(err.to_string()),
+            },
+        });
+    }
+    let results: Vec<BulkItemResult> = results.into_iter().flatten().collect();
+    let failed = results.iter().filter(|r| r.status == "failed").count();
+    let response = BulkResponse {
+        success: results.len() - failed,
+        failed,
+        message: "Bulk operation completed",
+        results,
+    };
+    Ok((StatusCode::CREATED, axum::Json(response)).into_response())
+}
+
+/// Body of `POST /api/features/batch/`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BatchGet {
+    pub customer_ids: Vec<String>,
+}
+
+/// `found` maps each id to its document; `missing` lists the ids found nowhere.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    #[schema(value_type = Object)]
+    pub found: BTreeMap<String, Box<RawValue>>,
+    pub missing: Vec<String>,
+}
+
+#[utoipa::path(
+    post, path = "/api/features/batch/", tag = "features", request_body = BatchGet,
+    responses((status = 200, body = BatchResponse), (status = 400, body = crate::error::ErrorBody),
+              (status = 503, body = crate::error::ErrorBody))
+)]
+#[tracing::instrument(skip_all, fields(count = body.customer_ids.len()))]
+pub async fn batch_get(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BatchGet>,
+) -> Result<Response, ApiError> {
+    if body.customer_ids.len() > MAX_ITEMS {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "customer_ids",
+            format!("at most {MAX_ITEMS} ids, got {}", body.customer_ids.len()),
+        )]));
+    }
+    let mut ids = Vec::with_capacity(body.customer_ids.len());
+    let mut invalid = Vec::new();
+    for (index, raw) in body.customer_ids.iter().enumerate() {
+        match CustomerId::parse(raw) {
+            Ok(id) => ids.push(id),
+            Err(err) => invalid.push(FieldError::new(
+                format!("customer_ids[{index}]"),
+                err.to_string(),
+            )),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(ApiError::Validation(invalid));
+    }
+    let (found, missing) = state.tiers.get_many(&ids).await?;
+    let response = BatchResponse {
+        found: found
+            .into_iter()
+            .map(|lookup| {
+                (
+                    lookup.document.customer_id.clone(),
+                    lookup.document.json.clone(),
+                )
+            })
+            .collect(),
+        missing: missing.into_iter().map(|id| id.to_string()).collect(),
+    };
+    Ok(axum::Json(response).into_response())
+}
+
+fn document_response(status: StatusCode, document: &Arc<CachedDocument>) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        document.json.get().to_owned(),
+    )
+        .into_response()
+}
+
+/// Options shared by every item of a write.
+struct WriteOptions {
+    model_version: String,
+    ttl_days: u32,
+}
+
+impl WriteOptions {
+    fn validate(
+        model_version: Option<&str>,
+        ttl_days: Option<i64>,
+    ) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let model_version = model_version.unwrap_or(FeatureWrite::DEFAULT_MODEL_VERSION);
+        if model_version.trim().is_empty() || model_version.len() > 128 {
+            errors.push(FieldError::new("model_version", "must be 1-128 characters"));
+        }
+        let ttl_days = ttl_days.unwrap_or(i64::from(FeatureWrite::DEFAULT_TTL_DAYS));
+        let range = FeatureWrite::TTL_DAYS_RANGE;
+        let ttl_days = match u32::try_from(ttl_days) {
+            Ok(days) if range.contains(&days) => days,
+            _ => {
+                errors.push(FieldError::new(
+                    "ttl_days",
+                    format!(
+                        "must be an integer from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+                0
+            }
+        };
+        if errors.is_empty() {
+            Ok(Self {
+                model_version: model_version.to_owned(),
+                ttl_days,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Validates one customer's write; `prefix` locates it in the body.
+fn validate_item(
+    customer_id: &str,
+    features: &Value,
+    options: &WriteOptions,
+    prefix: &str,
+) -> Result<FeatureWrite, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let id = CustomerId::parse(customer_id)
+        .map_err(|err| {
+            errors.push(FieldError::new(
+                format!("{prefix}customer_id"),
+                err.to_string(),
+            ))
+        })
+        .ok();
+    let features = match features {
+        Value::Object(map) => {
+            if let Some(path) = dollar_key(map, "features") {
+                errors.push(FieldError::new(
+                    format!("{prefix}features"),
+                    format!("keys must not start with '$' ({path})"),
+                ));
+            }
+            Some(map.clone())
+        }
+        _ => {
+            errors.push(FieldError::new(
+                format!("{prefix}features"),
+                "must be a JSON object",
+            ));
+            None
+        }
+    };
+    match (id, features) {
+        (Some(customer_id), Some(features)) if errors.is_empty() => Ok(FeatureWrite {
+            customer_id,
+            features,
+            model_version: options.model_version.clone(),
+            ttl_days: options.ttl_days,
+            traceparent: telemetry::propagation::current_traceparent(),
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// The path of the first key (at any depth) that starts with `$`, which
+/// MongoDB would read as an operator.
+fn dollar_key(map: &Map<String, Value>, path: &str) -> Option<String> {
+    for (key, value) in map {
+        let here = format!("{path}.{key}");
+        if key.starts_with('$') {
+            return Some(here);
+        }
+        let nested = match value {
+            Value::Object(inner) => dollar_key(inner, &here),
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
+                Value::Object(inner) => dollar_key(inner, &format!("{here}[{i}]")),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if nested.is_some() {
+            return nested;
+        }
+    }
+    None
+}

@@ -1,0 +1,44 @@
+//! The HTTP surface. Every path answers with and without its trailing slash.
+
+pub mod docs;
+pub mod features;
+pub mod health;
+pub mod info;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::Router;
+use axum::http::Uri;
+use axum::routing::MethodRouter;
+
+/// Registers `handler` at `path` and at `path` with a trailing slash.
+pub(crate) fn both(
+    router: Router<AppState>,
+    path: &str,
+    handler: MethodRouter<AppState>,
+) -> Router<AppState> {
+    let bare = path.trim_end_matches('/');
+    router
+        .route(bare, handler.clone())
+        .route(&format!("{bare}/"), handler)
+}
+
+pub fn router() -> Router<AppState> {
+    let router = Router::new();
+    let router = features::routes(router);
+    let router = health::routes(router);
+    let router = info::routes(router);
+    router
+        .merge(docs::routes())
+        .route("/metrics", axum::routing::get(telemetry::metrics::handler))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn route_not_found(uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().to_owned())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
