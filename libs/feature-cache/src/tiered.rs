@@ -142,7 +142,7 @@ impl TieredStore {
     }
 
     /// Below the near cache: Redis, then MongoDB. Coalesced per customer.
-    #[tracing::instrument(name = "cache.load", skip(self), fields(customer_id = %id))]
+    #[tracing::instrument(name = "cache.load", skip_all, fields(customer_id = %id))]
     async fn load(&self, id: &CustomerId) -> LoadResult {
         let epoch = self.inner.near.as_ref().map(NearCache::epoch);
         match self.inner.redis.get(id.as_str()).await {

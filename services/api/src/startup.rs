@@ -26,6 +26,7 @@ impl Application {
     /// the router, and binds `HTTP_ADDR` (port 0 picks a free port). Neither
     /// Redis nor MongoDB has to be up yet: both connect lazily.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        telemetry::metrics::install();
         let store = FeatureStore::connect(
             &settings.mongo_uri,
             &settings.mongo_db,
