@@ -13,7 +13,7 @@ use thiserror::Error;
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
-/// How often an upsert that lost a race with a delete of the same id is tried.
+/// How often an upsert that collided with a concurrent insert of the same id is tried.
 const UPSERT_ATTEMPTS: usize = 5;
 
 #[derive(Debug, Error)]
@@ -205,35 +205,36 @@ impl FeatureStore {
                 .await
             {
                 Ok(reply) => reply,
-                // An upsert racing a delete or another upsert of the same id may
-                // hit the unique index; MongoDB itself retries some of these, we
-                // retry the rest.
+                // Two upserts of a new id can race on the unique index; MongoDB
+                // retries most of these itself, the rest are safe to retry
+                // because the failed one wrote nothing.
                 Err(StoreError::Driver(err)) if is_duplicate_key(&err) => {
-                    tracing::debug!(attempt, "upsert collided with a concurrent write; retrying");
+                    tracing::debug!(
+                        attempt,
+                        "upsert collided with a concurrent insert; retrying"
+                    );
                     continue;
                 }
                 Err(err) => return Err(err),
             };
-            match reply.get("value") {
-                Some(Bson::Document(value)) => {
-                    let created = reply
-                        .get_document("lastErrorObject")
-                        .ok()
-                        .and_then(|last| last.get_bool("updatedExisting").ok())
-                        .map(|existed| !existed)
-                        .unwrap_or(false);
-                    return Ok(UpsertOutcome {
-                        document: document_from_bson(value.clone())?,
-                        created,
-                    });
-                }
-                // MongoDB always returns the new document here; the stand-in
-                // used in tests can return null when a delete interleaves.
-                _ => {
-                    tracing::debug!(attempt, "upsert returned no document; retrying");
-                    continue;
-                }
-            }
+            let created = reply
+                .get_document("lastErrorObject")
+                .ok()
+                .and_then(|last| last.get_bool("updatedExisting").ok())
+                .map(|existed| !existed)
+                .unwrap_or(false);
+            let document = match reply.get("value") {
+                Some(Bson::Document(value)) => document_from_bson(value.clone())?,
+                // MongoDB always returns the new document here. The stand-in
+                // used in tests can return null when writes of the same id
+                // interleave, although the update was applied: read it back
+                // rather than applying it twice.
+                _ => match self.get(&write.customer_id).await? {
+                    Some(document) => document,
+                    None => return Err(StoreError::Conflict),
+                },
+            };
+            return Ok(UpsertOutcome { document, created });
         }
         Err(StoreError::Conflict)
     }
@@ -407,18 +408,16 @@ fn update_pipeline(write: &FeatureWrite, now: DateTime<Utc>) -> Vec<Document> {
         "expires_at": bson::DateTime::from_chrono(expires_at),
         "version": version::next_version_expr(),
     };
-    let mut pipeline = Vec::with_capacity(2);
-    match &write.traceparent {
-        Some(traceparent) => {
-            set.insert("trace", traceparent.as_str());
-            pipeline.push(doc! { "$set": set });
-        }
-        None => {
-            pipeline.push(doc! { "$set": set });
-            pipeline.push(doc! { "$unset": ["trace"] });
-        }
-    }
-    pipeline
+    // Always set (null when untraced), never unset: a field removed by a
+    // pipeline turns the change event into a `replace` on some servers.
+    set.insert(
+        "trace",
+        write
+            .traceparent
+            .as_deref()
+            .map_or(Bson::Null, |t| Bson::String(t.to_owned())),
+    );
+    vec![doc! { "$set": set }]
 }
 
 fn version_of(raw: &Document) -> i64 {
