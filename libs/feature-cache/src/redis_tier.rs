@@ -21,6 +21,12 @@ pub fn key(customer_id: &str) -> String {
 /// Key prefix of every cached customer; used by flushes (SCAN MATCH prefix*).
 pub const KEY_PREFIX: &str = "features:";
 
+/// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..4]` the
+/// entry's version, rank, value and TTL in ms. Other scripts (the
+/// invalidator's fenced writes) are built on the same text, so the rule
+/// exists once.
+pub const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
+
 /// Health figures for `/api/health/`.
 #[derive(Debug, Clone)]
 pub struct RedisHealth {
@@ -58,7 +64,7 @@ impl RedisTier {
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self {
             conn,
-            guard: Script::new(include_str!("lua/guarded_set.lua")),
+            guard: Script::new(GUARD_SCRIPT),
             document_ttl,
             marker_ttl,
         })

@@ -70,7 +70,7 @@ pub struct TieredStore {
 }
 
 struct Inner {
-    near: Option<NearCache>,
+    near: Option<Arc<NearCache>>,
     redis: RedisTier,
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
@@ -80,7 +80,7 @@ impl TieredStore {
     pub fn new(near: Option<NearCache>, redis: RedisTier, store: FeatureStore) -> Self {
         Self {
             inner: Arc::new(Inner {
-                near,
+                near: near.map(Arc::new),
                 redis,
                 store,
                 loads: Coalescer::default(),
@@ -89,7 +89,12 @@ impl TieredStore {
     }
 
     pub fn near(&self) -> Option<&NearCache> {
-        self.inner.near.as_ref()
+        self.inner.near.as_deref()
+    }
+
+    /// A shared handle on the near cache, for the invalidation follower.
+    pub fn near_handle(&self) -> Option<Arc<NearCache>> {
+        self.inner.near.clone()
     }
 
     pub fn redis(&self) -> &RedisTier {
@@ -109,17 +114,17 @@ impl TieredStore {
                 cache.hit = tracing::field::Empty
             )
             .entered();
-            if let Some(Entry::Document(doc)) = near.get(id.as_str()) {
-                if !doc.is_expired(Utc::now()) {
-                    _span.record("cache.hit", true);
-                    metrics::counter!("cache_requests_total", "tier" => "local", "result" => "hit")
-                        .increment(1);
-                    tracing::debug!(customer_id = %id, source = "local", "served");
-                    return Ok(Some(Lookup {
-                        document: doc,
-                        source: Source::Local,
-                    }));
-                }
+            if let Some(Entry::Document(doc)) = near.get(id.as_str())
+                && !doc.is_expired(Utc::now())
+            {
+                _span.record("cache.hit", true);
+                metrics::counter!("cache_requests_total", "tier" => "local", "result" => "hit")
+                    .increment(1);
+                tracing::debug!(customer_id = %id, source = "local", "served");
+                return Ok(Some(Lookup {
+                    document: doc,
+                    source: Source::Local,
+                }));
             }
             _span.record("cache.hit", false);
             metrics::counter!("cache_requests_total", "tier" => "local", "result" => "miss")
@@ -144,7 +149,7 @@ impl TieredStore {
     /// Below the near cache: Redis, then MongoDB. Coalesced per customer.
     #[tracing::instrument(name = "cache.load", skip_all, fields(customer_id = %id))]
     async fn load(&self, id: &CustomerId) -> LoadResult {
-        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
         match self.inner.redis.get(id.as_str()).await {
             Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
                 metrics::counter!("cache_requests_total", "tier" => "redis", "result" => "hit")
@@ -188,7 +193,7 @@ impl TieredStore {
         let mut seen = HashSet::with_capacity(ids.len());
         let unique: Vec<&CustomerId> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
         let now = Utc::now();
-        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
         let mut found = Vec::with_capacity(unique.len());
         let mut pending: Vec<&CustomerId> = Vec::new();
         for id in unique {
@@ -261,7 +266,7 @@ impl TieredStore {
         let document = CachedDocument::from_document(&outcome.document);
         self.warm(
             Entry::Document(Arc::clone(&document)),
-            self.inner.near.as_ref().map(NearCache::epoch),
+            self.inner.near.as_deref().map(NearCache::epoch),
         )
         .await;
         Ok(WriteOutcome {
@@ -275,7 +280,7 @@ impl TieredStore {
         &self,
         writes: &[FeatureWrite],
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-        let epoch = self.inner.near.as_ref().map(NearCache::epoch);
+        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
         let outcomes = self.inner.store.upsert_many(writes).await?;
         let mut fills = Vec::new();
         let results = outcomes
@@ -305,7 +310,7 @@ impl TieredStore {
             customer_id: id.to_string(),
             version,
         };
-        self.warm(tombstone, self.inner.near.as_ref().map(NearCache::epoch))
+        self.warm(tombstone, self.inner.near.as_deref().map(NearCache::epoch))
             .await;
         Ok(true)
     }

@@ -101,7 +101,7 @@ mod rfc3339 {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        let raw = <&str>::deserialize(d)?;
+        let raw = String::deserialize(d)?;
         DateTime::parse_from_rfc3339(raw)
             .map(|t| t.with_timezone(&Utc))
             .map_err(serde::de::Error::custom)
@@ -120,7 +120,7 @@ mod rfc3339_opt {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-        match Option::<&str>::deserialize(d)? {
+        match Option::<String>::deserialize(d)? {
             Some(raw) => DateTime::parse_from_rfc3339(raw)
                 .map(|t| Some(t.with_timezone(&Utc)))
                 .map_err(serde::de::Error::custom),

@@ -274,20 +274,20 @@ impl FeatureStore {
             writes.iter().map(|_| Ok(false)).collect();
         if let Ok(upserted) = reply.get_array("upserted") {
             for entry in upserted {
-                if let Some(index) = entry.as_document().and_then(|d| index_of(d)) {
-                    if let Some(slot) = outcomes.get_mut(index) {
-                        *slot = Ok(true);
-                    }
+                if let Some(slot) = entry
+                    .as_document()
+                    .and_then(index_of)
+                    .and_then(|index| outcomes.get_mut(index))
+                {
+                    *slot = Ok(true);
                 }
             }
         }
         if let Ok(errors) = reply.get_array("writeErrors") {
             for entry in errors.iter().filter_map(Bson::as_document) {
-                if let Some(index) = index_of(entry) {
+                if let Some(slot) = index_of(entry).and_then(|index| outcomes.get_mut(index)) {
                     let message = entry.get_str("errmsg").unwrap_or("write error").to_owned();
-                    if let Some(slot) = outcomes.get_mut(index) {
-                        *slot = Err(StoreError::Refused(message));
-                    }
+                    *slot = Err(StoreError::Refused(message));
                 }
             }
         }

@@ -1,1 +1,319 @@
-//! TODO
+use crate::STREAM_FIELD;
+use crate::message::Invalidation;
+use crate::stream_id::StreamId;
+use feature_cache::NearCache;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Entries read from the stream per round trip while catching up.
+const CATCH_UP_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct FollowerConfig {
+    pub redis_url: String,
+    pub channel: String,
+    pub stream: String,
+    /// How often the stream's tail is compared with what was applied, so a
+    /// message lost in a quiet period is noticed without waiting for the next.
+    pub check_interval: Duration,
+}
+
+/// What the follower has applied, for health and tests.
+#[derive(Debug, Clone, Default)]
+pub struct FollowerStatus {
+    pub subscribed: bool,
+    pub last_stream_id: Option<String>,
+    pub applied: u64,
+    pub gaps: u64,
+    pub flushes: u64,
+}
+
+/// Where this replica stands in the invalidator's sequence.
+#[derive(Debug, Clone)]
+struct Position {
+    run_id: String,
+    seq: u64,
+    stream_id: StreamId,
+}
+
+/// Keeps one replica's near cache in line with the invalidator's messages.
+///
+/// Pub/sub is the fast path; the stream is the record. Whenever the fast path
+/// may have dropped something — a reconnect, a jump in `seq`, a new
+/// invalidator run, a stream tail beyond what was applied — the follower
+/// replays the stream from the last entry it applied. If the stream was
+/// trimmed past that entry (or lost with a Redis restart) it flushes the near
+/// cache instead: no replica stays stale after a gap.
+pub struct Follower {
+    config: FollowerConfig,
+    near: Arc<NearCache>,
+    redis: ConnectionManager,
+    position: Option<Position>,
+    status: Arc<Mutex<FollowerStatus>>,
+}
+
+impl Follower {
+    pub fn new(config: FollowerConfig, near: Arc<NearCache>, redis: ConnectionManager) -> Self {
+        Self {
+            config,
+            near,
+            redis,
+            position: None,
+            status: Arc::default(),
+        }
+    }
+
+    pub fn status(&self) -> Arc<Mutex<FollowerStatus>> {
+        Arc::clone(&self.status)
+    }
+
+    /// Follows until `shutdown` fires, reconnecting with backoff.
+    pub async fn run(mut self, mut shutdown: broadcast::Receiver<()>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                result = self.follow_once() => {
+                    self.set_status(|s| s.subscribed = false);
+                    match result {
+                        Ok(()) => tracing::warn!("invalidation subscription ended; reconnecting"),
+                        Err(err) => tracing::warn!(error = %err, "invalidation subscription failed; reconnecting"),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One subscription's life: subscribe, catch up, then apply messages and
+    /// check the stream's tail until the connection drops.
+    async fn follow_once(&mut self) -> redis::RedisResult<()> {
+        let client = redis::Client::open(self.config.redis_url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&self.config.channel).await?;
+        tracing::info!(channel = %self.config.channel, "subscribed to invalidations");
+        self.set_status(|s| s.subscribed = true);
+        // Anything published while we were not subscribed is in the stream.
+        if self.position.is_some() {
+            self.gap("reconnect").await?;
+        } else {
+            self.start_at_tail().await?;
+        }
+        let mut messages = pubsub.into_on_message();
+        let mut check = tokio::time::interval(self.config.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else { return Ok(()) };
+                    let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+                    self.on_message(&payload).await?;
+                }
+                _ = check.tick() => {
+                    if let Some(tail) = self.tail().await?
+                        && self.position.as_ref().is_none_or(|p| tail > p.stream_id)
+                    {
+                        self.gap("quiet_loss").await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_message(&mut self, payload: &[u8]) -> redis::RedisResult<()> {
+        metrics::counter!("invalidation_messages_received_total").increment(1);
+        let message: Invalidation = match serde_json::from_slice(payload) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring an unreadable invalidation message");
+                return Ok(());
+            }
+        };
+        let Some(stream_id) = message
+            .stream_id
+            .as_deref()
+            .and_then(|id| id.parse::<StreamId>().ok())
+        else {
+            tracing::warn!("invalidation message without a stream id; catching up from the stream");
+            return self.gap("no_stream_id").await;
+        };
+        match &self.position {
+            // Already applied through a catch-up.
+            Some(p) if stream_id <= p.stream_id => Ok(()),
+            Some(p) if p.run_id == message.run_id && message.seq == p.seq + 1 => {
+                self.apply(&message, stream_id);
+                Ok(())
+            }
+            Some(p) if p.run_id != message.run_id => self.gap("new_run").await,
+            _ => self.gap("sequence").await,
+        }
+    }
+
+    fn apply(&mut self, message: &Invalidation, stream_id: StreamId) {
+        let span = tracing::debug_span!(
+            "near_cache.invalidate",
+            customer_id = message.customer_id.as_deref().unwrap_or("*"),
+            op = message.op.as_str(),
+            version = message.version,
+        );
+        if let Some(traceparent) = &message.traceparent {
+            telemetry_link(&span, traceparent);
+        }
+        let _entered = span.enter();
+        message.apply_to(&self.near);
+        metrics::counter!("invalidation_messages_applied_total", "op" => message.op.as_str())
+            .increment(1);
+        self.position = Some(Position {
+            run_id: message.run_id.clone(),
+            seq: message.seq,
+            stream_id,
+        });
+        self.set_status(|s| {
+            s.applied += 1;
+            s.last_stream_id = Some(stream_id.to_string());
+        });
+    }
+
+    /// Replays the stream after the last applied entry; flushes the near
+    /// cache when the stream no longer holds that entry's successors.
+    async fn gap(&mut self, reason: &'static str) -> redis::RedisResult<()> {
+        metrics::counter!("invalidation_gaps_total", "reason" => reason).increment(1);
+        self.set_status(|s| s.gaps += 1);
+        let Some(from) = self.position.as_ref().map(|p| p.stream_id) else {
+            return self.start_at_tail().await;
+        };
+        tracing::info!(reason, from = %from, "catching up from the invalidation stream");
+        metrics::counter!("invalidation_catchups_total").increment(1);
+
+        if self.trimmed_after(from).await? {
+            tracing::warn!(from = %from, "invalidation stream no longer reaches back; flushing the near cache");
+            self.flush("stream_trimmed");
+            return self.start_at_tail().await;
+        }
+
+        let mut cursor = from;
+        loop {
+            let reply: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&self.config.stream)
+                .arg(format!("({cursor}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(CATCH_UP_BATCH)
+                .query_async(&mut self.redis)
+                .await?;
+            if reply.ids.is_empty() {
+                return Ok(());
+            }
+            for entry in &reply.ids {
+                let Ok(id) = entry.id.parse::<StreamId>() else {
+                    continue;
+                };
+                cursor = id;
+                let message: Option<Invalidation> = entry
+                    .get::<String>(STREAM_FIELD)
+                    .and_then(|json| serde_json::from_str(&json).ok());
+                match message {
+                    Some(message) => self.apply(&message, id),
+                    None => tracing::warn!(id = %id, "skipping an unreadable stream entry"),
+                }
+            }
+        }
+    }
+
+    /// Whether entries after `from` are gone from the stream (trimmed by
+    /// `MAXLEN`, or the whole stream lost with a Redis restart). Redis 7
+    /// reports the largest id it ever deleted, which answers exactly; older
+    /// servers are judged by the first entry still held.
+    async fn trimmed_after(&mut self, from: StreamId) -> redis::RedisResult<bool> {
+        let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.config.stream)
+            .query_async(&mut self.redis)
+            .await;
+        let info = match info {
+            Ok(info) => info,
+            Err(err)
+                if err.kind()
+                    == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                // "no such key": nothing was ever published, or it was lost.
+                return Ok(from != StreamId::ZERO);
+            }
+            Err(err) => return Err(err),
+        };
+        let id_of = |name: &str| -> Option<StreamId> {
+            match info.get(name)? {
+                redis::Value::BulkString(raw) => std::str::from_utf8(raw).ok()?.parse().ok(),
+                redis::Value::SimpleString(raw) => raw.parse().ok(),
+                _ => None,
+            }
+        };
+        if let Some(max_deleted) = id_of("max-deleted-entry-id") {
+            return Ok(max_deleted > from);
+        }
+        let first = self.head().await?;
+        Ok(from != StreamId::ZERO && first.is_some_and(|first| first > from))
+    }
+
+    /// Starts following from the stream's current tail (nothing to replay: the
+    /// near cache holds nothing older than this moment, or was just flushed).
+    async fn start_at_tail(&mut self) -> redis::RedisResult<()> {
+        let tail = self.tail().await?.unwrap_or(StreamId::ZERO);
+        self.position = Some(Position {
+            run_id: String::new(),
+            seq: 0,
+            stream_id: tail,
+        });
+        self.set_status(|s| s.last_stream_id = Some(tail.to_string()));
+        Ok(())
+    }
+
+    fn flush(&mut self, reason: &'static str) {
+        self.near.flush();
+        metrics::counter!("near_cache_flushes_total", "reason" => reason).increment(1);
+        self.set_status(|s| s.flushes += 1);
+    }
+
+    async fn tail(&mut self) -> redis::RedisResult<Option<StreamId>> {
+        self.edge("XREVRANGE", "+", "-").await
+    }
+
+    async fn head(&mut self) -> redis::RedisResult<Option<StreamId>> {
+        self.edge("XRANGE", "-", "+").await
+    }
+
+    async fn edge(
+        &mut self,
+        command: &str,
+        start: &str,
+        end: &str,
+    ) -> redis::RedisResult<Option<StreamId>> {
+        let reply: StreamRangeReply = redis::cmd(command)
+            .arg(&self.config.stream)
+            .arg(start)
+            .arg(end)
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.redis)
+            .await?;
+        Ok(reply.ids.first().and_then(|e| e.id.parse().ok()))
+    }
+
+    fn set_status(&self, update: impl FnOnce(&mut FollowerStatus)) {
+        update(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+/// Joins the eviction span to the trace of the write that caused it.
+fn telemetry_link(span: &tracing::Span, traceparent: &str) {
+    telemetry::propagation::continue_from_traceparent(span, traceparent);
+}

@@ -44,10 +44,10 @@ impl Telemetry {
 
     /// Flushes buffered spans; call once before the process exits.
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(err) = provider.shutdown() {
-                eprintln!("telemetry: flushing spans failed: {err}");
-            }
+        if let Some(provider) = self.provider
+            && let Err(err) = provider.shutdown()
+        {
+            eprintln!("telemetry: flushing spans failed: {err}");
         }
     }
 }

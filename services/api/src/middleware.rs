@@ -30,10 +30,10 @@ pub async fn observe(request: Request, next: Next) -> Response {
 
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
-    if let Some(traceparent) = telemetry::propagation::traceparent_of(&span) {
-        if let Ok(value) = HeaderValue::from_str(&traceparent) {
-            response.headers_mut().insert("traceparent", value);
-        }
+    if let Some(traceparent) = telemetry::propagation::traceparent_of(&span)
+        && let Ok(value) = HeaderValue::from_str(&traceparent)
+    {
+        response.headers_mut().insert("traceparent", value);
     }
     let labels = [
         ("method", method.to_string()),

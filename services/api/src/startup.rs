@@ -6,6 +6,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use feature_cache::{NearCache, RedisTier, TieredStore};
 use feature_store::FeatureStore;
+use invalidation::{Follower, FollowerConfig};
 use settings::Settings;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,11 +53,28 @@ impl Application {
         let tiers = TieredStore::new(near, redis, store);
 
         let (shutdown, _) = broadcast::channel(1);
+        // Each replica follows the invalidator's messages into its near cache;
+        // without a near cache there is nothing of its own to keep fresh.
+        let follower = tiers.near_handle().map(|near| {
+            Follower::new(
+                FollowerConfig {
+                    redis_url: settings.redis_url.clone(),
+                    channel: settings.invalidation_channel.clone(),
+                    stream: settings.invalidation_stream.clone(),
+                    check_interval: settings.invalidation_check_interval,
+                },
+                near,
+                tiers.redis().connection(),
+            )
+        });
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
-            invalidation: "ttl-only",
+            invalidation: follower.as_ref().map(Follower::status),
         };
+        if let Some(follower) = follower {
+            tokio::spawn(follower.run(shutdown.subscribe()));
+        }
         let router = routes::router()
             .layer(axum::middleware::from_fn(crate::middleware::observe))
             .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))

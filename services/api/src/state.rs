@@ -1,13 +1,13 @@
 use feature_cache::TieredStore;
+use invalidation::FollowerStatus;
 use settings::Settings;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub tiers: TieredStore,
     pub settings: Arc<Settings>,
-    /// How this replica hears about changes: `pubsub+stream` when the
-    /// invalidation follower runs, `ttl-only` when it was turned off.
-    pub invalidation: &'static str,
+    /// The invalidation follower's progress; `None` without a near cache.
+    pub invalidation: Option<Arc<Mutex<FollowerStatus>>>,
 }

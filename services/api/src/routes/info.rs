@@ -16,6 +16,12 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 pub async fn info(State(state): State<AppState>) -> Json<Value> {
     let s = &state.settings;
     let near = state.tiers.near();
+    let follower = state.invalidation.as_ref().map(|status| {
+        status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    });
     Json(json!({
         "service": "redis-mongo-cache",
         "version": env!("CARGO_PKG_VERSION"),
@@ -43,7 +49,11 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "invalidator propagates every change to all replicas",
         ],
         "invalidation": {
-            "mode": state.invalidation,
+            "mode": if follower.is_some() { "pubsub+stream" } else { "none (no near cache)" },
+            "follower": follower.map(|f| json!({
+                "subscribed": f.subscribed, "last_stream_id": f.last_stream_id,
+                "applied": f.applied, "gaps": f.gaps, "flushes": f.flushes,
+            })),
             "channel": s.invalidation_channel,
             "stream": s.invalidation_stream,
             "gap_check_interval_ms": s.invalidation_check_interval.as_millis() as u64,
