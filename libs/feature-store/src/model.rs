@@ -102,7 +102,7 @@ mod rfc3339 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         let raw = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(raw)
+        DateTime::parse_from_rfc3339(&raw)
             .map(|t| t.with_timezone(&Utc))
             .map_err(serde::de::Error::custom)
     }
@@ -121,7 +121,7 @@ mod rfc3339_opt {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
         match Option::<String>::deserialize(d)? {
-            Some(raw) => DateTime::parse_from_rfc3339(raw)
+            Some(raw) => DateTime::parse_from_rfc3339(&raw)
                 .map(|t| Some(t.with_timezone(&Utc)))
                 .map_err(serde::de::Error::custom),
             None => Ok(None),
@@ -162,6 +162,12 @@ mod tests {
         assert!(json.starts_with(r#"{"version":7,"#), "{json}");
         assert!(json.contains(r#""calculated_at":"2026-01-02T03:04:05.678Z""#));
         let back: FeatureDocument = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, doc);
+        // Also from deserializers that cannot lend strings (owned values, readers).
+        let value = serde_json::to_value(&doc).unwrap();
+        let back: FeatureDocument = serde_json::from_value(value).unwrap();
+        assert_eq!(back, doc);
+        let back: FeatureDocument = serde_json::from_reader(json.as_bytes()).unwrap();
         assert_eq!(back, doc);
     }
 }

@@ -13,6 +13,8 @@ use thiserror::Error;
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
+/// Items of a bulk write per extra `timeout` it is allowed.
+const BULK_ITEMS_PER_TIMEOUT: usize = 100;
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
 const UPSERT_ATTEMPTS: usize = 5;
 
@@ -265,8 +267,14 @@ impl FeatureStore {
             "updates": updates,
             "ordered": false,
         };
+        // A bulk write is given time in proportion to its size: the timeout
+        // is for detecting a dead database, not for limiting batch sizes.
+        let allowance = self.timeout
+            * (1 + u32::try_from(writes.len() / BULK_ITEMS_PER_TIMEOUT).unwrap_or(u32::MAX));
         let reply = self
-            .bounded(async { self.database.run_command(command).await })
+            .bounded_by(allowance, async {
+                self.database.run_command(command).await
+            })
             .await?;
 
         // Per item: Ok(created) or the database's refusal.
@@ -366,11 +374,19 @@ impl FeatureStore {
         &self,
         call: impl Future<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
+        self.bounded_by(self.timeout, call).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, call).await {
             Ok(result) => result.map_err(StoreError::from_driver),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
-                self.timeout.as_millis()
+                limit.as_millis()
             ))),
         }
     }
