@@ -1,0 +1,342 @@
+//! The version guard, against a real Redis and the real near cache, and the
+//! read/write race through the tiered store against the MongoDB stand-in.
+
+use chrono::{Duration as ChronoDuration, Utc};
+use feature_cache::{CacheTier, CachedDocument, Entry, NearCache, RedisTier, TieredStore};
+use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite};
+use serde_json::json;
+use std::time::Duration;
+use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
+use testkit::redis::TestRedis;
+
+fn doc(version: i64, marker: i64) -> Entry {
+    doc_expiring(version, marker, Utc::now() + ChronoDuration::days(1))
+}
+
+fn doc_expiring(version: i64, marker: i64, expires_at: chrono::DateTime<Utc>) -> Entry {
+    let document = FeatureDocument {
+        version,
+        customer_id: "C1".into(),
+        features: json!({ "marker": marker })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        calculated_at: Utc::now(),
+        model_version: "v1.0.0".into(),
+        expires_at: Some(expires_at),
+    };
+    Entry::Document(CachedDocument::from_document(&document))
+}
+
+fn tombstone(version: i64) -> Entry {
+    Entry::Tombstone {
+        customer_id: "C1".into(),
+        version,
+    }
+}
+
+fn fence(version: i64) -> Entry {
+    Entry::Fence {
+        customer_id: "C1".into(),
+        version,
+    }
+}
+
+async fn held<T: CacheTier>(tier: &T) -> Option<(i64, u8)> {
+    tier.lookup("C1")
+        .await
+        .unwrap()
+        .map(|e| (e.version(), e.rank()))
+}
+
+/// The contract both tiers must keep: only strictly newer (version, rank) wins.
+async fn guard_contract<T: CacheTier>(tier: &T) {
+    assert!(
+        tier.offer(doc(1, 1)).await.unwrap(),
+        "empty tier takes anything"
+    );
+    assert!(tier.offer(doc(2, 2)).await.unwrap(), "newer version wins");
+    assert!(
+        !tier.offer(doc(1, 1)).await.unwrap(),
+        "a slow reader's older version loses"
+    );
+    assert!(
+        !tier.offer(doc(2, 99)).await.unwrap(),
+        "same version is not replaced"
+    );
+    assert_eq!(held(tier).await, Some((2, 1)));
+
+    assert!(
+        tier.offer(tombstone(2)).await.unwrap(),
+        "delete of v2 beats v2"
+    );
+    assert!(
+        !tier.offer(doc(2, 2)).await.unwrap(),
+        "late fill of the deleted version loses"
+    );
+    assert!(!tier.offer(doc(1, 1)).await.unwrap());
+    assert_eq!(held(tier).await, Some((2, 2)));
+    assert!(
+        tier.offer(doc(3, 3)).await.unwrap(),
+        "re-creation with a newer version wins"
+    );
+
+    assert!(
+        tier.offer(fence(5)).await.unwrap(),
+        "a fence evicts older content"
+    );
+    assert!(
+        !tier.offer(doc(4, 4)).await.unwrap(),
+        "content older than the fence loses"
+    );
+    assert!(
+        tier.offer(doc(5, 5)).await.unwrap(),
+        "the fenced version itself gets in"
+    );
+    assert_eq!(held(tier).await, Some((5, 1)));
+}
+
+#[tokio::test]
+async fn near_cache_keeps_the_guard_contract() {
+    let near = NearCache::new(1000, Duration::from_secs(60));
+    guard_contract(&near).await;
+}
+
+#[tokio::test]
+async fn redis_keeps_the_guard_contract() {
+    let redis = TestRedis::start().await;
+    let tier = RedisTier::connect(
+        &redis.url(),
+        Duration::from_secs(2),
+        Duration::from_secs(3600),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    guard_contract(&tier).await;
+}
+
+#[tokio::test]
+async fn a_fill_that_started_before_a_flush_is_refused() {
+    let near = NearCache::new(1000, Duration::from_secs(60));
+    let epoch = near.epoch();
+    near.flush();
+    assert!(!near.offer_at(doc(1, 1), epoch));
+    assert!(near.get("C1").is_none());
+    assert!(near.offer_at(doc(1, 1), near.epoch()));
+}
+
+#[tokio::test]
+async fn redis_ttl_is_capped_by_expiry_and_setting_and_jitter_only_shortens() {
+    let redis = TestRedis::start().await;
+    let tier = RedisTier::connect(
+        &redis.url(),
+        Duration::from_secs(2),
+        Duration::from_secs(100),
+        Duration::from_millis(1500),
+    )
+    .unwrap();
+    let mut conn = redis.client().await;
+    let pttl = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let ms: i64 = redis::cmd("PTTL")
+            .arg("features:C1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ms
+    };
+
+    assert!(tier.offer(doc(1, 1)).await.unwrap());
+    let ms = pttl(conn.clone()).await;
+    assert!(
+        (94_000..=100_000).contains(&ms),
+        "REDIS_TTL caps, jitter ≤ 5 %: {ms}"
+    );
+
+    assert!(
+        tier.offer(doc_expiring(2, 2, Utc::now() + ChronoDuration::seconds(10)))
+            .await
+            .unwrap()
+    );
+    let ms = pttl(conn.clone()).await;
+    assert!((8_000..=10_000).contains(&ms), "expiry caps: {ms}");
+
+    assert!(tier.offer(tombstone(2)).await.unwrap());
+    let ms = pttl(conn.clone()).await;
+    assert!(
+        (0..=1_500).contains(&ms),
+        "tombstones live TOMBSTONE_TTL: {ms}"
+    );
+
+    // An already expired document is never stored.
+    let _: () = redis::cmd("DEL")
+        .arg("features:C1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !tier
+            .offer(doc_expiring(3, 3, Utc::now() - ChronoDuration::seconds(1)))
+            .await
+            .unwrap()
+    );
+    assert!(tier.lookup("C1").await.unwrap().is_none());
+}
+
+async fn tiered(redis: &TestRedis, near: bool) -> (TieredStore, FeatureStore) {
+    let store = FeatureStore::connect(
+        &mongo_uri(),
+        &unique_db("guard"),
+        DEFAULT_COLLECTION,
+        Duration::from_secs(10),
+        "test",
+    )
+    .await
+    .unwrap();
+    let tier = RedisTier::connect(
+        &redis.url(),
+        Duration::from_secs(2),
+        Duration::from_secs(3600),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let near = near.then(|| NearCache::new(1000, Duration::from_secs(60)));
+    (TieredStore::new(near, tier, store.clone()), store)
+}
+
+fn write(id: &CustomerId, marker: i64) -> FeatureWrite {
+    FeatureWrite {
+        customer_id: id.clone(),
+        features: json!({ "marker": marker })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        model_version: "v1.0.0".into(),
+        ttl_days: 7,
+        traceparent: None,
+    }
+}
+
+/// The race drawn in CACHE_STRATEGY.md: a reader fetches v1 from MongoDB, a
+/// writer commits v2 and updates the caches, then the reader's fill of v1
+/// arrives. It must lose, in both tiers; after a delete it must not
+/// resurrect the document.
+#[tokio::test]
+async fn a_slow_readers_fill_never_overwrites_a_newer_write_or_a_delete() {
+    let redis = TestRedis::start().await;
+    let (tiers, store) = tiered(&redis, true).await;
+    let id = CustomerId::parse("C1").unwrap();
+
+    tiers.upsert(&write(&id, 1)).await.unwrap();
+    let v1 = store.get(&id).await.unwrap().unwrap(); // the slow reader's copy
+    let v2 = tiers.upsert(&write(&id, 2)).await.unwrap().document;
+    assert!(v2.version > v1.version);
+
+    let stale = Entry::Document(CachedDocument::from_document(&v1));
+    assert!(
+        !tiers.redis().offer(stale.clone()).await.unwrap(),
+        "Redis refuses v1 after v2"
+    );
+    assert!(
+        !tiers.near().unwrap().offer(stale.clone()),
+        "near cache refuses v1 after v2"
+    );
+    let served = tiers.get(&id).await.unwrap().unwrap();
+    assert_eq!(served.document.version, v2.version);
+
+    let v2_doc = store.get(&id).await.unwrap().unwrap();
+    assert!(tiers.delete(&id).await.unwrap());
+    let late = Entry::Document(CachedDocument::from_document(&v2_doc));
+    assert!(
+        !tiers.redis().offer(late.clone()).await.unwrap(),
+        "no resurrection in Redis"
+    );
+    assert!(
+        !tiers.near().unwrap().offer(late),
+        "no resurrection in the near cache"
+    );
+    assert!(tiers.get(&id).await.unwrap().is_none());
+
+    let v3 = tiers.upsert(&write(&id, 3)).await.unwrap().document;
+    assert!(
+        v3.version > v2_doc.version,
+        "re-creation gets a larger version than any before"
+    );
+    assert_eq!(
+        tiers.get(&id).await.unwrap().unwrap().document.version,
+        v3.version
+    );
+}
+
+/// Readers and a writer racing for real through the whole read path
+/// (coalesced single reads and uncoalesced batch reads): whatever
+/// interleaving happens, once everyone is done, Redis and the near cache hold
+/// MongoDB's latest version. The stand-in's latencies rarely open the stale
+/// fill window by themselves; the deterministic test above forces it.
+#[tokio::test]
+async fn concurrent_readers_and_writer_leave_the_latest_version_cached() {
+    let redis = TestRedis::start().await;
+    let (tiers, store) = tiered(&redis, true).await;
+    let id = CustomerId::parse("RACE").unwrap();
+    tiers.upsert(&write(&id, 0)).await.unwrap();
+    let mut conn = redis.client().await;
+    for round in 1..=20 {
+        // Cold caches, so readers go all the way to MongoDB.
+        let _: () = redis::cmd("DEL")
+            .arg("features:RACE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        tiers.near().unwrap().flush();
+        let mut tasks = Vec::new();
+        // Single reads coalesce into one load; batch reads do not, so both
+        // paths race the writer. Staggered starts spread the reads around it.
+        for reader in 0..20_u64 {
+            let tiers = tiers.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(reader * 150)).await;
+                if reader % 2 == 0 {
+                    tiers.get(&id).await.map(|_| ())
+                } else {
+                    tiers.get_many(std::slice::from_ref(&id)).await.map(|_| ())
+                }
+            }));
+        }
+        let writer = {
+            let tiers = tiers.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(round as u64 * 37 % 1500)).await;
+                tiers.upsert(&write(&id, round)).await.map(|_| ())
+            })
+        };
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        writer.await.unwrap().unwrap();
+
+        let latest = store.get(&id).await.unwrap().unwrap().version;
+        let in_redis = tiers
+            .redis()
+            .get("RACE")
+            .await
+            .unwrap()
+            .map(|e| e.version());
+        assert_eq!(
+            in_redis,
+            Some(latest),
+            "round {round}: Redis holds an older version"
+        );
+        if let Some(near) = tiers.near().unwrap().get("RACE") {
+            assert_eq!(
+                near.version(),
+                latest,
+                "round {round}: near cache holds an older version"
+            );
+        }
+        assert_eq!(
+            tiers.get(&id).await.unwrap().unwrap().document.version,
+            latest
+        );
+    }
+}
