@@ -20,6 +20,6 @@ pub mod tiered;
 
 pub use entry::{CachedDocument, Entry};
 pub use near::NearCache;
-pub use redis_tier::{RedisHealth, RedisTier, TierError};
+pub use redis_tier::{Offer, RedisHealth, RedisTier, TierError};
 pub use tier::CacheTier;
 pub use tiered::{Lookup, ReadError, Source, TieredStore, WriteOutcome};

@@ -27,6 +27,17 @@ pub const KEY_PREFIX: &str = "features:";
 /// exists once.
 pub const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
 
+/// What the guard did with an offered entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Stored,
+    /// The tier already holds this very version: nothing to do, and the
+    /// entry is as current as what the tier holds.
+    AlreadyCurrent,
+    /// The tier holds something newer.
+    Refused,
+}
+
 /// Health figures for `/api/health/`.
 #[derive(Debug, Clone)]
 pub struct RedisHealth {
@@ -108,7 +119,7 @@ impl RedisTier {
 
     /// Offers many entries through the guard in one pipeline.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = entries.len()))]
-    pub async fn offer_many(&self, entries: &[Entry]) -> Result<Vec<bool>, TierError> {
+    pub async fn offer_many(&self, entries: &[Entry]) -> Result<Vec<Offer>, TierError> {
         let mut pipe = redis::pipe();
         let mut offered = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
@@ -124,9 +135,10 @@ impl RedisTier {
                 offered.push(index);
             }
         }
-        let mut stored = vec![false; entries.len()];
+        // Entries not offered (already expired documents) count as refused.
+        let mut outcomes = vec![Offer::Refused; entries.len()];
         if offered.is_empty() {
-            return Ok(stored);
+            return Ok(outcomes);
         }
         let mut conn = self.conn.clone();
         let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
@@ -145,12 +157,17 @@ impl RedisTier {
             }
         };
         for (index, reply) in offered.into_iter().zip(replies) {
-            stored[index] = reply == 1;
-            if reply != 1 {
-                metrics::counter!("version_guard_rejections_total", "tier" => "redis").increment(1);
-            }
+            outcomes[index] = match reply {
+                1 => Offer::Stored,
+                2 => Offer::AlreadyCurrent,
+                _ => {
+                    metrics::counter!("version_guard_rejections_total", "tier" => "redis")
+                        .increment(1);
+                    Offer::Refused
+                }
+            };
         }
-        Ok(stored)
+        Ok(outcomes)
     }
 
     /// How long an entry may live in Redis: documents no longer than `REDIS_TTL`
@@ -208,8 +225,7 @@ impl CacheTier for RedisTier {
             .offer_many(std::slice::from_ref(&entry))
             .await?
             .first()
-            .copied()
-            .unwrap_or(false))
+            .is_some_and(|outcome| *outcome == Offer::Stored))
     }
 }
 

@@ -1,7 +1,7 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
 use crate::near::NearCache;
-use crate::redis_tier::RedisTier;
+use crate::redis_tier::{Offer, RedisTier};
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use std::collections::{HashMap, HashSet};
@@ -108,7 +108,7 @@ impl TieredStore {
     /// One customer's document from the nearest tier that has it.
     pub async fn get(&self, id: &CustomerId) -> Result<Option<Lookup>, ReadError> {
         if let Some(near) = &self.inner.near {
-            let _span = tracing::debug_span!(
+            let _span = tracing::info_span!(
                 "near_cache.get",
                 cache.tier = "local",
                 cache.hit = tracing::field::Empty
@@ -316,8 +316,9 @@ impl TieredStore {
     }
 
     /// Offers an entry to Redis and then to the near cache. The near cache
-    /// takes it only if Redis did (or Redis is down): when Redis refuses, it
-    /// holds something newer and so must the near cache not hold this.
+    /// takes it only if Redis holds it now (stored, or already there) or
+    /// Redis is down: when Redis refuses, it holds something newer, and so
+    /// the near cache must not take this.
     async fn warm(&self, entry: Entry, epoch: Option<u64>) {
         self.warm_many(vec![entry], epoch).await;
     }
@@ -326,8 +327,8 @@ impl TieredStore {
         if entries.is_empty() {
             return;
         }
-        let accepted = match self.inner.redis.offer_many(&entries).await {
-            Ok(accepted) => accepted,
+        let accepted: Vec<bool> = match self.inner.redis.offer_many(&entries).await {
+            Ok(outcomes) => outcomes.into_iter().map(|o| o != Offer::Refused).collect(),
             Err(err) => {
                 tracing::warn!(error = %err, "Redis write failed; the invalidator will repair it");
                 vec![true; entries.len()]

@@ -159,7 +159,7 @@ impl Follower {
     }
 
     fn apply(&mut self, message: &Invalidation, stream_id: StreamId) {
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "near_cache.invalidate",
             customer_id = message.customer_id.as_deref().unwrap_or("*"),
             op = message.op.as_str(),

@@ -71,23 +71,31 @@ pub fn init(
         _ => None,
     };
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs and traces are filtered apart: `RUST_LOG` (default `info`) for
+    // logs, `OTEL_TRACES_FILTER` (default `info`) for exported spans, so
+    // detailed traces never mean noisy logs.
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = if json_logs {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .with_filter(log_filter)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer()
+            .with_filter(log_filter)
+            .boxed()
     };
     let otel = provider.as_ref().map(|provider| {
+        let trace_filter = EnvFilter::try_from_env("OTEL_TRACES_FILTER")
+            .unwrap_or_else(|_| EnvFilter::new("info"));
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name.to_owned()))
             .with_error_records_to_exceptions(true)
+            .with_filter(trace_filter)
     });
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()

@@ -1,7 +1,8 @@
 -- The version guard, atomically: store ARGV[3] under KEYS[1] (for ARGV[4] ms)
 -- only if (version, rank) = (ARGV[1], ARGV[2]) is strictly greater than what
 -- the key holds. Ranks at one version: fence 0 < document 1 < tombstone 2.
--- Returns 1 when stored, 0 when refused.
+-- Returns 1 when stored, 2 when the key already holds this very (version,
+-- rank), 0 when refused because it holds something newer.
 local current = redis.call('GET', KEYS[1])
 if current then
   local version, rest = string.match(current, '^{"version":(%-?%d+)(.*)$')
@@ -24,7 +25,10 @@ if current then
   if version then
     local new_version = tonumber(ARGV[1])
     local new_rank = tonumber(ARGV[2])
-    if new_version < version or (new_version == version and new_rank <= rank) then
+    if new_version == version and new_rank == rank then
+      return 2
+    end
+    if new_version < version or (new_version == version and new_rank < rank) then
       return 0
     end
   end
