@@ -1,0 +1,223 @@
+//! The API service in-process, on a free port, with real Redis and MongoDB.
+
+use cache_api::Application;
+use cache_api::state::AppState;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Builds an environment map from pairs (for [`TestApi::start`]).
+pub fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// `cache_api::Application` serving on `127.0.0.1:0` inside the test process,
+/// built from `settings::load_from` with an explicit environment (the process
+/// environment is not read, except `MONGO_URI` of the test bed as a default).
+///
+/// There is no telemetry subscriber in-process: logs go nowhere and no
+/// `traceparent` is produced. The Prometheus recorder is process-global, so
+/// tests that compare metric values need a test binary of their own.
+pub struct TestApi {
+    addr: SocketAddr,
+    client: reqwest::Client,
+    state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApi {
+    /// Starts the service against `redis_url` and the database `mongo_db` of
+    /// the test bed. `overrides` win over everything (any setting, also
+    /// `MONGO_URI`, `HTTP_ADDR`). Panics if the service cannot be built.
+    pub async fn start(
+        redis_url: &str,
+        mongo_db: &str,
+        overrides: HashMap<String, String>,
+    ) -> Self {
+        Self::try_start(redis_url, mongo_db, overrides)
+            .await
+            .unwrap_or_else(|err| panic!("cache-api did not start: {err:#}"))
+    }
+
+    pub async fn try_start(
+        redis_url: &str,
+        mongo_db: &str,
+        overrides: HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let mut vars = env(&[
+            ("HTTP_ADDR", "127.0.0.1:0"),
+            ("REDIS_URL", redis_url),
+            ("MONGO_DB", mongo_db),
+            ("LOG_FORMAT", "json"),
+        ]);
+        vars.insert(
+            "INSTANCE_ID".into(),
+            format!("testkit-{}", std::process::id()),
+        );
+        if !overrides.contains_key("MONGO_URI") {
+            vars.insert("MONGO_URI".into(), crate::mongo::mongo_uri());
+        }
+        vars.extend(overrides);
+        let settings = settings::load_from(settings::Defaults::API, vars)?;
+        let app = Application::build(settings).await?;
+        let addr = app.local_addr();
+        let state = app.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            addr,
+            client,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `base_url()` + `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// An HTTP client for the service; it does not follow redirects, so
+    /// tests see them.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The service's shared state (its tiers, store and settings), for
+    /// arranging cache contents directly.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::of(self.client.get(self.url(path))).await
+    }
+
+    /// POSTs `body` as JSON.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        Reply::of(self.client.post(self.url(path)).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        Reply::of(self.client.delete(self.url(path))).await
+    }
+
+    /// Sends any request, e.g. `api.send(api.client().put(api.url("/x")))`.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        Reply::of(request).await
+    }
+
+    /// Stops the service gracefully and returns how `run_until` ended.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => match tokio::time::timeout(Duration::from_secs(15), task).await {
+                Ok(joined) => joined?,
+                Err(_) => anyhow::bail!("cache-api did not stop within 15 s"),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A response, read in full.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// Sends the request and reads the whole response. Panics on transport
+    /// errors (the service is in-process: they are test failures).
+    pub async fn of(request: reqwest::RequestBuilder) -> Self {
+        let response = request.send().await.expect("request to cache-api failed");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("read response body").to_vec();
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// The body as JSON; panics (showing the body) when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "response (status {}) is not JSON ({err}): {}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an error answer: `status`, a JSON body with this `code` and a
+    /// non-empty `error` message. Returns the body for further checks.
+    pub fn expect_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(
+            self.status,
+            status,
+            "unexpected status; body: {}",
+            self.text()
+        );
+        let body = self.json();
+        assert_eq!(body["code"], code, "unexpected error code: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "error message missing: {body}"
+        );
+        assert!(
+            self.header("content-type")
+                .is_some_and(|t| t.starts_with("application/json")),
+            "error is not served as JSON: {:?}",
+            self.headers
+        );
+        body
+    }
+
+    /// A header as a string, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}

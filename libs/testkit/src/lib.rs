@@ -1,0 +1,36 @@
+//! Test support for the workspace's integration tests. A dev-dependency only:
+//! product code never links it.
+//!
+//! - [`redis`]: [`TestRedis`], a private `redis-server` per test on a free
+//!   port, which can be stopped and restarted on the same port.
+//! - [`mongo`]: the testbed's MongoDB ([`mongo_uri`]) and a database of the
+//!   test's own ([`TestDb`], [`unique_db`]).
+//! - [`process`]: [`ChildGuard`] (a child process killed on drop), free ports,
+//!   waiting for ports and HTTP endpoints, locating workspace binaries.
+//! - [`wait`]: [`eventually`], polling until a condition holds.
+//! - [`api`]: [`TestApi`], `cache_api::Application` served in-process on port 0.
+//! - [`stack`]: [`TestStack`], the usual trio — own Redis, own database, API.
+//! - [`prometheus`]: reading values out of the Prometheus text format.
+//!
+//! The services come from the test bed: run the tests through
+//! `scripts/test.sh`, or `scripts/testbed.sh up DIR` and source `DIR/env`
+//! (it exports `MONGO_URI`, `REDIS_SERVER`, …). The system Redis on port 6379
+//! is never used.
+
+pub mod api;
+pub mod mongo;
+pub mod otlp;
+pub mod process;
+pub mod prometheus;
+pub mod redis;
+pub mod secantus;
+pub mod services;
+pub mod stack;
+pub mod wait;
+
+pub use api::TestApi;
+pub use mongo::{TestDb, mongo_uri, unique_db};
+pub use process::{ChildGuard, cargo_bin, free_port, wait_for_port, wait_http_ok};
+pub use redis::TestRedis;
+pub use stack::TestStack;
+pub use wait::{Check, eventually};

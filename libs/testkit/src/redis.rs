@@ -1,0 +1,177 @@
+//! A private `redis-server` per test.
+
+use crate::process::{ChildGuard, free_port};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a fresh `redis-server` may take to answer PING.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `redis-server` of the test's own on a free port of 127.0.0.1, without
+/// persistence (`--save "" --appendonly no`). Killed when dropped.
+///
+/// The binary is `$REDIS_SERVER` (set by the test bed), else `redis-server`
+/// from `PATH`. The system Redis on port 6379 is never touched.
+pub struct TestRedis {
+    port: u16,
+    server: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl TestRedis {
+    /// Starts a server and waits until it answers PING. Retries on another
+    /// port if the chosen one was taken in the meantime. Panics if no server
+    /// starts.
+    pub async fn start() -> Self {
+        let server = std::env::var_os("REDIS_SERVER")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut redis = Self {
+                port: free_port(),
+                server: server.clone(),
+                child: None,
+            };
+            match redis.spawn().await {
+                Ok(()) => return redis,
+                Err(err) => last = err,
+            }
+        }
+        panic!("could not start {}: {last}", server.display());
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(ChildGuard::is_running)
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone: clients see
+    /// their connections drop and new connections refused.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill9();
+        }
+    }
+
+    /// Stops the server if it runs and starts a new, empty one on the same
+    /// port. Panics if it does not come up within a few seconds.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.spawn().await {
+                Ok(()) => return,
+                // The port can stay busy for a moment after the kill.
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("could not restart redis on port {}: {err}", self.port),
+            }
+        }
+    }
+
+    /// A new multiplexed connection to this server.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|err| panic!("cannot connect to {}: {err}", self.url()))
+    }
+
+    async fn spawn(&mut self) -> Result<(), String> {
+        let child = Command::new(&self.server)
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| format!("cannot run {}: {err}", self.server.display()))?;
+        let mut child = ChildGuard::from(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait() {
+                return Err(format!(
+                    "redis-server on port {} exited at start-up ({status})",
+                    self.port
+                ));
+            }
+            if ping(self.port).await {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "redis-server on port {} did not answer PING within {START_TIMEOUT:?}",
+                    self.port
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Whether 127.0.0.1:`port` answers `PING` with `+PONG`.
+async fn ping(port: u16) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"PING\r\n").await?;
+        let mut reply = [0_u8; 16];
+        let n = stream.read(&mut reply).await?;
+        Ok::<bool, std::io::Error>(reply[..n].starts_with(b"+PONG"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stops_and_restarts_on_the_same_port() {
+        let mut redis = TestRedis::start().await;
+        assert_ne!(redis.port(), 6379);
+        let mut conn = redis.client().await;
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let port = redis.port();
+
+        redis.stop();
+        assert!(!redis.is_running());
+        assert!(!ping(port).await);
+
+        redis.restart().await;
+        assert_eq!(redis.port(), port);
+        assert!(redis.is_running());
+        let mut conn = redis.client().await;
+        let value: Option<String> = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(value, None, "a restarted server starts empty");
+    }
+}
