@@ -8,7 +8,9 @@ pub mod info;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
+use axum::extract::State;
 use axum::http::Uri;
+use axum::response::IntoResponse;
 use axum::routing::MethodRouter;
 
 /// Registers `handler` at `path` and at `path` with a trailing slash.
@@ -30,9 +32,18 @@ pub fn router() -> Router<AppState> {
     let router = info::routes(router);
     router
         .merge(docs::routes())
-        .route("/metrics", axum::routing::get(telemetry::metrics::handler))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Prometheus metrics, with the gauges that are read rather than counted
+/// brought up to date first.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if let Some(near) = state.tiers.near() {
+        metrics::gauge!("near_cache_entries").set(near.len() as f64);
+    }
+    telemetry::metrics::handler().await
 }
 
 async fn route_not_found(uri: Uri) -> ApiError {
