@@ -81,6 +81,16 @@ impl RedisTier {
         })
     }
 
+    /// Connects with the configured `REDIS_*` and `TOMBSTONE_TTL_MS` settings.
+    pub fn from_settings(settings: &settings::Settings) -> Result<Self, TierError> {
+        Self::connect(
+            &settings.redis_url,
+            settings.redis_timeout,
+            settings.redis_ttl,
+            settings.tombstone_ttl,
+        )
+    }
+
     /// A handle on the same multiplexed connection, for other components
     /// (health, the invalidation follower's catch-up reads).
     pub fn connection(&self) -> ConnectionManager {

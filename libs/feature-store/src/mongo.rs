@@ -100,6 +100,21 @@ impl FeatureStore {
         })
     }
 
+    /// Connects with the configured `MONGO_*` settings.
+    pub async fn from_settings(
+        settings: &settings::Settings,
+        app_name: &str,
+    ) -> Result<Self, StoreError> {
+        Self::connect(
+            &settings.mongo_uri,
+            &settings.mongo_db,
+            &settings.mongo_collection,
+            settings.mongo_timeout,
+            app_name,
+        )
+        .await
+    }
+
     /// The raw collection, for change streams and tools.
     pub fn collection(&self) -> &Collection<Document> {
         &self.collection

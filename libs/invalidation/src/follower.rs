@@ -54,6 +54,9 @@ pub struct Follower {
     near: Arc<NearCache>,
     redis: ConnectionManager,
     position: Option<Position>,
+    /// The first attempts to subscribe failed (Redis unreachable at start)
+    /// while the replica went on serving and filling its near cache.
+    started_unsubscribed: bool,
     status: Arc<Mutex<FollowerStatus>>,
 }
 
@@ -64,6 +67,7 @@ impl Follower {
             near,
             redis,
             position: None,
+            started_unsubscribed: false,
             status: Arc::default(),
         }
     }
@@ -79,7 +83,15 @@ impl Follower {
             tokio::select! {
                 _ = shutdown.recv() => return,
                 result = self.follow_once() => {
+                    // A subscription that was up restarts the backoff: only
+                    // failures in a row slow reconnecting down.
+                    if self.status.lock().unwrap_or_else(PoisonError::into_inner).subscribed {
+                        backoff = Duration::from_millis(100);
+                    }
                     self.set_status(|s| s.subscribed = false);
+                    if self.position.is_none() {
+                        self.started_unsubscribed = true;
+                    }
                     match result {
                         Ok(()) => tracing::warn!("invalidation subscription ended; reconnecting"),
                         Err(err) => tracing::warn!(error = %err, "invalidation subscription failed; reconnecting"),
@@ -105,8 +117,12 @@ impl Follower {
         // Anything published while we were not subscribed is in the stream.
         if self.position.is_some() {
             self.gap("reconnect").await?;
+        } else if self.started_unsubscribed {
+            // What the near cache took in while it could not subscribe may be
+            // older than messages up to the tail, which are never applied.
+            self.start_at_tail(Some("late_start")).await?;
         } else {
-            self.start_at_tail().await?;
+            self.start_at_tail(None).await?;
         }
         let mut messages = pubsub.into_on_message();
         let mut check = tokio::time::interval(self.config.check_interval);
@@ -189,15 +205,14 @@ impl Follower {
         metrics::counter!("invalidation_gaps_total", "reason" => reason).increment(1);
         self.set_status(|s| s.gaps += 1);
         let Some(from) = self.position.as_ref().map(|p| p.stream_id) else {
-            return self.start_at_tail().await;
+            return self.start_at_tail(None).await;
         };
         tracing::info!(reason, from = %from, "catching up from the invalidation stream");
         metrics::counter!("invalidation_catchups_total").increment(1);
 
         if self.trimmed_after(from).await? {
             tracing::warn!(from = %from, "invalidation stream no longer reaches back; flushing the near cache");
-            self.flush("stream_trimmed");
-            return self.start_at_tail().await;
+            return self.start_at_tail(Some("stream_trimmed")).await;
         }
 
         let mut cursor = from;
@@ -264,10 +279,16 @@ impl Follower {
         Ok(from != StreamId::ZERO && first.is_some_and(|first| first > from))
     }
 
-    /// Starts following from the stream's current tail (nothing to replay: the
-    /// near cache holds nothing older than this moment, or was just flushed).
-    async fn start_at_tail(&mut self) -> redis::RedisResult<()> {
+    /// Starts following from the stream's current tail: entries up to it are
+    /// never applied. With `flush`, the near cache may hold something older
+    /// than those and is emptied — after reading the tail, so an entry
+    /// appended in between is still replayed or received (and fills that
+    /// read before the flush are refused by its epoch).
+    async fn start_at_tail(&mut self, flush: Option<&'static str>) -> redis::RedisResult<()> {
         let tail = self.tail().await?.unwrap_or(StreamId::ZERO);
+        if let Some(reason) = flush {
+            self.flush(reason);
+        }
         self.position = Some(Position {
             run_id: String::new(),
             seq: 0,

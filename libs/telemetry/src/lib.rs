@@ -6,9 +6,11 @@
 //!   block a request. The returned [`Telemetry`] flushes on shutdown.
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` text.
 //! - [`propagation`]: W3C `traceparent` in and out of HTTP headers and messages.
+//! - [`shutdown`]: the signal every service stops on.
 
 pub mod metrics;
 pub mod propagation;
+pub mod shutdown;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;

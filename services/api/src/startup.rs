@@ -28,25 +28,13 @@ impl Application {
     /// Redis nor MongoDB has to be up yet: both connect lazily.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         telemetry::metrics::install();
-        let store = FeatureStore::connect(
-            &settings.mongo_uri,
-            &settings.mongo_db,
-            &settings.mongo_collection,
-            settings.mongo_timeout,
-            "cache-api",
-        )
-        .await
-        .context("MONGO_URI")?;
+        let store = FeatureStore::from_settings(&settings, "cache-api")
+            .await
+            .context("MONGO_URI")?;
         if let Err(err) = store.ensure_indexes().await {
             tracing::warn!(error = %err, "could not ensure the TTL index now; MongoDB may be down");
         }
-        let redis = RedisTier::connect(
-            &settings.redis_url,
-            settings.redis_timeout,
-            settings.redis_ttl,
-            settings.tombstone_ttl,
-        )
-        .context("REDIS_URL")?;
+        let redis = RedisTier::from_settings(&settings).context("REDIS_URL")?;
         let near = settings
             .local_cache_enabled
             .then(|| NearCache::new(settings.local_cache_max_entries, settings.local_cache_ttl));

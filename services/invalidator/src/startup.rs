@@ -7,8 +7,9 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use feature_cache::RedisTier;
 use feature_store::FeatureStore;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde_json::json;
 use settings::Settings;
 use std::future::Future;
@@ -38,24 +39,12 @@ struct HealthState {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         telemetry::metrics::install();
-        let store = FeatureStore::connect(
-            &settings.mongo_uri,
-            &settings.mongo_db,
-            &settings.mongo_collection,
-            settings.mongo_timeout,
-            "cache-invalidator",
-        )
-        .await
-        .context("MONGO_URI")?;
-        let client = redis::Client::open(settings.redis_url.as_str()).context("REDIS_URL")?;
-        let redis = ConnectionManager::new_lazy_with_config(
-            client,
-            ConnectionManagerConfig::new()
-                .set_response_timeout(Some(settings.redis_timeout))
-                .set_connection_timeout(Some(settings.redis_timeout))
-                .set_number_of_retries(1),
-        )
-        .context("REDIS_URL")?;
+        let store = FeatureStore::from_settings(&settings, "cache-invalidator")
+            .await
+            .context("MONGO_URI")?;
+        let redis = RedisTier::from_settings(&settings)
+            .context("REDIS_URL")?
+            .connection();
 
         let run_id = uuid::Uuid::new_v4().to_string();
         let keys = ControlKeys::for_collection(&settings.mongo_db, &settings.mongo_collection);

@@ -171,15 +171,19 @@ impl Worker {
                 Err(err) if is_history_lost(&err) => {
                     tracing::error!(error = %err, "change history lost; flushing every cache and starting from now");
                     metrics::counter!("invalidator_history_lost_total").increment(1);
+                    // Open first, flush second: a change made in between is
+                    // in the new stream, or read after the flush — never lost.
+                    let stream = self.open(None).await.map_err(TailError::mongo)?;
                     self.flush("history_lost", holder).await?;
-                    self.open(None).await.map_err(TailError::mongo)?
+                    stream
                 }
                 Err(err) => return Err(TailError::mongo(err)),
             },
             None => {
                 tracing::info!("no saved resume token; flushing every cache and starting from now");
+                let stream = self.open(None).await.map_err(TailError::mongo)?;
                 self.flush("fresh_start", holder).await?;
-                self.open(None).await.map_err(TailError::mongo)?
+                stream
             }
         };
         // Make the starting point durable at once, so a crash before the
@@ -217,8 +221,8 @@ impl Worker {
                 Err(err) if is_history_lost(&err) => {
                     tracing::error!(error = %err, "change history lost while tailing; flushing every cache");
                     metrics::counter!("invalidator_history_lost_total").increment(1);
-                    self.flush("history_lost", holder).await?;
                     stream = self.open(None).await.map_err(TailError::mongo)?;
+                    self.flush("history_lost", holder).await?;
                     self.save_position(stream.resume_token(), holder).await?;
                 }
                 Err(err) => return Err(TailError::mongo(err)),
