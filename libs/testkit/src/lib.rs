@@ -22,6 +22,7 @@ pub mod mongo;
 pub mod otlp;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 pub mod redis;
 pub mod secantus;
 pub mod services;

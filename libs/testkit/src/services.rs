@@ -232,6 +232,23 @@ impl ServiceProcess {
         &self.env
     }
 
+    /// SIGSTOP: the process freezes (timers, connections and all) until
+    /// [`ServiceProcess::resume`], like a long GC pause or a stalled VM.
+    pub fn pause(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.signal(libc::SIGSTOP);
+        }
+        self.note("paused with SIGSTOP");
+    }
+
+    /// SIGCONT after [`ServiceProcess::pause`].
+    pub fn resume(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.signal(libc::SIGCONT);
+        }
+        self.note("resumed with SIGCONT");
+    }
+
     /// SIGKILL: no shutdown code runs. Returns once the process is reaped.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         let status = self.child.as_mut().and_then(ChildGuard::kill9);

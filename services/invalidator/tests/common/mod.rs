@@ -1,0 +1,784 @@
+//! A whole deployment per test, as real processes: a `redis-server` of the
+//! test's own, a database of its own (on the test bed's SecantusDB, or on a
+//! server the test started), one or more `cache-invalidator`s and two
+//! `cache-api` replicas (A and B) with their near caches on. Plus the
+//! helpers every scenario needs: reads and writes through a replica, writes
+//! straight into MongoDB with the driver (as another tool would), what Redis
+//! holds, and the check that every tier agrees with MongoDB.
+#![allow(dead_code)] // each test binary uses a different part
+
+use bson::{Bson, Document, doc};
+use feature_store::mongo::document_from_bson;
+use mongodb::Collection;
+use mongodb::options::ReturnDocument;
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use testkit::TestRedis;
+use testkit::services::{ServiceProcess, workspace_bin};
+
+/// How long a change may take to reach every tier of every replica.
+pub const LAG_BOUND: Duration = Duration::from_secs(5);
+/// The collection the services use by default.
+pub const COLLECTION: &str = "customer_features";
+/// Poll interval of the checks.
+pub const POLL: Duration = Duration::from_millis(25);
+
+pub struct Options {
+    pub invalidators: usize,
+    pub lease_ms: u64,
+    /// Another MongoDB than the test bed's (`MONGO_URI`).
+    pub mongo_uri: Option<String>,
+    /// Extra settings of every process.
+    pub env: Vec<(String, String)>,
+    /// Extra settings of the invalidators only (win over `env`).
+    pub invalidator_env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            invalidators: 1,
+            lease_ms: 1000,
+            mongo_uri: None,
+            env: Vec::new(),
+            invalidator_env: Vec::new(),
+        }
+    }
+}
+
+/// The deployment of one test. Dropping it kills every process.
+pub struct Cluster {
+    // Declared first so they drop (and print their log tails on a failure)
+    // before Redis goes away.
+    pub invalidators: Vec<ServiceProcess>,
+    pub a: ServiceProcess,
+    pub b: ServiceProcess,
+    pub redis: TestRedis,
+    pub mongo: mongodb::Client,
+    pub mongo_uri: String,
+    pub db_name: String,
+    http: reqwest::Client,
+    /// Reconnects by itself (tests restart Redis).
+    redis_conn: redis::aio::ConnectionManager,
+    /// What every process got, and the API binary, for replicas started later.
+    base_env: Vec<(String, String)>,
+    api_bin: PathBuf,
+}
+
+fn invalidator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cache-invalidator"))
+}
+
+impl Cluster {
+    /// Starts Redis, the invalidator(s) — waiting until one leads and has its
+    /// change stream open — then replicas A and B, waiting until both follow
+    /// the invalidation channel.
+    pub async fn start(prefix: &str, options: Options) -> Self {
+        let api_bin = workspace_bin("cache-api");
+        let redis = TestRedis::start().await;
+        let mongo_uri = options.mongo_uri.clone().unwrap_or_else(testkit::mongo_uri);
+        let db_name = testkit::unique_db(prefix);
+        let mongo = mongodb::Client::with_uri_str(&mongo_uri)
+            .await
+            .expect("mongodb client");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(16)
+            .build()
+            .expect("http client");
+        let redis_conn = redis::Client::open(redis.url())
+            .expect("redis url")
+            .get_connection_manager()
+            .await
+            .expect("redis connection");
+
+        let lease = options.lease_ms.to_string();
+        let redis_url = redis.url();
+        let base: Vec<(String, String)> = [
+            ("REDIS_URL", redis_url.as_str()),
+            ("MONGO_URI", mongo_uri.as_str()),
+            ("MONGO_DB", db_name.as_str()),
+            ("LEADER_LEASE_MS", lease.as_str()),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain(options.env.iter().cloned())
+        .collect();
+
+        let mut invalidators = Vec::new();
+        for n in 0..options.invalidators {
+            let mut env = base.clone();
+            env.push(("INSTANCE_ID".into(), format!("inv-{n}")));
+            env.extend(options.invalidator_env.iter().cloned());
+            invalidators.push(
+                start_service(&format!("inv-{n}"), &invalidator_bin(), &env, "/health").await,
+            );
+        }
+        let mut apis = Vec::new();
+        for name in ["a", "b"] {
+            let mut env = base.clone();
+            env.push(("INSTANCE_ID".into(), format!("api-{name}")));
+            env.push(("LOCAL_CACHE_ENABLED".into(), "true".into()));
+            apis.push(start_service(&format!("api-{name}"), &api_bin, &env, "/api/health/").await);
+        }
+        let b = apis.pop().expect("b");
+        let a = apis.pop().expect("a");
+        let cluster = Self {
+            invalidators,
+            a,
+            b,
+            redis,
+            mongo,
+            mongo_uri,
+            db_name,
+            http,
+            redis_conn,
+            base_env: base,
+            api_bin,
+        };
+        if options.invalidators > 0 {
+            cluster.wait_leading(Duration::from_secs(20)).await;
+        }
+        cluster.wait_subscribed(&cluster.a).await;
+        cluster.wait_subscribed(&cluster.b).await;
+        cluster
+    }
+
+    /// Stops every process, drops the database and closes the driver's
+    /// connections (inside the runtime, so nothing is left to a runtime that
+    /// is shutting down).
+    pub async fn finish(self) {
+        let Self {
+            invalidators,
+            a,
+            b,
+            redis,
+            mongo,
+            db_name,
+            ..
+        } = self;
+        drop(invalidators);
+        drop((a, b));
+        if let Err(err) = mongo.database(&db_name).drop().await {
+            eprintln!("could not drop database {db_name}: {err}");
+        }
+        mongo.shutdown().await;
+        drop(redis);
+    }
+
+    /// Starts one more API replica (near cache on), ready once it serves
+    /// HTTP — also while Redis is down; it is not waited on to subscribe.
+    /// `extra` settings win over the cluster's.
+    pub async fn start_replica(&self, name: &str, extra: &[(&str, &str)]) -> ServiceProcess {
+        let mut env = self.base_env.clone();
+        env.push(("INSTANCE_ID".into(), name.to_owned()));
+        env.push(("LOCAL_CACHE_ENABLED".into(), "true".into()));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        start_service(name, &self.api_bin, &env, "/api/info/").await
+    }
+
+    pub fn replicas(&self) -> [&ServiceProcess; 2] {
+        [&self.a, &self.b]
+    }
+
+    pub fn inv(&mut self) -> &mut ServiceProcess {
+        &mut self.invalidators[0]
+    }
+
+    // ----------------------------------------------------------- invalidator
+
+    /// The invalidator's Redis key of the saved resume token.
+    pub fn token_key(&self) -> String {
+        format!(
+            "cache-invalidator:{}.{COLLECTION}:resume-token",
+            self.db_name
+        )
+    }
+
+    /// `/health` of an invalidator, `None` when it does not answer.
+    pub async fn health(&self, inv: &ServiceProcess) -> Option<Value> {
+        let response = self.http.get(inv.url("/health")).send().await.ok()?;
+        response.json().await.ok()
+    }
+
+    pub async fn is_leader(&self, inv: &ServiceProcess) -> bool {
+        self.health(inv)
+            .await
+            .is_some_and(|h| h["role"] == "leader")
+    }
+
+    /// Indexes of the invalidators that say they lead.
+    pub async fn leaders(&self) -> Vec<usize> {
+        let mut leaders = Vec::new();
+        for (index, inv) in self.invalidators.iter().enumerate() {
+            if self.is_leader(inv).await {
+                leaders.push(index);
+            }
+        }
+        leaders
+    }
+
+    /// Waits until some invalidator leads and has saved a resume token (its
+    /// change stream is open: later writes are seen). Returns its index.
+    pub async fn wait_leading(&self, timeout: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            let leaders = self.leaders().await;
+            if let [leader] = leaders[..]
+                && self
+                    .redis_get(&self.token_key())
+                    .await
+                    .is_some_and(|token| !token.is_empty())
+            {
+                return leader;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "no invalidator leads with an open change stream after {timeout:?} (leaders: {leaders:?})"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `GET /metrics` of an invalidator, parsed.
+    pub async fn metrics(&self, inv: &ServiceProcess) -> Vec<testkit::prometheus::Sample> {
+        let text = self
+            .http
+            .get(inv.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        testkit::prometheus::parse(&text).expect("prometheus text")
+    }
+
+    pub async fn metric(&self, inv: &ServiceProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+        testkit::prometheus::sum(&self.metrics(inv).await, name, labels)
+    }
+
+    // ------------------------------------------------------------- replicas
+
+    /// `GET /api/features/{id}/` through a replica.
+    pub async fn get(&self, replica: &ServiceProcess, id: &str) -> Served {
+        let response = self
+            .http
+            .get(replica.url(&format!("/api/features/{id}/")))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("GET {id} on {}: {err}", replica.name()));
+        let status = response.status().as_u16();
+        let body = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Served { status, body }
+    }
+
+    /// `POST /api/features/` through a replica; returns the stored document.
+    pub async fn post(&self, replica: &ServiceProcess, id: &str, features: Value) -> Value {
+        let response = self
+            .http
+            .post(replica.url("/api/features/"))
+            .json(&json!({"customer_id": id, "features": features}))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("POST {id} on {}: {err}", replica.name()));
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert!(
+            matches!(status, 200 | 201),
+            "POST {id} on {} answered {status}: {body}",
+            replica.name()
+        );
+        body
+    }
+
+    /// `POST /api/features/` through a replica; the stored document, or what
+    /// went wrong.
+    pub async fn http_post(
+        &self,
+        replica: &ServiceProcess,
+        id: &str,
+        features: Value,
+    ) -> Result<Value, String> {
+        let response = self
+            .http
+            .post(replica.url("/api/features/"))
+            .json(&json!({"customer_id": id, "features": features}))
+            .send()
+            .await
+            .map_err(|err| format!("POST {id} on {}: {err}", replica.name()))?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if matches!(status, 200 | 201) {
+            Ok(body)
+        } else {
+            Err(format!(
+                "POST {id} on {} answered {status}: {body}",
+                replica.name()
+            ))
+        }
+    }
+
+    /// `DELETE /api/features/{id}/` through a replica; returns the status.
+    pub async fn delete(&self, replica: &ServiceProcess, id: &str) -> u16 {
+        let response = self
+            .http
+            .delete(replica.url(&format!("/api/features/{id}/")))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("DELETE {id} on {}: {err}", replica.name()));
+        let status = response.status().as_u16();
+        assert!(
+            matches!(status, 204 | 404),
+            "DELETE {id} on {} answered {status}",
+            replica.name()
+        );
+        status
+    }
+
+    /// `invalidation.follower` of `GET /api/info/`.
+    pub async fn follower(&self, replica: &ServiceProcess) -> Value {
+        let info: Value = self
+            .http
+            .get(replica.url("/api/info/"))
+            .send()
+            .await
+            .expect("GET /api/info/")
+            .json()
+            .await
+            .expect("info JSON");
+        info["invalidation"]["follower"].clone()
+    }
+
+    pub async fn wait_subscribed(&self, replica: &ServiceProcess) {
+        let started = Instant::now();
+        while self.follower(replica).await["subscribed"] != true {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{} did not subscribe to invalidations",
+                replica.name()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Reads `id` through `replica` until the near cache answers (at most a
+    /// few reads); panics if it never does.
+    pub async fn warm(&self, replica: &ServiceProcess, id: &str) -> Served {
+        for _ in 0..5 {
+            let served = self.get(replica, id).await;
+            assert_eq!(
+                served.status,
+                200,
+                "warm {id} on {}: {:?}",
+                replica.name(),
+                served.body
+            );
+            if served.source() == Some("local") {
+                return served;
+            }
+        }
+        panic!("{id} never came from {}'s near cache", replica.name());
+    }
+
+    // ------------------------------------------------------ MongoDB directly
+
+    pub fn collection(&self) -> Collection<Document> {
+        self.mongo.database(&self.db_name).collection(COLLECTION)
+    }
+
+    /// Inserts a document as another tool would: no `version`, no `trace`.
+    pub async fn insert_unversioned(&self, id: &str, features: Value) {
+        let now = chrono_now();
+        self.collection()
+            .insert_one(doc! {
+                "_id": id,
+                "customer_id": id,
+                "features": to_bson_doc(&features),
+                "calculated_at": now.0,
+                "model_version": "tool-1",
+                "expires_at": bson::DateTime::from_millis(now.1 + 86_400_000),
+            })
+            .await
+            .expect("insert_one");
+    }
+
+    /// Replaces the features and advances the version the way the API does
+    /// (`max(version + 1, now × 1000)`), creating the document if absent.
+    /// Returns the new version.
+    pub async fn write_versioned(&self, id: &str, features: Value) -> i64 {
+        let now = chrono_now();
+        let updated = self
+            .collection()
+            .find_one_and_update(
+                doc! { "_id": id },
+                vec![doc! { "$set": {
+                    "customer_id": id,
+                    "features": { "$literal": to_bson_doc(&features) },
+                    "calculated_at": now.0,
+                    "model_version": "tool-1",
+                    "expires_at": bson::DateTime::from_millis(now.1 + 86_400_000),
+                    "version": feature_store::version::next_version_expr(),
+                } }],
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .expect("find_one_and_update");
+        match updated {
+            Some(raw) => version_of(&raw),
+            // The stand-in may not return the document of an upsert (see
+            // TESTING.md, 2a); read it back.
+            None => self.truth(id).await.map_or(0, |t| t.version),
+        }
+    }
+
+    /// `$set` of one field without touching `version`. Returns the version
+    /// the document has (unchanged), `None` when it does not exist.
+    pub async fn set_unversioned(
+        &self,
+        id: &str,
+        path: &str,
+        value: impl Into<Bson>,
+    ) -> Option<i64> {
+        let mut set = Document::new();
+        set.insert(path, value.into());
+        self.collection()
+            .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
+            .return_document(ReturnDocument::After)
+            .await
+            .expect("find_one_and_update")
+            .map(|raw| version_of(&raw))
+    }
+
+    /// Deletes with the driver; returns the removed version.
+    pub async fn delete_direct(&self, id: &str) -> Option<i64> {
+        self.collection()
+            .find_one_and_delete(doc! { "_id": id })
+            .await
+            .expect("find_one_and_delete")
+            .map(|raw| version_of(&raw))
+    }
+
+    /// MongoDB's current document, as the services read it.
+    pub async fn truth(&self, id: &str) -> Option<Truth> {
+        let raw = self
+            .collection()
+            .find_one(doc! { "_id": id })
+            .await
+            .expect("find_one")?;
+        let doc = document_from_bson(raw).expect("stored document");
+        Some(Truth {
+            version: doc.version,
+            features: doc.features,
+        })
+    }
+
+    // ----------------------------------------------------------------- Redis
+
+    /// `GET key`; retried a few times, as the first command after a Redis
+    /// restart fails while the connection is re-established.
+    pub async fn redis_get(&self, key: &str) -> Option<String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut self.redis_conn.clone())
+                .await
+            {
+                Ok(value) => return value,
+                Err(err) if attempt >= 20 => panic!("redis GET {key}: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// What Redis holds for a customer.
+    pub async fn cached(&self, id: &str) -> Cached {
+        let Some(raw) = self.redis_get(&format!("features:{id}")).await else {
+            return Cached::Absent;
+        };
+        let value: Value = match serde_json::from_str(&raw) {
+            Ok(value) => value,
+            Err(_) => return Cached::Unreadable(raw),
+        };
+        let Some(version) = value["version"].as_i64() else {
+            return Cached::Unreadable(raw);
+        };
+        if value["deleted"] == true {
+            Cached::Tombstone(version)
+        } else if value["fence"] == true {
+            Cached::Fence(version)
+        } else {
+            match value["features"].as_object() {
+                Some(features) => Cached::Document {
+                    version,
+                    features: features.clone(),
+                },
+                None => Cached::Unreadable(raw),
+            }
+        }
+    }
+
+    /// Every `features:*` key of type string (cached documents and markers;
+    /// the invalidation stream shares the prefix but is a stream).
+    pub async fn feature_keys(&self) -> Vec<String> {
+        let mut conn = self.redis_conn.clone();
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("features:*")
+                .arg("TYPE")
+                .arg("string")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("SCAN");
+            keys.extend(batch);
+            if next == 0 {
+                keys.sort();
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+
+    /// Kills every pub/sub connection (the replicas' subscriptions).
+    /// Returns how many were killed.
+    pub async fn kill_pubsub_clients(&self) -> i64 {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut self.redis_conn.clone())
+            .await
+            .expect("CLIENT KILL TYPE pubsub")
+    }
+
+    // ----------------------------------------------------------- consistency
+
+    /// Where Redis and the replicas disagree with MongoDB about `id`.
+    ///
+    /// Redis is consistent when it holds nothing, a marker (fence or
+    /// tombstone: never served), or exactly MongoDB's document (same version
+    /// and features); it must not hold a document when MongoDB has none. A
+    /// replica is consistent when it serves MongoDB's document (same version
+    /// and features), or 404 when there is none.
+    pub async fn mismatches(&self, id: &str) -> Vec<String> {
+        let truth = self.truth(id).await;
+        let mut found = Vec::new();
+        match (self.cached(id).await, &truth) {
+            (Cached::Document { version, features }, Some(t))
+                if version != t.version || features != t.features =>
+            {
+                found.push(format!(
+                    "{id}: Redis holds v{version} {features:?}, MongoDB v{} {:?}",
+                    t.version, t.features
+                ));
+            }
+            (Cached::Document { version, .. }, None) => {
+                found.push(format!(
+                    "{id}: Redis holds v{version}, MongoDB has no document"
+                ));
+            }
+            (Cached::Unreadable(raw), _) => found.push(format!("{id}: Redis holds {raw:?}")),
+            _ => {}
+        }
+        for replica in self.replicas() {
+            let served = self.get(replica, id).await;
+            match &truth {
+                None if served.status == 404 => {}
+                None => found.push(format!(
+                    "{id}: {} answered {} {}, MongoDB has no document",
+                    replica.name(),
+                    served.status,
+                    served.body
+                )),
+                Some(t) => {
+                    if served.status != 200
+                        || served.version() != Some(t.version)
+                        || served.features() != Some(&t.features)
+                    {
+                        found.push(format!(
+                            "{id}: {} answered {} v{:?} {:?} (source {:?}), MongoDB v{} {:?}",
+                            replica.name(),
+                            served.status,
+                            served.version(),
+                            served.features(),
+                            served.source(),
+                            t.version,
+                            t.features
+                        ));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Every mismatch of `ids`.
+    pub async fn all_mismatches(&self, ids: &[String]) -> Vec<String> {
+        let mut found = Vec::new();
+        for id in ids {
+            found.extend(self.mismatches(id).await);
+        }
+        found
+    }
+
+    /// Polls until Redis and both replicas agree with MongoDB on every key of
+    /// `ids`; returns how long that took. Panics with the mismatches left
+    /// after `timeout`.
+    pub async fn wait_consistent(&self, ids: &[String], timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let found = self.all_mismatches(ids).await;
+            if found.is_empty() {
+                return started.elapsed();
+            }
+            if started.elapsed() >= timeout {
+                panic!(
+                    "{} of {} keys still disagree with MongoDB after {timeout:?}:\n{}",
+                    found.len(),
+                    ids.len(),
+                    found.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn start_service(
+    name: &str,
+    bin: &std::path::Path,
+    env: &[(String, String)],
+    ready: &str,
+) -> ServiceProcess {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ServiceProcess::start(name, bin, &env, ready).await
+}
+
+/// A replica's answer to a read.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Served {
+    pub fn version(&self) -> Option<i64> {
+        (self.status == 200)
+            .then(|| self.body["version"].as_i64())
+            .flatten()
+    }
+
+    pub fn features(&self) -> Option<&Map<String, Value>> {
+        (self.status == 200)
+            .then(|| self.body["features"].as_object())
+            .flatten()
+    }
+
+    pub fn source(&self) -> Option<&str> {
+        self.body["source"].as_str()
+    }
+}
+
+/// MongoDB's current document of a customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Truth {
+    pub version: i64,
+    pub features: Map<String, Value>,
+}
+
+/// A Redis entry of a customer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    Absent,
+    Document {
+        version: i64,
+        features: Map<String, Value>,
+    },
+    Fence(i64),
+    Tombstone(i64),
+    Unreadable(String),
+}
+
+pub fn version_of(raw: &Document) -> i64 {
+    match raw.get("version") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        _ => 0,
+    }
+}
+
+pub fn to_bson_doc(features: &Value) -> Document {
+    bson::to_document(features).expect("features are a JSON object")
+}
+
+/// Now as an RFC 3339 string with milliseconds and as epoch milliseconds.
+fn chrono_now() -> (String, i64) {
+    let now = chrono::Utc::now();
+    (
+        now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        now.timestamp_millis(),
+    )
+}
+
+/// Milliseconds with one decimal, for the test output.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Customer ids `prefix-000` … for `n` keys.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+/// What [`Cluster::random_write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WriteKind {
+    ApiA,
+    ApiB,
+    DirectVersioned,
+    DirectUnversioned,
+}
+
+impl Cluster {
+    /// One write of `id` as a mixed workload makes them: 70 % through a
+    /// random replica's API, 20 % straight into MongoDB with a new version,
+    /// 10 % a `$set` in MongoDB that leaves the version alone.
+    pub async fn random_write(&self, rng: &mut impl rand::Rng, id: &str, n: u64) -> WriteKind {
+        let roll = rng.random_range(0..10);
+        match roll {
+            0..=6 => {
+                let (replica, kind) = if rng.random_bool(0.5) {
+                    (&self.a, WriteKind::ApiA)
+                } else {
+                    (&self.b, WriteKind::ApiB)
+                };
+                self.post(replica, id, json!({"n": n, "via": "api"})).await;
+                kind
+            }
+            7..=8 => {
+                self.write_versioned(id, json!({"n": n, "via": "driver"}))
+                    .await;
+                WriteKind::DirectVersioned
+            }
+            _ => {
+                self.set_unversioned(id, "features.m", n as i64).await;
+                WriteKind::DirectUnversioned
+            }
+        }
+    }
+}
