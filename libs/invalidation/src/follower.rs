@@ -54,9 +54,6 @@ pub struct Follower {
     near: Arc<NearCache>,
     redis: ConnectionManager,
     position: Option<Position>,
-    /// The first attempts to subscribe failed (Redis unreachable at start)
-    /// while the replica went on serving and filling its near cache.
-    started_unsubscribed: bool,
     status: Arc<Mutex<FollowerStatus>>,
 }
 
@@ -67,7 +64,6 @@ impl Follower {
             near,
             redis,
             position: None,
-            started_unsubscribed: false,
             status: Arc::default(),
         }
     }
@@ -89,9 +85,6 @@ impl Follower {
                         backoff = Duration::from_millis(100);
                     }
                     self.set_status(|s| s.subscribed = false);
-                    if self.position.is_none() {
-                        self.started_unsubscribed = true;
-                    }
                     match result {
                         Ok(()) => tracing::warn!("invalidation subscription ended; reconnecting"),
                         Err(err) => tracing::warn!(error = %err, "invalidation subscription failed; reconnecting"),
@@ -113,17 +106,17 @@ impl Follower {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&self.config.channel).await?;
         tracing::info!(channel = %self.config.channel, "subscribed to invalidations");
-        self.set_status(|s| s.subscribed = true);
         // Anything published while we were not subscribed is in the stream.
         if self.position.is_some() {
             self.gap("reconnect").await?;
-        } else if self.started_unsubscribed {
-            // What the near cache took in while it could not subscribe may be
-            // older than messages up to the tail, which are never applied.
-            self.start_at_tail(Some("late_start")).await?;
         } else {
-            self.start_at_tail(None).await?;
+            // Whatever the near cache took in before this first subscription
+            // (a request served while subscribing, or while Redis was
+            // unreachable) may be older than messages up to the tail, which
+            // are never applied: start from an empty near cache.
+            self.start_at_tail(Some("start")).await?;
         }
+        self.set_status(|s| s.subscribed = true);
         let mut messages = pubsub.into_on_message();
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -74,6 +74,20 @@ impl TestApi {
         let task = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
+        // The follower empties the near cache on its first subscription;
+        // wait for it (briefly: Redis may be down on purpose) so what a test
+        // caches right after start stays cached.
+        if let Some(status) = state.invalidation.clone() {
+            let started = std::time::Instant::now();
+            while !status
+                .lock()
+                .map(|s| s.subscribed && s.last_stream_id.is_some())
+                .unwrap_or(true)
+                && started.elapsed() < Duration::from_secs(5)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
