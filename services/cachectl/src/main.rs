@@ -2,6 +2,7 @@
 //! services (same configuration, same store, same cache tiers).
 
 mod populate;
+mod reference;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -23,33 +24,33 @@ struct Cli {
 enum Command {
     /// Create realistic sample customers (CUST00001…) with bulk writes.
     Populate(populate::PopulateArgs),
+    /// Serve a constant JSON body at GET /api/features/{id}/: the HTTP
+    /// stack's reference point for the benchmarks (needs no Redis or MongoDB).
+    ReferenceServer(reference::ReferenceArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    match Cli::parse().command {
+        Command::Populate(args) => {
+            let (tiers, telemetry) = connect().await?;
+            let result = populate::run(&tiers, args).await;
+            tiers.store().clone().shutdown().await;
+            telemetry.shutdown();
+            result
+        }
+        Command::ReferenceServer(args) => reference::run(args).await,
+    }
+}
+
+/// The store and Redis as the services see them (no near cache: a CLI run
+/// is too short for one to help).
+async fn connect() -> anyhow::Result<(TieredStore, telemetry::Telemetry)> {
     let settings = settings::load(settings::Defaults::API).context("invalid configuration")?;
-    let _telemetry = telemetry::init("cachectl", &settings.instance_id, false)?;
-    let store = FeatureStore::connect(
-        &settings.mongo_uri,
-        &settings.mongo_db,
-        &settings.mongo_collection,
-        settings.mongo_timeout,
-        "cachectl",
-    )
-    .await
-    .context("MONGO_URI")?;
-    let redis = RedisTier::connect(
-        &settings.redis_url,
-        settings.redis_timeout,
-        settings.redis_ttl,
-        settings.tombstone_ttl,
-    )
-    .context("REDIS_URL")?;
-    let tiers = TieredStore::new(None, redis, store.clone());
-    let result = match cli.command {
-        Command::Populate(args) => populate::run(&tiers, args).await,
-    };
-    store.shutdown().await;
-    result
+    let telemetry = telemetry::init("cachectl", &settings.instance_id, false)?;
+    let store = FeatureStore::from_settings(&settings, "cachectl")
+        .await
+        .context("MONGO_URI")?;
+    let redis = RedisTier::from_settings(&settings).context("REDIS_URL")?;
+    Ok((TieredStore::new(None, redis, store), telemetry))
 }
