@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Profiles cache-api's hit paths once, on a small local system this script
+# starts and tears down (its own testbed in target/bench-profile-testbed).
+#
+#   bench/profile.sh [--name NAME] [--skip-build] [--skip-callgrind]
+#
+# 1. callgrind (instructions, exact call graph): a near-cache-on cache-api under
+#    valgrind, wrk -t1 -c16 for 20 s of Zipf GETs (all near hits after warming);
+#    then the reference server the same way, for instructions and mallocs per request.
+#    `perf stat -e instructions` does not work in this VM (no hardware counters),
+#    so instruction counts come from callgrind.
+# 2. perf record -e cpu-clock (time samples, kernel included) of the same
+#    binary, not under valgrind, for the near-hit path (A) and the Redis-hit
+#    path (B, LOCAL_CACHE_ENABLED=false), 10 s each at 64 connections.
+# Output: bench/results/profile-NAME-{callgrind,perf-near,perf-redis}.txt
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+NAME="$(date +%Y%m%d-%H%M)"
+BUILD=1
+CALLGRIND=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --name) NAME="$2"; shift ;;
+        --skip-build) BUILD=0 ;;
+        --skip-callgrind) CALLGRIND=0 ;;
+        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+RUN="$ROOT/target/bench-profile/$NAME"
+TB="$ROOT/target/bench-profile-testbed"
+OUT="$ROOT/bench/results"
+PY="$ROOT/bench/.venv/bin/python"
+BENCH="$ROOT/bench/bench.py"
+KEYS=2000
+rm -rf "$RUN"
+mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$OUT"
+log() { echo "[profile $(date +%T)] $*"; }
+die() { echo "[profile] ERROR: $*" >&2; exit 1; }
+command -v valgrind >/dev/null || die "valgrind missing (apt-get install valgrind)"
+command -v perf >/dev/null || die "perf missing (apt-get install linux-perf)"
+[ -x "$PY" ] || die "run bench/run.sh once first (it creates bench/.venv)"
+
+start() {
+    local name="$1"; shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" "$@" </dev/null >>"$RUN/logs/$name.log" 2>&1 &
+    echo $! >"$RUN/pids/$name"
+}
+stop() {
+    local pid
+    pid="$(cat "$RUN/pids/$1" 2>/dev/null || true)"
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$RUN/pids/$1"
+}
+wait_http() {
+    local t0=$SECONDS
+    until curl -fsS --max-time 2 "$1" >/dev/null 2>&1; do
+        ((SECONDS - t0 < ${2:-60})) || die "$1 did not answer"
+        sleep 0.3
+    done
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT
+    for f in "$RUN"/pids/*; do [ -e "$f" ] && stop "$(basename "$f")"; done
+    scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$BUILD" = 1 ] && cargo build --release --bins 2>&1 | tail -n 2
+for b in cache-api cache-invalidator cachectl; do cp "target/release/$b" "$RUN/bin/"; done
+scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+scripts/testbed.sh up "$TB" >"$RUN/logs/testbed.log" 2>&1 || die "testbed up failed"
+set -a; . "$TB/env"; set +a
+read -r PA PB PI <<<"$(python3 -c 'import socket
+s=[socket.socket() for _ in range(3)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(*[x.getsockname()[1] for x in s])')"
+COMMON=(REDIS_URL="$REDIS_URL" MONGO_URI="$MONGO_URI" LOG_FORMAT=json RUST_LOG=warn)
+start invalidator "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PI" -- "$RUN/bin/cache-invalidator"
+wait_http "http://127.0.0.1:$PI/health"
+sleep 2
+"$RUN/bin/cachectl" populate --count "$KEYS" --batch 1000 | tail -n 1
+"$PY" "$BENCH" zipf --keys "$KEYS" --out "$RUN/ids.txt" --part "$RUN/zipf.json" >/dev/null
+
+# ---- callgrind, near hits
+if [ "$CALLGRIND" = 1 ]; then
+log "callgrind: cache-api (near cache on) under valgrind, wrk -t1 -c16 -d20s"
+start api-vg "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PA" LOCAL_CACHE_TTL_MS=3600000 -- \
+    valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" "$RUN/bin/cache-api"
+wait_http "http://127.0.0.1:$PA/api/health/" 120
+"$PY" "$BENCH" warm --api "http://127.0.0.1:$PA" --count "$KEYS"
+wrk -t1 -c16 -d20s --latency -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PA" -- "$RUN/ids.txt" >"$RUN/logs/wrk-vg.txt"
+grep -E 'Requests/sec|requests in' "$RUN/logs/wrk-vg.txt" || true
+stop api-vg
+{
+    echo "# callgrind of cache-api, near-cache hits (wrk -t1 -c16 -d20s, Zipf over $KEYS keys), $(date -Is)"
+    grep -E 'requests in' "$RUN/logs/wrk-vg.txt" || true
+    echo "## exclusive (self), top entries"
+    callgrind_annotate "$RUN/callgrind.out" 2>/dev/null | sed -n '/file:function/,$p' | head -n 60 || true
+    echo "## inclusive, selected entries"
+    callgrind_annotate --inclusive=yes "$RUN/callgrind.out" 2>/dev/null \
+        | grep -E 'get_features|middleware|propagation|metrics::key|PrometheusRecorder|Http1Transaction>::(parse|encode)|TieredStore::get|body_with_source|Utc::now|moka' \
+        | head -n 60 || true
+} >"$OUT/profile-$NAME-callgrind.txt"
+
+log "callgrind: the reference server (same body size), wrk -t1 -c16 -d20s"
+start ref-vg -- valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind-ref.out" \
+    "$RUN/bin/cachectl" reference-server --addr "127.0.0.1:$PB" --body-bytes 417
+sleep 5
+wrk -t1 -c16 -d20s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-ref-vg.txt"
+stop ref-vg
+{
+    echo
+    echo "## per request: cache-api (near hit) vs the reference server, both under callgrind"
+    "$PY" - "$RUN/callgrind.out" "$RUN/logs/wrk-vg.txt" "$RUN/callgrind-ref.out" "$RUN/logs/wrk-ref-vg.txt" <<'PYEOF'
+import re, sys
+def load(path, wrk):
+    requests = int(re.search(r"(\d+) requests in", open(wrk).read()).group(1))
+    names, calls, total, cfn = {}, {}, 0, None
+    for line in open(path, errors="replace"):
+        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?", line)
+        if m:
+            kind, id_, name = m.groups()
+            if name:
+                names[id_] = name
+            cfn = names.get(id_, id_) if kind == "cfn" else None
+            continue
+        m = re.match(r"^calls=(\d+)", line)
+        if m and cfn:
+            calls[cfn] = calls.get(cfn, 0) + int(m.group(1))
+        m = re.match(r"^(?:summary|totals): (\d+)", line)
+        if m:
+            total = int(m.group(1))
+    mallocs = sum(v for k, v in calls.items() if k.split("'")[0] == "malloc")
+    return requests, total, mallocs
+for label, (cg, wrk) in {"cache-api near hit": sys.argv[1:3], "reference server": sys.argv[3:5]}.items():
+    r, t, m = load(cg, wrk)
+    print(f"{label}: {r} requests, {t:,} instructions in all = {t / r:,.0f} per request "
+          f"(start-up and warm-up included); malloc calls {m / r:.1f} per request")
+PYEOF
+} >>"$OUT/profile-$NAME-callgrind.txt"
+log "wrote $OUT/profile-$NAME-callgrind.txt"
+fi
+
+# ---- perf, near hits and Redis hits
+for mode in near redis; do
+    if [ "$mode" = near ]; then
+        extra=(LOCAL_CACHE_TTL_MS=3600000)
+    else
+        extra=(LOCAL_CACHE_ENABLED=false)
+    fi
+    start "api-$mode" "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PB" "${extra[@]}" -- "$RUN/bin/cache-api"
+    wait_http "http://127.0.0.1:$PB/api/health/"
+    "$PY" "$BENCH" warm --api "http://127.0.0.1:$PB" --count "$KEYS"
+    log "perf record -e cpu-clock: $mode hits, wrk -t2 -c64 -d10s"
+    wrk -t2 -c64 -d12s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-$mode.txt" &
+    wpid=$!
+    sleep 1
+    perf record -e cpu-clock -F 1999 -g -p "$(cat "$RUN/pids/api-$mode")" -o "$RUN/perf-$mode.data" -- sleep 10 \
+        >"$RUN/logs/perf-$mode.log" 2>&1
+    wait "$wpid"
+    grep -E 'Requests/sec' "$RUN/logs/wrk-$mode.txt" || true
+    {
+        echo "# perf record -e cpu-clock -F 1999 -g of cache-api, $mode hits (wrk -t2 -c64), $(date -Is)"
+        grep -E 'Requests/sec|Latency' "$RUN/logs/wrk-$mode.txt" || true
+        echo "## self time by symbol"
+        perf report -i "$RUN/perf-$mode.data" --stdio --no-children --sort symbol -g none --percent-limit 0.7 2>/dev/null \
+            | grep -v '^$' | head -n 70 || true
+        echo "## self time by shared object"
+        perf report -i "$RUN/perf-$mode.data" --stdio --no-children --sort dso -g none 2>/dev/null \
+            | grep -v '^$' | head -n 20 || true
+        echo "## inclusive (children) by symbol"
+        perf report -i "$RUN/perf-$mode.data" --stdio --children --sort symbol -g none --percent-limit 3 2>/dev/null \
+            | grep -v '^$' | head -n 90 || true
+    } >"$OUT/profile-$NAME-perf-$mode.txt"
+    stop "api-$mode"
+    log "wrote $OUT/profile-$NAME-perf-$mode.txt"
+done

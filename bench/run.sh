@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# Benchmarks of redis-mongo-cache, side by side in one run, against a system
+# this script starts on loopback and tears down again.
+#
+#   bench/run.sh [--quick] [--name NAME] [--skip-build] [--no-memory-1m]
+#
+#   --quick          3 s per load cell (10 s otherwise), fewer writes and entries
+#   --name NAME      results go to bench/results/NAME.json, NAME-*.png, NAME.md
+#                    (default: quick-YYYYmmdd-HHMM or full-YYYYmmdd-HHMM)
+#   --skip-build     use the release binaries already in target/release
+#   --no-memory-1m   measure the near cache at 10k/100k entries only
+#
+# What it starts (all on 127.0.0.1, free ports, LOG_FORMAT=json RUST_LOG=warn):
+#   testbed     scripts/testbed.sh up target/bench-testbed (private Redis + SecantusDB)
+#   invalidator one cache-invalidator
+#   A           cache-api, near cache on  (LOCAL_CACHE_TTL_MS=3600000: hits stay near hits)
+#   B           cache-api, LOCAL_CACHE_ENABLED=false (every hit is a Redis hit)
+#   C           cachectl reference-server: a constant body of the API's body size
+#   D           cache-api, near cache on (second replica, for the invalidation lag)
+#   E           cache-api for the memory measurement (started last, alone)
+# Phases, in order: machine, Zipf table, populate + warm, hit path (wrk + redis-benchmark),
+# fixed-rate latency (oha), offload on a warm system, miss path + stampede, offload from
+# cold, invalidation lag, invalidator throughput, memory, report (JSON, PNG, Markdown).
+# Work files and logs: target/bench-run/NAME/. See BENCHMARKS.md.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+QUICK=0
+NAME=""
+BUILD=1
+MEM_1M=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --name) NAME="$2"; shift ;;
+        --name=*) NAME="${1#--name=}" ;;
+        --skip-build) BUILD=0 ;;
+        --no-memory-1m) MEM_1M=0 ;;
+        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [ -z "$NAME" ]; then
+    NAME="$([ "$QUICK" = 1 ] && echo quick || echo full)-$(date +%Y%m%d-%H%M)"
+fi
+[[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "--name: letters, digits, . _ - only" >&2; exit 2; }
+
+if [ "$QUICK" = 1 ]; then
+    SECS=3; OHA_SECS=3; MIX_SECS=5; LAG_WRITES=200; TP_SECS=5; REDIS_N=50000
+    MEM_COUNTS="10000 50000 100000"
+else
+    SECS=10; OHA_SECS=10; MIX_SECS=15; LAG_WRITES=1000; TP_SECS=10; REDIS_N=200000
+    MEM_COUNTS="10000 100000"
+    [ "$MEM_1M" = 1 ] && MEM_COUNTS="10000 100000 1000000"
+fi
+CONC="1 16 64 256"
+RATES="2000 5000 10000 20000 30000"
+CUSTOMERS=10000
+
+RUN="$ROOT/target/bench-run/$NAME"
+TB="$ROOT/target/bench-testbed"
+RESULTS="$ROOT/bench/results"
+VENV="$ROOT/bench/.venv"
+PY="$VENV/bin/python"
+BENCH="$ROOT/bench/bench.py"
+rm -rf "$RUN"
+mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$RUN/parts" "$RESULTS"
+RAW="$RUN/logs/loadgen.log"
+
+log() { echo "[bench $(date +%T)] $*"; }
+die() { echo "[bench $(date +%T)] ERROR: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- processes
+# start NAME ENV=VALUE... -- CMD ARGS...: runs in the background, PID in $RUN/pids/NAME.
+start() {
+    local name="$1"; shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" "$@" </dev/null >>"$RUN/logs/$name.log" 2>&1 &
+    echo $! >"$RUN/pids/$name"
+}
+
+pid_of() { cat "$RUN/pids/$1" 2>/dev/null || true; }
+
+# stop NAME: TERM, up to 10 s, then KILL; only that PID.
+stop() {
+    local name="$1" pid i
+    pid="$(pid_of "$name")"
+    [ -n "$pid" ] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    rm -f "$RUN/pids/$name"
+}
+
+# wait_http URL [SECONDS] [PATTERN]: until the URL answers 200 (and contains PATTERN).
+wait_http() {
+    local url="$1" timeout="${2:-30}" pattern="${3:-}" t0=$SECONDS body
+    while true; do
+        if body="$(curl -fsS --max-time 2 "$url" 2>/dev/null)"; then
+            if [ -z "$pattern" ] || [[ "$body" == *"$pattern"* ]]; then
+                return 0
+            fi
+        fi
+        ((SECONDS - t0 < timeout)) || die "$url did not answer${pattern:+ with $pattern} within ${timeout}s"
+        sleep 0.2
+    done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    log "tearing down"
+    for f in "$RUN"/pids/*; do
+        [ -e "$f" ] && stop "$(basename "$f")"
+    done
+    scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+    log "done (exit $rc); logs in $RUN/logs"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+flush_features() {
+    # Every cached document, tombstone and fence; not the invalidator's own keys.
+    redis-cli -p "$TESTBED_REDIS_PORT" --scan --pattern 'features:*' \
+        | xargs -r -n 1000 redis-cli -p "$TESTBED_REDIS_PORT" UNLINK >/dev/null
+}
+
+# settle: until the invalidator has applied the previous phase's writes.
+settle() { "$PY" "$BENCH" settle --invalidator "$I" --mongo-uri "$MONGO_URI" --quiet 3 --max 180; }
+
+# ---------------------------------------------------------------- tools
+ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
+for tool in wrk redis-benchmark redis-cli curl python3; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+
+log "run $NAME ($([ "$QUICK" = 1 ] && echo quick || echo full)); work dir $RUN"
+if ! "$PY" -c 'import matplotlib, redis, pymongo' 2>/dev/null; then
+    log "creating $VENV (matplotlib, redis, pymongo)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --disable-pip-version-check -q -r "$ROOT/bench/requirements.txt"
+fi
+OHA="$ROOT/bench/.cargo-bin/bin/oha"
+if [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
+    log "installing oha into bench/.cargo-bin (cargo install oha --locked; a few minutes)"
+    cargo install oha --locked --root "$ROOT/bench/.cargo-bin" >"$RUN/logs/oha-install.log" 2>&1 \
+        || log "oha could not be installed (see $RUN/logs/oha-install.log): the fixed-rate phase is skipped"
+fi
+
+if [ "$BUILD" = 1 ]; then
+    log "cargo build --release --bins"
+    cargo build --release --bins 2>&1 | tail -n 3
+fi
+# Private copies: others may rebuild target/release while this runs.
+for b in cache-api cache-invalidator cachectl; do
+    cp "target/release/$b" "$RUN/bin/$b"
+done
+BIN="$RUN/bin"
+
+scripts/testbed.sh install >"$RUN/logs/testbed-install.log" 2>&1 || die "testbed install failed (see $RUN/logs/testbed-install.log)"
+scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+scripts/testbed.sh up "$TB" >"$RUN/logs/testbed.log" 2>&1 || { cat "$RUN/logs/testbed.log"; die "testbed up failed"; }
+set -a
+# shellcheck disable=SC1091
+. "$TB/env"
+set +a
+[ "$TESTBED_REDIS_PORT" != 6379 ] || die "refusing to use the system Redis"
+log "testbed: Redis 127.0.0.1:$TESTBED_REDIS_PORT, SecantusDB 127.0.0.1:$TESTBED_MONGO_PORT"
+
+read -r PORT_A PORT_B PORT_C PORT_D PORT_E PORT_I <<<"$(free_ports 6)"
+A="http://127.0.0.1:$PORT_A"; B="http://127.0.0.1:$PORT_B"; C="http://127.0.0.1:$PORT_C"
+D="http://127.0.0.1:$PORT_D"; E="http://127.0.0.1:$PORT_E"; I="http://127.0.0.1:$PORT_I"
+COMMON=(REDIS_URL="$REDIS_URL" MONGO_URI="$MONGO_URI" LOG_FORMAT=json RUST_LOG=warn)
+
+cat >"$RUN/meta.json" <<EOF
+{
+  "quick": $([ "$QUICK" = 1 ] && echo true || echo false),
+  "started_at": "$(date -Is)",
+  "git_head": "$(git rev-parse HEAD 2>/dev/null || echo unknown)",
+  "git_dirty_files": $(git status --porcelain 2>/dev/null | wc -l),
+  "customers": $CUSTOMERS,
+  "concurrency": [${CONC// /, }],
+  "offered_rates": [${RATES// /, }],
+  "seconds_per_cell": $SECS,
+  "processes": {
+    "A": "cache-api, near cache on, LOCAL_CACHE_TTL_MS=3600000",
+    "B": "cache-api, LOCAL_CACHE_ENABLED=false",
+    "C": "cachectl reference-server (constant body)",
+    "D": "cache-api, near cache on, defaults (second replica for the lag phase)",
+    "E": "cache-api for the memory phase, LOCAL_CACHE_TTL_MS=3600000",
+    "invalidator": "cache-invalidator, defaults (INVALIDATION_MODE=refresh)",
+    "common_env": "LOG_FORMAT=json RUST_LOG=warn, testbed Redis + SecantusDB 0.7.0b3 (--sync-on-commit)"
+  }
+}
+EOF
+
+"$PY" "$BENCH" machine --part "$RUN/parts/machine.json"
+
+# ---------------------------------------------------------------- system
+log "starting the invalidator, API A (near on) and API B (near off)"
+start invalidator "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_I" INSTANCE_ID=bench-invalidator -- "$BIN/cache-invalidator"
+wait_http "$I/health" 60 '"leader"'
+start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
+start api-b "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_B" INSTANCE_ID=bench-b LOCAL_CACHE_ENABLED=false -- "$BIN/cache-api"
+wait_http "$A/api/health/" 60
+wait_http "$B/api/health/" 60
+
+log "populating $CUSTOMERS customers"
+# Bulk writes of 1000 on a loaded 2-core machine can exceed the default bound.
+MONGO_TIMEOUT_MS=60000 "$BIN/cachectl" populate --count "$CUSTOMERS" --batch 1000 >"$RUN/logs/populate.log" 2>&1 \
+    || { tail -n 30 "$RUN/logs/populate.log"; die "populate failed"; }
+tail -n 1 "$RUN/logs/populate.log"
+log "warming every key through A and B"
+"$PY" "$BENCH" warm --api "$A" --count "$CUSTOMERS"
+"$PY" "$BENCH" warm --api "$B" --count "$CUSTOMERS"
+read -r DOC_BYTES BODY_BYTES <<<"$("$PY" "$BENCH" sizes --api "$A" --redis-port "$TESTBED_REDIS_PORT" \
+    --count "$CUSTOMERS" --part "$RUN/parts/sizes.json" | tail -n 1)"
+log "documents: $DOC_BYTES bytes in Redis, $BODY_BYTES-byte response bodies"
+
+start reference "${COMMON[@]}" -- "$BIN/cachectl" reference-server --addr "127.0.0.1:$PORT_C" --body-bytes "$BODY_BYTES"
+wait_http "$C/api/features/X/" 30
+
+IDS="$RUN/zipf-ids.txt"
+"$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" "redis=$B" --part "$RUN/parts/zipf.json"
+
+# ---------------------------------------------------------------- hit path
+log "hit path: wrk at $CONC connections, ${SECS}s each, on A, B, C; redis-benchmark at the same concurrency"
+# shellcheck disable=SC2086
+"$PY" "$BENCH" hitpath --targets "near=$A" "redis=$B" "reference=$C" --metrics near redis \
+    --conc $CONC --seconds "$SECS" --ids "$IDS" --redis-port "$TESTBED_REDIS_PORT" \
+    --redis-n "$REDIS_N" --doc-bytes "$DOC_BYTES" --raw-log "$RAW" --part "$RUN/parts/hitpath.json"
+
+# ---------------------------------------------------------------- fixed-rate latency
+log "latency under fixed offered load: oha at $RATES req/s, ${OHA_SECS}s each, on A and B"
+# shellcheck disable=SC2086
+"$PY" "$BENCH" latency --targets "near=$IDS.near.urls" "redis=$IDS.redis.urls" --rates $RATES \
+    --seconds "$OHA_SECS" --conc 64 --raw-log "$RAW" --part "$RUN/parts/latency.json"
+
+# ---------------------------------------------------------------- offload (warm)
+log "database offload on a warm system: 95/5 reads/writes on A for ${MIX_SECS}s"
+"$PY" "$BENCH" offload --api "$A" --label warm --ids "$IDS" --seconds "$MIX_SECS" --conc 64 \
+    --raw-log "$RAW" --part "$RUN/parts/offload_warm.json"
+settle
+"$PY" "$BENCH" probe --api "$A" --label "offload, warm" --redis-port "$TESTBED_REDIS_PORT" \
+    --part "$RUN/parts/probe_after_offload_warm.json"
+
+# ---------------------------------------------------------------- miss path
+log "miss path: flushing features:* from Redis, restarting B (empty, no near cache)"
+settle
+flush_features
+stop api-b
+start api-b "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_B" INSTANCE_ID=bench-b LOCAL_CACHE_ENABLED=false -- "$BIN/cache-api"
+wait_http "$B/api/health/" 60
+"$PY" "$BENCH" miss --api "$B" --near-api "$A" --keys "$CUSTOMERS" --count 1000 --part "$RUN/parts/miss.json"
+log "stampede: 1000 concurrent GETs of one cold key on B"
+"$PY" "$BENCH" stampede --api "$B" --redis-port "$TESTBED_REDIS_PORT" --keys-range "$CUSTOMERS" \
+    --n 1000 --repeat 3 --part "$RUN/parts/stampede.json"
+
+# ---------------------------------------------------------------- offload (cold)
+log "database offload from cold: flushing features:*, restarting A, 95/5 on A for ${MIX_SECS}s"
+settle
+flush_features
+stop api-a
+start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
+wait_http "$A/api/health/" 60
+"$PY" "$BENCH" offload --api "$A" --label cold --ids "$IDS" --seconds "$MIX_SECS" --conc 64 \
+    --raw-log "$RAW" --part "$RUN/parts/offload_cold.json"
+settle
+"$PY" "$BENCH" probe --api "$A" --label "offload, cold" --redis-port "$TESTBED_REDIS_PORT" \
+    --part "$RUN/parts/probe_after_offload_cold.json"
+# The lag phase starts from a fresh A (the probe above says whether the old one still reached MongoDB).
+stop api-a
+start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
+wait_http "$A/api/health/" 60
+
+# ---------------------------------------------------------------- invalidation
+log "invalidation lag: second near-cache replica D; $LAG_WRITES writes (half API, half direct)"
+start api-d "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_D" INSTANCE_ID=bench-d -- "$BIN/cache-api"
+wait_http "$D/api/health/" 60
+wait_http "$D/api/info/" 30 '"subscribed":true'
+wait_http "$A/api/info/" 30 '"subscribed":true'
+settle
+"$PY" "$BENCH" lag --api-a "$A" --api-d "$D" --invalidator "$I" --redis-port "$TESTBED_REDIS_PORT" \
+    --mongo-uri "$MONGO_URI" --keys "$CUSTOMERS" --writes "$LAG_WRITES" --part "$RUN/parts/lag.json"
+log "invalidator throughput: versioned writes straight into MongoDB from 4 threads, ${TP_SECS}s"
+settle
+"$PY" "$BENCH" throughput --invalidator "$I" --invalidator-pid "$(pid_of invalidator)" \
+    --mongo-pid "$(cat "$TB/mongo.pid")" --mongo-uri "$MONGO_URI" --keys "$CUSTOMERS" --threads 4 \
+    --seconds "$TP_SECS" --part "$RUN/parts/throughput.json"
+
+# ---------------------------------------------------------------- memory
+log "memory: near cache of a fresh cache-api (E) at $MEM_COUNTS entries"
+settle
+stop reference; stop api-b; stop api-d
+MEM_MAX=$(($(echo "$MEM_COUNTS" | tr ' ' '\n' | sort -n | tail -n 1) + 10000))
+start api-e "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_E" INSTANCE_ID=bench-e \
+    LOCAL_CACHE_MAX_ENTRIES="$MEM_MAX" LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
+wait_http "$E/api/health/" 60
+# shellcheck disable=SC2086
+"$PY" "$BENCH" memory --api "$E" --pid "$(pid_of api-e)" --redis-port "$TESTBED_REDIS_PORT" \
+    --counts $MEM_COUNTS --part "$RUN/parts/memory.json"
+
+# ---------------------------------------------------------------- report
+python3 - "$RUN/meta.json" <<'EOF'
+import json, sys, datetime
+p = sys.argv[1]; m = json.load(open(p))
+m["finished_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+json.dump(m, open(p, "w"), indent=2)
+EOF
+"$PY" "$BENCH" report --run-dir "$RUN" --name "$NAME" --out "$RESULTS/$NAME.json"
+log "results: $RESULTS/$NAME.json, $RESULTS/$NAME.md, $RESULTS/$NAME-*.png"
