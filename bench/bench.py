@@ -1521,7 +1521,6 @@ def main():
     sp = add("probe", cmd_probe)
     sp.add_argument("--api", required=True)
     sp.add_argument("--label", required=True)
-    sp.add_argument("--redis-port", type=int, required=True)
     sp.add_argument("--tries", type=int, default=5)
     sp.add_argument("--pause", type=float, default=2.0)
     sp.add_argument("--part", required=True)

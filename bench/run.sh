@@ -263,7 +263,7 @@ log "database offload on a warm system: 95/5 reads/writes on A for ${MIX_SECS}s"
 "$PY" "$BENCH" offload --api "$A" --label warm --ids "$IDS" --seconds "$MIX_SECS" --conc 64 \
     --raw-log "$RAW" --part "$RUN/parts/offload_warm.json"
 settle
-"$PY" "$BENCH" probe --api "$A" --label "offload, warm" --redis-port "$TESTBED_REDIS_PORT" \
+"$PY" "$BENCH" probe --api "$A" --label "offload, warm" \
     --part "$RUN/parts/probe_after_offload_warm.json"
 
 # ---------------------------------------------------------------- miss path
@@ -288,7 +288,7 @@ wait_http "$A/api/health/" 60
 "$PY" "$BENCH" offload --api "$A" --label cold --ids "$IDS" --seconds "$MIX_SECS" --conc 64 \
     --raw-log "$RAW" --part "$RUN/parts/offload_cold.json"
 settle
-"$PY" "$BENCH" probe --api "$A" --label "offload, cold" --redis-port "$TESTBED_REDIS_PORT" \
+"$PY" "$BENCH" probe --api "$A" --label "offload, cold" \
     --part "$RUN/parts/probe_after_offload_cold.json"
 # The lag phase starts from a fresh A (the probe above says whether the old one still reached MongoDB).
 stop api-a
