@@ -991,6 +991,55 @@ def cmd_probe(a):
         f"health {hstatus}; attempts {attempts}")
 
 
+def _callgrind_calls(path: str):
+    """Instruction total and, per callee, calls by caller from a callgrind file."""
+    names, total = {}, 0
+    calls: dict[str, dict[str, int]] = {}
+    fn = cfn = None
+    for line in open(path, errors="replace"):
+        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?", line)
+        if m:
+            kind, id_, name = m.groups()
+            if name:
+                names[id_] = name
+            if kind == "fn":
+                fn, cfn = names.get(id_, id_), None
+            else:
+                cfn = names.get(id_, id_)
+            continue
+        m = re.match(r"^calls=(\d+)", line)
+        if m and cfn:
+            callee = cfn.split("'")[0]
+            calls.setdefault(callee, {})
+            calls[callee][fn] = calls[callee].get(fn, 0) + int(m.group(1))
+            continue
+        m = re.match(r"^(?:summary|totals): (\d+)", line)
+        if m:
+            total = int(m.group(1))
+    return total, calls
+
+
+def cmd_callgrind_summary(a):
+    """Instructions and malloc calls per request, and the callers of malloc,
+    for runs given as LABEL=CALLGRIND_FILE=WRK_OUTPUT."""
+    rows = []
+    for spec in a.runs:
+        label, cg, wrk = spec.split("=", 2)
+        requests = int(re.search(r"(\d+) requests in", Path(wrk).read_text()).group(1))
+        total, calls = _callgrind_calls(cg)
+        mallocs = calls.get("malloc", {})
+        rows.append((label, requests, total, mallocs))
+        print(f"{label}: {requests} requests, {total:,} instructions in all = {total / requests:,.0f} per request "
+              f"(start-up and warm-up included); malloc calls {sum(mallocs.values()) / requests:.1f} per request")
+    print()
+    print("callers of malloc, calls per request:")
+    for label, requests, _, mallocs in rows:
+        print(f"  {label}:")
+        for caller, n in sorted(mallocs.items(), key=lambda kv: -kv[1])[: a.top]:
+            if n / requests >= 0.05:
+                print(f"    {n / requests:6.2f}  {caller[:160]}")
+
+
 def cmd_memory(a):
     """RSS of a cache-api as its near cache fills from Redis (batch reads)."""
     import redis
@@ -1243,14 +1292,19 @@ def make_plots(res: dict, out_dir: Path, name: str) -> list[str]:
     mem = res.get("memory")
     if mem:
         rows = mem["rows"]
+        filled = [r for r in rows[1:] if r["entries"]]
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        ax.plot([r["entries"] for r in rows], [r["VmRSS"] / 2**20 for r in rows], "o-")
-        for r in rows[1:]:
-            ax.annotate(f"{r.get('rss_bytes_per_entry', 0):.0f} B/entry", (r["entries"], r["VmRSS"] / 2**20),
-                        textcoords="offset points", xytext=(-10, 8), fontsize=8)
-        ax.set_xscale("symlog", linthresh=1000)
+        ax.plot([r["entries"] for r in filled], [r["VmRSS"] / 2**20 for r in filled], "o-", label="RSS")
+        ax.axhline(rows[0]["VmRSS"] / 2**20, color="gray", ls="--", lw=0.8,
+                   label=f"empty process ({rows[0]['VmRSS'] / 2**20:.1f} MiB)")
+        for r in filled:
+            ax.annotate(f"{r['VmRSS'] / 2**20:.0f} MiB, {r.get('rss_bytes_per_entry', 0):.0f} B/entry",
+                        (r["entries"], r["VmRSS"] / 2**20), textcoords="offset points", xytext=(-40, 8), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="upper left")
         ax.set_xlabel("near-cache entries")
-        ax.set_ylabel("RSS (MiB)")
+        ax.set_ylabel("RSS (MiB, log)")
         ax.set_title("cache-api resident memory")
         ax.grid(alpha=0.3)
         save(fig, "memory")
@@ -1524,6 +1578,10 @@ def main():
     sp.add_argument("--tries", type=int, default=5)
     sp.add_argument("--pause", type=float, default=2.0)
     sp.add_argument("--part", required=True)
+
+    sp = add("callgrind-summary", cmd_callgrind_summary)
+    sp.add_argument("runs", nargs="+", help="LABEL=CALLGRIND_OUT=WRK_OUTPUT")
+    sp.add_argument("--top", type=int, default=25)
 
     sp = add("memory", cmd_memory)
     sp.add_argument("--api", required=True)

@@ -125,32 +125,8 @@ stop ref-vg
 {
     echo
     echo "## per request: cache-api (near hit) vs the reference server, both under callgrind"
-    "$PY" - "$RUN/callgrind.out" "$RUN/logs/wrk-vg.txt" "$RUN/callgrind-ref.out" "$RUN/logs/wrk-ref-vg.txt" <<'PYEOF'
-import re, sys
-def load(path, wrk):
-    requests = int(re.search(r"(\d+) requests in", open(wrk).read()).group(1))
-    names, calls, total, cfn = {}, {}, 0, None
-    for line in open(path, errors="replace"):
-        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?", line)
-        if m:
-            kind, id_, name = m.groups()
-            if name:
-                names[id_] = name
-            cfn = names.get(id_, id_) if kind == "cfn" else None
-            continue
-        m = re.match(r"^calls=(\d+)", line)
-        if m and cfn:
-            calls[cfn] = calls.get(cfn, 0) + int(m.group(1))
-        m = re.match(r"^(?:summary|totals): (\d+)", line)
-        if m:
-            total = int(m.group(1))
-    mallocs = sum(v for k, v in calls.items() if k.split("'")[0] == "malloc")
-    return requests, total, mallocs
-for label, (cg, wrk) in {"cache-api near hit": sys.argv[1:3], "reference server": sys.argv[3:5]}.items():
-    r, t, m = load(cg, wrk)
-    print(f"{label}: {r} requests, {t:,} instructions in all = {t / r:,.0f} per request "
-          f"(start-up and warm-up included); malloc calls {m / r:.1f} per request")
-PYEOF
+    "$PY" "$BENCH" callgrind-summary "cache-api near hit=$RUN/callgrind.out=$RUN/logs/wrk-vg.txt" \
+        "reference server=$RUN/callgrind-ref.out=$RUN/logs/wrk-ref-vg.txt"
 } >>"$OUT/profile-$NAME-callgrind.txt"
 log "wrote $OUT/profile-$NAME-callgrind.txt"
 fi
