@@ -13,6 +13,8 @@ use thiserror::Error;
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
+/// How much longer than the server-side deadline the client waits.
+const CLIENT_GRACE: Duration = Duration::from_millis(250);
 /// Items of a bulk write per extra `timeout` it is allowed.
 const BULK_ITEMS_PER_TIMEOUT: usize = 100;
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
@@ -158,15 +160,25 @@ impl FeatureStore {
     }
 
     pub async fn count(&self) -> Result<u64, StoreError> {
-        self.bounded(async { self.collection.estimated_document_count().await })
-            .await
+        self.bounded(async {
+            self.collection
+                .estimated_document_count()
+                .max_time(self.timeout)
+                .await
+        })
+        .await
     }
 
     /// The current, unexpired document of one customer.
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "find"))]
     pub async fn get(&self, id: &CustomerId) -> Result<Option<FeatureDocument>, StoreError> {
         let found = self
-            .bounded(async { self.collection.find_one(doc! { "_id": id.as_str() }).await })
+            .bounded(async {
+                self.collection
+                    .find_one(doc! { "_id": id.as_str() })
+                    .max_time(self.timeout)
+                    .await
+            })
             .await?;
         let now = Utc::now();
         match found {
@@ -189,6 +201,7 @@ impl FeatureStore {
             .bounded(async {
                 self.collection
                     .find(doc! { "_id": { "$in": keys } })
+                    .max_time(self.timeout)
                     .await?
                     .try_collect()
                     .await
@@ -215,6 +228,7 @@ impl FeatureStore {
             "update": update_pipeline(write, Utc::now()),
             "upsert": true,
             "new": true,
+            "maxTimeMS": millis(self.timeout),
         };
         for attempt in 1..=UPSERT_ATTEMPTS {
             let reply = match self
@@ -350,6 +364,7 @@ impl FeatureStore {
                 self.collection
                     .find_one_and_delete(doc! { "_id": id.as_str() })
                     .projection(doc! { "version": 1 })
+                    .max_time(self.timeout)
                     .await
             })
             .await?;
@@ -392,11 +407,17 @@ impl FeatureStore {
         self.bounded_by(self.timeout, call).await
     }
 
+    /// Operations carry the same deadline to the server (`maxTimeMS`), so
+    /// the database stops work nobody waits for: abandoning calls only on
+    /// the client would leave them running server-side, and under overload
+    /// that backlog kept a replica from reaching MongoDB for minutes. This
+    /// client-side bound is the backstop (no answer at all, dead server).
     async fn bounded_by<T>(
         &self,
         limit: Duration,
         call: impl Future<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, StoreError> {
+        let limit = limit + CLIENT_GRACE;
         match tokio::time::timeout(limit, call).await {
             Ok(result) => result.map_err(StoreError::from_driver),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -405,6 +426,10 @@ impl FeatureStore {
             ))),
         }
     }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn index_of(entry: &Document) -> Option<usize> {
