@@ -1027,7 +1027,11 @@ def cmd_callgrind_summary(a):
         label, cg, wrk = spec.split("=", 2)
         requests = int(re.search(r"(\d+) requests in", Path(wrk).read_text()).group(1))
         total, calls = _callgrind_calls(cg)
-        mallocs = calls.get("malloc", {})
+        # glibc's entry point, or mimalloc's (the services' global allocator)
+        mallocs = {}
+        for entry in ("malloc", "mi_malloc_aligned", "mi_zalloc_aligned", "mi_malloc", "mi_zalloc"):
+            for caller, n in calls.get(entry, {}).items():
+                mallocs[caller] = mallocs.get(caller, 0) + n
         rows.append((label, requests, total, mallocs))
         print(f"{label}: {requests} requests, {total:,} instructions in all = {total / requests:,.0f} per request "
               f"(start-up and warm-up included); malloc calls {sum(mallocs.values()) / requests:.1f} per request")

@@ -152,6 +152,15 @@ settle() { "$PY" "$BENCH" settle --invalidator "$I" --mongo-uri "$MONGO_URI" --q
 
 # ---------------------------------------------------------------- tools
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
+if ! command -v wrk >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "wrk missing; apt-get install wrk"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y wrk >"$RUN/logs/wrk-install.log" 2>&1 \
+            || { apt-get update >>"$RUN/logs/wrk-install.log" 2>&1 \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk >>"$RUN/logs/wrk-install.log" 2>&1; } \
+            || die "could not install wrk (see $RUN/logs/wrk-install.log)"
+    fi
+fi
 for tool in wrk redis-benchmark redis-cli curl python3; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
 done
@@ -243,7 +252,7 @@ start reference "${COMMON[@]}" -- "$BIN/cachectl" reference-server --addr "127.0
 wait_http "$C/api/features/X/" 30
 
 IDS="$RUN/zipf-ids.txt"
-"$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" "redis=$B" --part "$RUN/parts/zipf.json"
+"$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" "redis=$B" "reference=$C" --part "$RUN/parts/zipf.json"
 
 # ---------------------------------------------------------------- hit path
 log "hit path: wrk at $CONC connections, ${SECS}s each, on A, B, C; redis-benchmark at the same concurrency"
@@ -253,9 +262,9 @@ log "hit path: wrk at $CONC connections, ${SECS}s each, on A, B, C; redis-benchm
     --redis-n "$REDIS_N" --doc-bytes "$DOC_BYTES" --raw-log "$RAW" --part "$RUN/parts/hitpath.json"
 
 # ---------------------------------------------------------------- fixed-rate latency
-log "latency under fixed offered load: oha at $RATES req/s, ${OHA_SECS}s each, on A and B"
+log "latency under fixed offered load: oha at $RATES req/s, ${OHA_SECS}s each, on A, B and the reference C"
 # shellcheck disable=SC2086
-"$PY" "$BENCH" latency --targets "near=$IDS.near.urls" "redis=$IDS.redis.urls" --rates $RATES \
+"$PY" "$BENCH" latency --targets "near=$IDS.near.urls" "redis=$IDS.redis.urls" "reference=$IDS.reference.urls" --rates $RATES \
     --seconds "$OHA_SECS" --conc 64 --raw-log "$RAW" --part "$RUN/parts/latency.json"
 
 # ---------------------------------------------------------------- offload (warm)

@@ -122,40 +122,50 @@ impl Entry {
     }
 
     /// Reads a value stored in Redis. `None` for anything we did not write.
-    pub fn from_redis_value(customer_id: &str, raw: &str) -> Option<Entry> {
+    pub fn from_redis_value(customer_id: &str, raw: String) -> Option<Entry> {
         #[derive(Deserialize)]
-        struct Head {
+        struct Head<'a> {
             version: i64,
             #[serde(default)]
             deleted: bool,
             #[serde(default)]
             fence: bool,
-            customer_id: Option<String>,
-            expires_at: Option<String>,
+            // Borrowed: both are written by us and never contain escapes.
+            customer_id: Option<&'a str>,
+            expires_at: Option<&'a str>,
         }
-        let head: Head = serde_json::from_str(raw).ok()?;
-        if head.deleted {
-            return Some(Entry::Tombstone {
-                customer_id: customer_id.to_owned(),
-                version: head.version,
-            });
-        }
-        if head.fence {
-            return Some(Entry::Fence {
-                customer_id: customer_id.to_owned(),
-                version: head.version,
-            });
-        }
-        head.customer_id.as_ref()?;
-        let expires_at = match head.expires_at {
-            Some(at) => Some(DateTime::parse_from_rfc3339(&at).ok()?.with_timezone(&Utc)),
-            None => None,
+        // The head is read without copying; the document itself moves into
+        // the entry (`from_string` checks it once more, keeping its invariant).
+        let (version, deleted, fence, has_id, expires_at) = {
+            let head: Head = serde_json::from_str(&raw).ok()?;
+            let expires_at = match head.expires_at {
+                Some(at) => Some(DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc)),
+                None => None,
+            };
+            let has_id = head.customer_id.is_some();
+            (head.version, head.deleted, head.fence, has_id, expires_at)
         };
+        let customer_id = customer_id.to_owned();
+        if deleted {
+            return Some(Entry::Tombstone {
+                customer_id,
+                version,
+            });
+        }
+        if fence {
+            return Some(Entry::Fence {
+                customer_id,
+                version,
+            });
+        }
+        if !has_id {
+            return None;
+        }
         Some(Entry::Document(Arc::new(CachedDocument {
-            customer_id: customer_id.to_owned(),
-            version: head.version,
+            customer_id,
+            version,
             expires_at,
-            json: RawValue::from_string(raw.to_owned()).ok()?,
+            json: RawValue::from_string(raw).ok()?,
         })))
     }
 }
@@ -223,14 +233,14 @@ mod tests {
                 raw.starts_with(&format!(r#"{{"version":{},"#, entry.version())),
                 "{raw}"
             );
-            let back = Entry::from_redis_value("C1", &raw).unwrap();
+            let back = Entry::from_redis_value("C1", raw).unwrap();
             assert_eq!(
                 (back.version(), back.rank()),
                 (entry.version(), entry.rank())
             );
         }
-        assert!(Entry::from_redis_value("C1", "not json").is_none());
-        assert!(Entry::from_redis_value("C1", r#"{"foo":1}"#).is_none());
+        assert!(Entry::from_redis_value("C1", "not json".into()).is_none());
+        assert!(Entry::from_redis_value("C1", r#"{"foo":1}"#.into()).is_none());
     }
 
     #[test]

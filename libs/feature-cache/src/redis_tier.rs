@@ -105,7 +105,7 @@ impl RedisTier {
             .get(key(customer_id))
             .await
             .inspect_err(|_| count_error("GET"))?;
-        Ok(raw.and_then(|raw| Entry::from_redis_value(customer_id, &raw)))
+        Ok(raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)))
     }
 
     /// One MGET for many customers.
@@ -123,7 +123,7 @@ impl RedisTier {
         Ok(customer_ids
             .iter()
             .zip(raw)
-            .map(|(id, raw)| raw.and_then(|raw| Entry::from_redis_value(id, &raw)))
+            .map(|(id, raw)| raw.and_then(|raw| Entry::from_redis_value(id, raw)))
             .collect())
     }
 

@@ -4,6 +4,7 @@ use crate::near::NearCache;
 use crate::redis_tier::{Offer, RedisTier};
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
+use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use thiserror::Error;
@@ -74,9 +75,33 @@ struct Inner {
     redis: RedisTier,
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
+    counters: ReadCounters,
+}
+
+/// The read path's counters, registered once: the hit path then costs an
+/// atomic add per counter instead of a registry lookup.
+struct ReadCounters {
+    local_hit: Counter,
+    local_miss: Counter,
+    redis_hit: Counter,
+    redis_miss: Counter,
+    coalesced_waits: Counter,
+}
+
+impl ReadCounters {
+    fn register() -> Self {
+        Self {
+            local_hit: counter!("cache_requests_total", "tier" => "local", "result" => "hit"),
+            local_miss: counter!("cache_requests_total", "tier" => "local", "result" => "miss"),
+            redis_hit: counter!("cache_requests_total", "tier" => "redis", "result" => "hit"),
+            redis_miss: counter!("cache_requests_total", "tier" => "redis", "result" => "miss"),
+            coalesced_waits: counter!("cache_coalesced_waits_total"),
+        }
+    }
 }
 
 impl TieredStore {
+    /// Registers the read counters, so install the metrics recorder first.
     pub fn new(near: Option<NearCache>, redis: RedisTier, store: FeatureStore) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -84,6 +109,7 @@ impl TieredStore {
                 redis,
                 store,
                 loads: Coalescer::default(),
+                counters: ReadCounters::register(),
             }),
         }
     }
@@ -108,7 +134,7 @@ impl TieredStore {
     /// One customer's document from the nearest tier that has it.
     pub async fn get(&self, id: &CustomerId) -> Result<Option<Lookup>, ReadError> {
         if let Some(near) = &self.inner.near {
-            let _span = tracing::info_span!(
+            let span = tracing::info_span!(
                 "near_cache.get",
                 cache.tier = "local",
                 cache.hit = tracing::field::Empty
@@ -117,18 +143,27 @@ impl TieredStore {
             if let Some(Entry::Document(doc)) = near.get(id.as_str())
                 && !doc.is_expired(Utc::now())
             {
-                _span.record("cache.hit", true);
-                metrics::counter!("cache_requests_total", "tier" => "local", "result" => "hit")
-                    .increment(1);
+                span.record("cache.hit", true);
+                self.inner.counters.local_hit.increment(1);
                 tracing::debug!(customer_id = %id, source = "local", "served");
                 return Ok(Some(Lookup {
                     document: doc,
                     source: Source::Local,
                 }));
             }
-            _span.record("cache.hit", false);
-            metrics::counter!("cache_requests_total", "tier" => "local", "result" => "miss")
-                .increment(1);
+            span.record("cache.hit", false);
+            self.inner.counters.local_miss.increment(1);
+        }
+        self.load(id).await
+    }
+
+    /// Below the near cache: Redis, then MongoDB. Redis hits are not
+    /// coalesced (a GET costs less than the bookkeeping); MongoDB loads are.
+    #[tracing::instrument(name = "cache.load", skip_all, fields(customer_id = %id))]
+    async fn load(&self, id: &CustomerId) -> LoadResult {
+        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
+        if let Some(hit) = self.redis_hit(id, epoch, true).await {
+            return Ok(Some(hit));
         }
         let this = self.clone();
         let key = id.clone();
@@ -136,38 +171,51 @@ impl TieredStore {
             .inner
             .loads
             .run(id.clone(), || {
-                async move { this.load(&key).await }.in_current_span()
+                async move { this.load_from_store(&key, epoch).await }.in_current_span()
             })
             .await;
         if role == Role::Follower {
-            metrics::counter!("cache_coalesced_waits_total").increment(1);
+            self.inner.counters.coalesced_waits.increment(1);
             tracing::debug!(customer_id = %id, "waited on a coalesced load");
         }
         result
     }
 
-    /// Below the near cache: Redis, then MongoDB. Coalesced per customer.
-    #[tracing::instrument(name = "cache.load", skip_all, fields(customer_id = %id))]
-    async fn load(&self, id: &CustomerId) -> LoadResult {
-        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
+    /// The document Redis holds for `id`, when it holds a current one (also
+    /// offered to the near cache). `count` records the hit or miss.
+    async fn redis_hit(&self, id: &CustomerId, epoch: Option<u64>, count: bool) -> Option<Lookup> {
+        let counters = &self.inner.counters;
         match self.inner.redis.get(id.as_str()).await {
             Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
-                metrics::counter!("cache_requests_total", "tier" => "redis", "result" => "hit")
-                    .increment(1);
+                if count {
+                    counters.redis_hit.increment(1);
+                }
                 self.offer_near(Entry::Document(Arc::clone(&doc)), epoch);
                 tracing::debug!(customer_id = %id, source = "redis", "served");
-                return Ok(Some(Lookup {
+                Some(Lookup {
                     document: doc,
                     source: Source::Redis,
-                }));
+                })
             }
             Ok(_) => {
-                metrics::counter!("cache_requests_total", "tier" => "redis", "result" => "miss")
-                    .increment(1);
+                if count {
+                    counters.redis_miss.increment(1);
+                }
+                None
             }
             Err(err) => {
-                tracing::warn!(customer_id = %id, error = %err, "Redis read failed; falling back to MongoDB")
+                tracing::warn!(customer_id = %id, error = %err, "Redis read failed; falling back to MongoDB");
+                None
             }
+        }
+    }
+
+    /// The coalesced part of a miss. Redis is asked once more first: a load
+    /// that finished between this caller's Redis miss and its joining the
+    /// coalescer has filled it, and MongoDB need not be asked again.
+    async fn load_from_store(&self, id: &CustomerId, epoch: Option<u64>) -> LoadResult {
+        if let Some(hit) = self.redis_hit(id, epoch, false).await {
+            return Ok(Some(hit));
         }
         let Some(doc) = self.inner.store.get(id).await? else {
             tracing::debug!(customer_id = %id, "not found in MongoDB");

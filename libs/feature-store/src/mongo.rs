@@ -15,8 +15,12 @@ use thiserror::Error;
 const DUPLICATE_KEY: i32 = 11000;
 /// How much longer than the server-side deadline the client waits.
 const CLIENT_GRACE: Duration = Duration::from_millis(250);
-/// Items of a bulk write per extra `timeout` it is allowed.
+/// Documents of a bulk operation per extra `timeout` it is allowed.
 const BULK_ITEMS_PER_TIMEOUT: usize = 100;
+/// Server errors that mean "not now" rather than "wrong": the operation's
+/// deadline passed on the server (MaxTimeMSExpired), or the node is shutting
+/// down or is no longer primary (a failover in progress).
+const TRANSIENT_CODES: [i32; 6] = [50, 91, 189, 10107, 11600, 13435];
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
 const UPSERT_ATTEMPTS: usize = 5;
 
@@ -44,6 +48,9 @@ impl StoreError {
             ErrorKind::ServerSelection { .. }
             | ErrorKind::Io(_)
             | ErrorKind::ConnectionPoolCleared { .. } => Self::Unavailable(err.to_string()),
+            ErrorKind::Command(ref command) if TRANSIENT_CODES.contains(&command.code) => {
+                Self::Unavailable(err.to_string())
+            }
             _ => Self::Driver(err),
         }
     }
@@ -197,11 +204,12 @@ impl FeatureStore {
             return Ok(Vec::new());
         }
         let keys: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
+        let allowance = self.allowance(ids.len());
         let raw: Vec<Document> = self
-            .bounded(async {
+            .bounded_by(allowance, async {
                 self.collection
                     .find(doc! { "_id": { "$in": keys } })
-                    .max_time(self.timeout)
+                    .max_time(allowance)
                     .await?
                     .try_collect()
                     .await
@@ -291,15 +299,13 @@ impl FeatureStore {
                 }
             })
             .collect();
+        let allowance = self.allowance(writes.len());
         let command = doc! {
             "update": self.collection.name(),
             "updates": updates,
             "ordered": false,
+            "maxTimeMS": millis(allowance),
         };
-        // A bulk write is given time in proportion to its size: the timeout
-        // is for detecting a dead database, not for limiting batch sizes.
-        let allowance = self.timeout
-            * (1 + u32::try_from(writes.len() / BULK_ITEMS_PER_TIMEOUT).unwrap_or(u32::MAX));
         let reply = self
             .bounded_by(allowance, async {
                 self.database.run_command(command).await
@@ -397,6 +403,13 @@ impl FeatureStore {
     /// Closes the driver's connections; call before the process exits.
     pub async fn shutdown(self) {
         self.client.shutdown().await;
+    }
+
+    /// The deadline of an operation on `items` documents: one timeout, and
+    /// one more per hundred documents. The timeout is for detecting a dead
+    /// database, not for limiting batch sizes.
+    fn allowance(&self, items: usize) -> Duration {
+        self.timeout * (1 + u32::try_from(items / BULK_ITEMS_PER_TIMEOUT).unwrap_or(u32::MAX))
     }
 
     /// Bounds a database call by the configured timeout.
@@ -530,5 +543,35 @@ fn time_field(raw: &Document, name: &str) -> Option<DateTime<Utc>> {
             .ok()
             .map(|t| t.with_timezone(&Utc)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::error::{CommandError, Error, ErrorKind};
+
+    fn command_error(code: i32, name: &str) -> Error {
+        let command: CommandError = bson::from_document(doc! {
+            "code": code, "codeName": name, "errmsg": "from the server",
+        })
+        .unwrap();
+        Error::from(ErrorKind::Command(command))
+    }
+
+    #[test]
+    fn an_expired_server_deadline_means_unavailable_not_a_fault() {
+        assert!(matches!(
+            StoreError::from_driver(command_error(50, "MaxTimeMSExpired")),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StoreError::from_driver(command_error(10107, "NotWritablePrimary")),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            StoreError::from_driver(command_error(2, "BadValue")),
+            StoreError::Driver(_)
+        ));
     }
 }

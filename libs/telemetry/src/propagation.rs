@@ -20,6 +20,11 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Makes `span` a child of the trace context in `headers`, if there is one.
 pub fn continue_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    // Most requests carry no context, and unexported spans need none: skip
+    // the propagator (a lock and a context allocation) for them.
+    if span.is_disabled() || !headers.contains_key("traceparent") {
+        return;
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     if parent.span().span_context().is_valid() {
@@ -38,6 +43,9 @@ pub fn continue_from_traceparent(span: &tracing::Span, traceparent: &str) {
 
 /// The `traceparent` of `span`, when it is being traced.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
     struct Capture(Option<String>);
     impl Injector for Capture {
         fn set(&mut self, key: &str, value: String) {

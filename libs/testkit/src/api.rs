@@ -140,7 +140,12 @@ impl TestApi {
         Reply::of(self.client.delete(self.url(path))).await
     }
 
-    /// Sends any request, e.g. `api.send(api.client().put(api.url("/x")))`.
+    /// A request to `path` with any method, to finish and [`send`](Self::send).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    /// Sends any request, e.g. `api.send(api.request(Method::PUT, "/x"))`.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
         Reply::of(request).await
     }

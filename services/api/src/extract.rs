@@ -1,4 +1,5 @@
 use crate::error::{ApiError, FieldError};
+use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
@@ -10,19 +11,14 @@ use serde::de::DeserializeOwned;
 /// wrong shape 400 with details, wrong content type 415, too large 413.
 pub struct ApiJson<T>(pub T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<AppState> for ApiJson<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or_default();
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.settings.max_body_bytes;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(match rejection {
@@ -44,10 +40,6 @@ where
         }
     }
 }
-
-/// The configured body limit, recorded for error messages.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BodyLimit(pub usize);
 
 /// A `{customer_id}` path segment, validated (400 when invalid).
 pub struct CustomerIdPath(pub CustomerId);

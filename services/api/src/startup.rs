@@ -1,9 +1,8 @@
-use crate::extract::BodyLimit;
+use crate::middleware::{RequestMetrics, observe};
 use crate::routes;
 use crate::state::AppState;
 use anyhow::Context;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use feature_cache::{NearCache, RedisTier, TieredStore};
 use feature_store::FeatureStore;
 use invalidation::{Follower, FollowerConfig};
@@ -63,10 +62,11 @@ impl Application {
         if let Some(follower) = follower {
             tokio::spawn(follower.run(shutdown.subscribe()));
         }
-        let router = routes::router()
-            .layer(axum::middleware::from_fn(crate::middleware::observe))
-            .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))
-            .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        let router = routes::router(settings.max_body_bytes)
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(RequestMetrics::default()),
+                observe,
+            ))
             .with_state(state.clone());
         let listener = TcpListener::bind(settings.http_addr)
             .await

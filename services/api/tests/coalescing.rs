@@ -30,7 +30,7 @@ async fn burst(stack: &TestStack, path: &str) -> Vec<testkit::api::Reply> {
     let mut tasks = Vec::with_capacity(READERS);
     for _ in 0..READERS {
         let barrier = Arc::clone(&barrier);
-        let request = stack.api.client().get(stack.api.url(path));
+        let request = stack.api.request(reqwest::Method::GET, path);
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             testkit::api::Reply::of(request).await

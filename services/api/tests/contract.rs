@@ -164,8 +164,7 @@ async fn post_creates_then_updates_with_and_without_slash() {
         .send(
             stack
                 .api
-                .client()
-                .post(stack.api.url("/api/features/"))
+                .request(reqwest::Method::POST, "/api/features/")
                 .header("content-type", "application/json; charset=utf-8")
                 .body(r#"{"customer_id": "CHARSET", "features": {"x": "ü"}}"#),
         )
@@ -503,6 +502,32 @@ async fn metrics_are_prometheus_text_and_count_requests() {
         after >= before + 1.0,
         "http_requests_total {before} -> {after}"
     );
+
+    // Made-up methods share one label: clients cannot mint new series.
+    for method in ["FROB", "WIBBLE"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let reply = stack
+            .api
+            .send(stack.api.request(method, "/api/info/"))
+            .await;
+        assert_eq!(reply.status, 405);
+    }
+    let reply = stack.api.get("/metrics").await;
+    let samples = prometheus::parse(&reply.text()).expect("Prometheus text");
+    let other = prometheus::sum(
+        &samples,
+        "http_requests_total",
+        &[
+            ("method", "OTHER"),
+            ("route", "/api/info/"),
+            ("status", "405"),
+        ],
+    );
+    assert_eq!(other, 2.0);
+    assert!(
+        !reply.text().contains("FROB") && !reply.text().contains("WIBBLE"),
+        "a made-up method became a label"
+    );
     stack.finish().await;
 }
 
@@ -521,8 +546,7 @@ async fn requests_with_trace_context_are_served_as_usual() {
             .send(
                 stack
                     .api
-                    .client()
-                    .get(stack.api.url("/api/features/TRACED/"))
+                    .request(reqwest::Method::GET, "/api/features/TRACED/")
                     .header("traceparent", traceparent),
             )
             .await;

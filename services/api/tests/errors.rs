@@ -58,11 +58,7 @@ fn raw(
 
 async fn send(stack: &TestStack, bad: &Bad) -> Reply {
     let method = reqwest::Method::from_bytes(bad.method.as_bytes()).unwrap();
-    let mut request = stack
-        .api
-        .client()
-        .request(method, stack.api.url(&bad.path))
-        .body(bad.body.clone());
+    let mut request = stack.api.request(method, &bad.path).body(bad.body.clone());
     if let Some(content_type) = bad.content_type {
         request = request.header("content-type", content_type);
     }
@@ -270,8 +266,7 @@ async fn a_body_just_under_the_limit_is_accepted() {
         .send(
             stack
                 .api
-                .client()
-                .post(stack.api.url("/api/features/"))
+                .request(reqwest::Method::POST, "/api/features/")
                 .header("content-type", "application/json")
                 .body(body.clone()),
         )
@@ -283,8 +278,7 @@ async fn a_body_just_under_the_limit_is_accepted() {
         .send(
             stack
                 .api
-                .client()
-                .post(stack.api.url("/api/features/"))
+                .request(reqwest::Method::POST, "/api/features/")
                 .header("content-type", "application/json")
                 .body(over),
         )

@@ -91,7 +91,7 @@ async fn an_old_document_offered_after_an_update_is_refused() {
     assert!(version(&v2) > version(&v1));
 
     // A reader that loaded v1 before the update now tries to fill it.
-    let stale = Entry::from_redis_value("RACE", &raw_v1).expect("a document entry");
+    let stale = Entry::from_redis_value("RACE", raw_v1.clone()).expect("a document entry");
     let tiers = &stack.api.state().tiers;
     assert!(
         !tiers.redis().offer(stale.clone()).await.unwrap(),
@@ -118,7 +118,7 @@ async fn an_old_document_offered_after_an_update_is_refused() {
     let reply = stack.api.get("/api/features/RACE/").await;
     assert_eq!(reply.header("x-cache-source"), Some("mongodb"));
     assert_eq!(reply.json()["version"], v2["version"]);
-    let stale = Entry::from_redis_value("RACE", &raw_v1).unwrap();
+    let stale = Entry::from_redis_value("RACE", raw_v1.clone()).unwrap();
     assert!(!tiers.redis().offer(stale).await.unwrap());
     tiers.near().unwrap().flush();
     let reply = stack.api.get("/api/features/RACE/").await;
@@ -152,7 +152,7 @@ async fn a_deleted_document_leaves_a_tombstone_that_refuses_it() {
     assert!((50_000..=60_000).contains(&ttl), "tombstone PTTL {ttl}");
 
     let tiers = &stack.api.state().tiers;
-    let stale = Entry::from_redis_value("GONE", &raw_v1).unwrap();
+    let stale = Entry::from_redis_value("GONE", raw_v1.clone()).unwrap();
     assert!(
         !tiers.redis().offer(stale).await.unwrap(),
         "the deleted document came back"

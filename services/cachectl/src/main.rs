@@ -29,6 +29,11 @@ enum Command {
     ReferenceServer(reference::ReferenceArgs),
 }
 
+/// The same allocator as the services, so the reference server is their
+/// like-for-like baseline.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {

@@ -3,7 +3,7 @@ use crate::error::{ApiError, FieldError};
 use crate::extract::{ApiJson, CustomerIdPath};
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -19,10 +19,17 @@ use utoipa::ToSchema;
 /// Most items in one bulk write or batch read.
 pub const MAX_ITEMS: usize = 1000;
 
-pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
-    let router = both(router, "/api/features/", post(create_features));
-    let router = both(router, "/api/features/bulk/", post(bulk_create));
-    let router = both(router, "/api/features/batch/", post(batch_get));
+pub(super) fn routes(router: Router<AppState>, max_body_bytes: usize) -> Router<AppState> {
+    // Only the routes that read a body carry the limit: the hit path stays
+    // free of it.
+    let limit = DefaultBodyLimit::max(max_body_bytes);
+    let router = both(router, "/api/features/", post(create_features).layer(limit));
+    let router = both(
+        router,
+        "/api/features/bulk/",
+        post(bulk_create).layer(limit),
+    );
+    let router = both(router, "/api/features/batch/", post(batch_get).layer(limit));
     let router = both(
         router,
         "/api/features/{customer_id}/delete/",

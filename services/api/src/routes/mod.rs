@@ -25,9 +25,10 @@ pub(crate) fn both(
         .route(&format!("{bare}/"), handler)
 }
 
-pub fn router() -> Router<AppState> {
+/// Every route; request bodies (writes only) are limited to `max_body_bytes`.
+pub fn router(max_body_bytes: usize) -> Router<AppState> {
     let router = Router::new();
-    let router = features::routes(router);
+    let router = features::routes(router, max_body_bytes);
     let router = health::routes(router);
     let router = info::routes(router);
     router
