@@ -4,12 +4,14 @@ use bson::{Bson, Document, doc};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::event::EventHandler;
+use mongodb::event::cmap::{CmapEvent, ConnectionClosedReason};
 use mongodb::event::command::CommandEvent;
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tracing::Instrument;
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
@@ -75,7 +77,8 @@ pub struct FeatureStore {
 impl FeatureStore {
     /// Connects lazily (the driver connects on first use) with server selection
     /// bounded by `timeout`, so a dead database fails requests fast. Every
-    /// command the driver sends is counted in `mongodb_commands_total`.
+    /// command the driver sends is counted in `mongodb_commands_total`, and
+    /// connections opened and closed in `mongodb_connections_*_total`.
     pub async fn connect(
         uri: &str,
         database: &str,
@@ -94,6 +97,24 @@ impl FeatureStore {
             }
             CommandEvent::Failed(failed) => {
                 metrics::counter!("mongodb_errors_total", "command" => failed.command_name)
+                    .increment(1);
+            }
+            _ => {}
+        }));
+        options.cmap_event_handler = Some(EventHandler::callback(|event| match event {
+            CmapEvent::ConnectionCreated(_) => {
+                metrics::counter!("mongodb_connections_created_total").increment(1);
+            }
+            CmapEvent::ConnectionClosed(closed) => {
+                let reason = match closed.reason {
+                    ConnectionClosedReason::Stale => "stale",
+                    ConnectionClosedReason::Idle => "idle",
+                    ConnectionClosedReason::Error => "error",
+                    ConnectionClosedReason::Dropped => "dropped",
+                    ConnectionClosedReason::PoolClosed => "pool_closed",
+                    _ => "other",
+                };
+                metrics::counter!("mongodb_connections_closed_total", "reason" => reason)
                     .increment(1);
             }
             _ => {}
@@ -153,7 +174,8 @@ impl FeatureStore {
                     .build(),
             )
             .build();
-        self.bounded(async { self.collection.create_index(index).await })
+        let collection = self.collection.clone();
+        self.bounded(async move { collection.create_index(index).await })
             .await
             .map(|_| ())
     }
@@ -161,16 +183,18 @@ impl FeatureStore {
     /// Round-trip time of a `ping`.
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
-        self.bounded(async { self.database.run_command(doc! { "ping": 1 }).await })
+        let database = self.database.clone();
+        self.bounded(async move { database.run_command(doc! { "ping": 1 }).await })
             .await?;
         Ok(started.elapsed())
     }
 
     pub async fn count(&self) -> Result<u64, StoreError> {
-        self.bounded(async {
-            self.collection
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        self.bounded(async move {
+            collection
                 .estimated_document_count()
-                .max_time(self.timeout)
+                .max_time(timeout)
                 .await
         })
         .await
@@ -179,13 +203,10 @@ impl FeatureStore {
     /// The current, unexpired document of one customer.
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "find"))]
     pub async fn get(&self, id: &CustomerId) -> Result<Option<FeatureDocument>, StoreError> {
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        let filter = doc! { "_id": id.as_str() };
         let found = self
-            .bounded(async {
-                self.collection
-                    .find_one(doc! { "_id": id.as_str() })
-                    .max_time(self.timeout)
-                    .await
-            })
+            .bounded(async move { collection.find_one(filter).max_time(timeout).await })
             .await?;
         let now = Utc::now();
         match found {
@@ -204,11 +225,13 @@ impl FeatureStore {
             return Ok(Vec::new());
         }
         let keys: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
+        let filter = doc! { "_id": { "$in": keys } };
         let allowance = self.allowance(ids.len());
+        let collection = self.collection.clone();
         let raw: Vec<Document> = self
-            .bounded_by(allowance, async {
-                self.collection
-                    .find(doc! { "_id": { "$in": keys } })
+            .bounded_by(allowance, async move {
+                collection
+                    .find(filter)
                     .max_time(allowance)
                     .await?
                     .try_collect()
@@ -239,8 +262,9 @@ impl FeatureStore {
             "maxTimeMS": millis(self.timeout),
         };
         for attempt in 1..=UPSERT_ATTEMPTS {
+            let (database, command) = (self.database.clone(), command.clone());
             let reply = match self
-                .bounded(async { self.database.run_command(command.clone()).await })
+                .bounded(async move { database.run_command(command).await })
                 .await
             {
                 Ok(reply) => reply,
@@ -307,8 +331,9 @@ impl FeatureStore {
             "maxTimeMS": millis(allowance),
         };
         let reply = self
-            .bounded_by(allowance, async {
-                self.database.run_command(command).await
+            .bounded_by(allowance, {
+                let database = self.database.clone();
+                async move { database.run_command(command).await }
             })
             .await?;
 
@@ -365,12 +390,14 @@ impl FeatureStore {
     /// Deletes one customer's document; returns the version it had.
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "findAndModify"))]
     pub async fn delete(&self, id: &CustomerId) -> Result<Option<i64>, StoreError> {
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        let filter = doc! { "_id": id.as_str() };
         let removed = self
-            .bounded(async {
-                self.collection
-                    .find_one_and_delete(doc! { "_id": id.as_str() })
+            .bounded(async move {
+                collection
+                    .find_one_and_delete(filter)
                     .projection(doc! { "version": 1 })
-                    .max_time(self.timeout)
+                    .max_time(timeout)
                     .await
             })
             .await?;
@@ -387,11 +414,13 @@ impl FeatureStore {
         } else {
             doc! { "$eq": seen_version }
         };
+        let collection = self.collection.clone();
+        let filter = doc! { "_id": id, "version": seen };
         let result = self
-            .bounded(async {
-                self.collection
+            .bounded(async move {
+                collection
                     .update_one(
-                        doc! { "_id": id, "version": seen },
+                        filter,
                         vec![doc! { "$set": { "version": version::next_version_expr() } }],
                     )
                     .await
@@ -413,26 +442,34 @@ impl FeatureStore {
     }
 
     /// Bounds a database call by the configured timeout.
-    async fn bounded<T>(
+    async fn bounded<T: Send + 'static>(
         &self,
-        call: impl Future<Output = Result<T, mongodb::error::Error>>,
+        call: impl Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.bounded_by(self.timeout, call).await
     }
 
-    /// Operations carry the same deadline to the server (`maxTimeMS`), so
-    /// the database stops work nobody waits for: abandoning calls only on
-    /// the client would leave them running server-side, and under overload
-    /// that backlog kept a replica from reaching MongoDB for minutes. This
-    /// client-side bound is the backstop (no answer at all, dead server).
-    async fn bounded_by<T>(
+    /// Waits at most `limit` (plus a grace) for a database call.
+    ///
+    /// Operations carry the same deadline to the server (`maxTimeMS`), so the
+    /// database stops work nobody waits for. The call runs in a task of its
+    /// own and is never dropped half-way: the driver cannot reuse a
+    /// connection whose operation was abandoned mid-flight, and under
+    /// overload that churn of connections kept a replica from reaching
+    /// MongoDB long after the load was gone. A call that outlives its caller's
+    /// deadline finishes in the background and returns its connection.
+    async fn bounded_by<T: Send + 'static>(
         &self,
         limit: Duration,
-        call: impl Future<Output = Result<T, mongodb::error::Error>>,
+        call: impl Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let limit = limit + CLIENT_GRACE;
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result.map_err(StoreError::from_driver),
+        let task = tokio::spawn(call.in_current_span());
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(result)) => result.map_err(StoreError::from_driver),
+            Ok(Err(failed)) => Err(StoreError::Unavailable(format!(
+                "the database call failed: {failed}"
+            ))),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 limit.as_millis()

@@ -19,6 +19,18 @@ pub fn mongo_uri() -> String {
     }
 }
 
+/// The test bed MongoDB's address (the host of [`mongo_uri`]), e.g. for a
+/// proxy in front of it.
+pub fn mongo_addr() -> std::net::SocketAddr {
+    let uri = mongo_uri();
+    let rest = uri.strip_prefix("mongodb://").expect("mongodb:// URI");
+    let host = rest.split(['/', '?', ',']).next().expect("host");
+    std::net::ToSocketAddrs::to_socket_addrs(host)
+        .expect("resolve MongoDB host")
+        .next()
+        .expect("an address")
+}
+
 /// A database name no other test (in this or any other process) uses:
 /// `prefix` (cut to 24 characters) + pid + a counter + random bits.
 pub fn unique_db(prefix: &str) -> String {

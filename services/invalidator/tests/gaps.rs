@@ -316,16 +316,6 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
     drop(mongo);
 }
 
-/// `host:port` of a `mongodb://host:port/...` URI.
-fn mongo_addr(uri: &str) -> std::net::SocketAddr {
-    let rest = uri.strip_prefix("mongodb://").expect("mongodb:// URI");
-    let host = rest.split(['/', '?', ',']).next().expect("host");
-    std::net::ToSocketAddrs::to_socket_addrs(host)
-        .expect("resolve MongoDB host")
-        .next()
-        .expect("an address")
-}
-
 /// An invalidator that starts without a saved position (first start, or
 /// after Redis lost its keys) flushes every cache and opens a change stream
 /// at "now". A write made while that stream is being opened is in no event;
@@ -334,7 +324,7 @@ fn mongo_addr(uri: &str) -> std::net::SocketAddr {
 /// held (a slow network) while a replica caches a key and the key is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_while_the_stream_opens_is_not_lost() {
-    let proxy = testkit::proxy::GatedProxy::start(mongo_addr(&testkit::mongo_uri())).await;
+    let proxy = testkit::proxy::GatedProxy::start(testkit::mongo::mongo_addr()).await;
     let through_proxy = format!(
         "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
         proxy.port()

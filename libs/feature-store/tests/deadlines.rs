@@ -1,0 +1,74 @@
+//! A call that misses its deadline answers "unavailable" at once, and keeps
+//! running to completion in the background: its connection goes back to the
+//! pool instead of being torn down (the driver cannot reuse a connection
+//! whose operation was dropped half-way, and an overloaded database that
+//! keeps losing connections kept a replica from reaching it long after).
+
+use feature_store::{CustomerId, FeatureStore, StoreError};
+use std::time::{Duration, Instant};
+use testkit::prometheus;
+use testkit::proxy::GatedProxy;
+
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+fn counter(name: &str) -> f64 {
+    let samples = prometheus::parse(&telemetry::metrics::render()).expect("Prometheus text");
+    prometheus::sum(&samples, name, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_their_deadline_finish_and_keep_their_connections() {
+    telemetry::metrics::install();
+    let db = testkit::TestDb::new("deadlines").await;
+    // The proxy holds the requests (a database too slow to answer in time)
+    // without losing them.
+    let proxy = GatedProxy::start(testkit::mongo::mongo_addr()).await;
+    let uri = format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
+        proxy.port()
+    );
+    let store = FeatureStore::connect(&uri, db.name(), "features", TIMEOUT, "deadlines-test")
+        .await
+        .expect("client");
+    let id = CustomerId::parse("SLOW").expect("id");
+    assert!(store.get(&id).await.expect("a first read").is_none());
+    let commands_before = counter("mongodb_commands_total");
+    assert_eq!(counter("mongodb_connections_closed_total"), 0.0);
+
+    proxy.close();
+    let started = Instant::now();
+    let reads = (0..4).map(|_| {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move { store.get(&id).await })
+    });
+    for read in futures::future::join_all(reads).await {
+        let result = read.expect("task");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+    // Bounded by the deadline plus the grace, with a wide margin.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Give a dropped call's connection time to be closed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counter("mongodb_connections_closed_total"),
+        0.0,
+        "a call that missed its deadline cost a connection"
+    );
+
+    // Once the database answers, the held calls complete in the background
+    // and the store serves again at once.
+    proxy.open();
+    assert!(store.get(&id).await.expect("a read after").is_none());
+    assert!(counter("mongodb_commands_total") >= commands_before + 5.0);
+    assert_eq!(counter("mongodb_connections_closed_total"), 0.0);
+    store.shutdown().await;
+    db.drop_db().await;
+}
