@@ -9,12 +9,16 @@ use mongodb::event::command::CommandEvent;
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
+/// Calls in flight at once, and the size of the driver's connection pool.
+const MAX_IN_FLIGHT: u32 = 10;
 /// How much longer than the server-side deadline the client waits.
 const CLIENT_GRACE: Duration = Duration::from_millis(250);
 /// Documents of a bulk operation per extra `timeout` it is allowed.
@@ -72,6 +76,9 @@ pub struct FeatureStore {
     database: Database,
     collection: Collection<Document>,
     timeout: Duration,
+    /// One permit per pool connection: a call is sent only once it holds
+    /// one, so a call still waiting when its deadline passes is never sent.
+    in_flight: Arc<Semaphore>,
 }
 
 impl FeatureStore {
@@ -90,6 +97,7 @@ impl FeatureStore {
         options.app_name = Some(app_name.to_owned());
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
+        options.max_pool_size = Some(MAX_IN_FLIGHT);
         options.command_event_handler = Some(EventHandler::callback(|event| match event {
             CommandEvent::Started(started) => {
                 metrics::counter!("mongodb_commands_total", "command" => started.command_name)
@@ -127,6 +135,7 @@ impl FeatureStore {
             database,
             collection,
             timeout,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
         })
     }
 
@@ -452,27 +461,38 @@ impl FeatureStore {
     /// Waits at most `limit` (plus a grace) for a database call.
     ///
     /// Operations carry the same deadline to the server (`maxTimeMS`), so the
-    /// database stops work nobody waits for. The call runs in a task of its
-    /// own and is never dropped half-way: the driver cannot reuse a
-    /// connection whose operation was abandoned mid-flight, and under
-    /// overload that churn of connections kept a replica from reaching
-    /// MongoDB long after the load was gone. A call that outlives its caller's
-    /// deadline finishes in the background and returns its connection.
+    /// database stops work nobody waits for. A call is sent only with one of
+    /// the pool's permits, and one still waiting for a permit at its deadline
+    /// is never sent: a write answered 503 then cannot land much later. A
+    /// call that was sent runs to completion in a task of its own, past its
+    /// caller's deadline if need be: the driver cannot reuse a connection
+    /// whose operation was dropped half-way, and under overload that churn
+    /// kept a replica from reaching MongoDB long after the load was gone.
     async fn bounded_by<T: Send + 'static>(
         &self,
         limit: Duration,
         call: impl Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let limit = limit + CLIENT_GRACE;
-        let task = tokio::spawn(call.in_current_span());
-        match tokio::time::timeout(limit, task).await {
-            Ok(Ok(result)) => result.map_err(StoreError::from_driver),
+        let deadline = tokio::time::Instant::now() + limit;
+        let permits = Arc::clone(&self.in_flight);
+        let task = tokio::spawn(
+            async move {
+                let permit = tokio::time::timeout_at(deadline, permits.acquire_owned()).await;
+                let Ok(Ok(_permit)) = permit else {
+                    return None;
+                };
+                Some(call.await)
+            }
+            .in_current_span(),
+        );
+        let unavailable =
+            || StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis()));
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Some(result))) => result.map_err(StoreError::from_driver),
+            Ok(Ok(None)) | Err(_) => Err(unavailable()),
             Ok(Err(failed)) => Err(StoreError::Unavailable(format!(
                 "the database call failed: {failed}"
-            ))),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {} ms",
-                limit.as_millis()
             ))),
         }
     }

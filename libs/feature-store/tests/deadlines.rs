@@ -1,8 +1,9 @@
-//! A call that misses its deadline answers "unavailable" at once, and keeps
-//! running to completion in the background: its connection goes back to the
-//! pool instead of being torn down (the driver cannot reuse a connection
-//! whose operation was dropped half-way, and an overloaded database that
-//! keeps losing connections kept a replica from reaching it long after).
+//! A call that misses its deadline answers "unavailable" at once. If it was
+//! sent, it runs to completion in the background and its connection goes
+//! back to the pool instead of being torn down (the driver cannot reuse a
+//! connection whose operation was dropped half-way, and an overloaded
+//! database that kept losing connections kept a replica from reaching it
+//! long after). If it was still waiting for a connection, it is never sent.
 
 use feature_store::{CustomerId, FeatureStore, StoreError};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ fn counter(name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_past_their_deadline_finish_and_keep_their_connections() {
+async fn calls_past_their_deadline_keep_their_connections_and_unsent_ones_are_never_sent() {
     telemetry::metrics::install();
     let db = testkit::TestDb::new("deadlines").await;
     // The proxy holds the requests (a database too slow to answer in time)
@@ -37,7 +38,8 @@ async fn calls_past_their_deadline_finish_and_keep_their_connections() {
 
     proxy.close();
     let started = Instant::now();
-    let reads = (0..4).map(|_| {
+    // More calls than the pool has connections (10).
+    let reads = (0..12).map(|_| {
         let (store, id) = (store.clone(), id.clone());
         tokio::spawn(async move { store.get(&id).await })
     });
@@ -63,11 +65,24 @@ async fn calls_past_their_deadline_finish_and_keep_their_connections() {
         "a call that missed its deadline cost a connection"
     );
 
-    // Once the database answers, the held calls complete in the background
-    // and the store serves again at once.
+    // Once the database answers, the calls that got a connection complete in
+    // the background; the two that never got one are never sent.
     proxy.open();
+    let opened = Instant::now();
+    while counter("mongodb_commands_total") < commands_before + 10.0 {
+        assert!(
+            opened.elapsed() < Duration::from_secs(10),
+            "the calls that were sent never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        counter("mongodb_commands_total"),
+        commands_before + 10.0,
+        "a call sent after its caller was told 503"
+    );
     assert!(store.get(&id).await.expect("a read after").is_none());
-    assert!(counter("mongodb_commands_total") >= commands_before + 5.0);
     assert_eq!(counter("mongodb_connections_closed_total"), 0.0);
     store.shutdown().await;
     db.drop_db().await;
