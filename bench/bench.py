@@ -1467,6 +1467,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    def add_mongo_args(sp):
+        """Where the benchmark's documents live (the services' defaults)."""
+        sp.add_argument("--mongo-uri", required=True)
+        sp.add_argument("--mongo-db", default="cache_demo")
+        sp.add_argument("--mongo-collection", default="customer_features")
+
     def add(name, fn, **kw):
         sp = sub.add_parser(name, **kw)
         sp.set_defaults(fn=fn)
@@ -1547,9 +1553,7 @@ def main():
     sp.add_argument("--api-d", required=True)
     sp.add_argument("--invalidator", required=True)
     sp.add_argument("--redis-port", type=int, required=True)
-    sp.add_argument("--mongo-uri", required=True)
-    sp.add_argument("--mongo-db", default="cache_demo")
-    sp.add_argument("--mongo-collection", default="customer_features")
+    add_mongo_args(sp)
     sp.add_argument("--keys", type=int, default=10000)
     sp.add_argument("--writes", type=int, default=1000)
     sp.add_argument("--timeout", type=float, default=5.0)
@@ -1560,9 +1564,7 @@ def main():
     sp.add_argument("--invalidator", required=True)
     sp.add_argument("--invalidator-pid", type=int)
     sp.add_argument("--mongo-pid", type=int)
-    sp.add_argument("--mongo-uri", required=True)
-    sp.add_argument("--mongo-db", default="cache_demo")
-    sp.add_argument("--mongo-collection", default="customer_features")
+    add_mongo_args(sp)
     sp.add_argument("--keys", type=int, default=10000)
     sp.add_argument("--threads", type=int, default=4)
     sp.add_argument("--seconds", type=float, default=10)
@@ -1570,9 +1572,7 @@ def main():
 
     sp = add("settle", cmd_settle)
     sp.add_argument("--invalidator", required=True)
-    sp.add_argument("--mongo-uri", required=True)
-    sp.add_argument("--mongo-db", default="cache_demo")
-    sp.add_argument("--mongo-collection", default="customer_features")
+    add_mongo_args(sp)
     sp.add_argument("--quiet", type=float, default=2.0)
     sp.add_argument("--max", type=float, default=120.0)
 

@@ -38,42 +38,18 @@ BENCH="$ROOT/bench/bench.py"
 KEYS=2000
 rm -rf "$RUN"
 mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$OUT"
-log() { echo "[profile $(date +%T)] $*"; }
-die() { echo "[profile] ERROR: $*" >&2; exit 1; }
+LOG_TAG=profile
+STOP_SECONDS=30 # valgrind writes its profile on exit
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 command -v valgrind >/dev/null || die "valgrind missing (apt-get install valgrind)"
 command -v perf >/dev/null || die "perf missing (apt-get install linux-perf)"
 [ -x "$PY" ] || die "run bench/run.sh once first (it creates bench/.venv)"
 
-start() {
-    local name="$1"; shift
-    local envs=()
-    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
-    shift
-    env "${envs[@]}" "$@" </dev/null >>"$RUN/logs/$name.log" 2>&1 &
-    echo $! >"$RUN/pids/$name"
-}
-stop() {
-    local pid
-    pid="$(cat "$RUN/pids/$1" 2>/dev/null || true)"
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$RUN/pids/$1"
-}
-wait_http() {
-    local t0=$SECONDS
-    until curl -fsS --max-time 2 "$1" >/dev/null 2>&1; do
-        ((SECONDS - t0 < ${2:-60})) || die "$1 did not answer"
-        sleep 0.3
-    done
-}
 cleanup() {
     local rc=$?
     trap - EXIT
-    for f in "$RUN"/pids/*; do [ -e "$f" ] && stop "$(basename "$f")"; done
-    scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+    stop_all
     exit $rc
 }
 trap cleanup EXIT
@@ -84,13 +60,10 @@ for b in cache-api cache-invalidator cachectl; do cp "target/release/$b" "$RUN/b
 scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
 scripts/testbed.sh up "$TB" >"$RUN/logs/testbed.log" 2>&1 || die "testbed up failed"
 set -a; . "$TB/env"; set +a
-read -r PA PB PI <<<"$(python3 -c 'import socket
-s=[socket.socket() for _ in range(3)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*[x.getsockname()[1] for x in s])')"
+read -r PA PB PI <<<"$(free_ports 3)"
 COMMON=(REDIS_URL="$REDIS_URL" MONGO_URI="$MONGO_URI" LOG_FORMAT=json RUST_LOG=warn)
 start invalidator "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PI" -- "$RUN/bin/cache-invalidator"
-wait_http "http://127.0.0.1:$PI/health"
+wait_http "http://127.0.0.1:$PI/health" 60
 sleep 2
 "$RUN/bin/cachectl" populate --count "$KEYS" --batch 1000 | tail -n 1
 "$PY" "$BENCH" zipf --keys "$KEYS" --out "$RUN/ids.txt" --part "$RUN/zipf.json" >/dev/null
@@ -139,7 +112,7 @@ for mode in near redis; do
         extra=(LOCAL_CACHE_ENABLED=false)
     fi
     start "api-$mode" "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PB" "${extra[@]}" -- "$RUN/bin/cache-api"
-    wait_http "http://127.0.0.1:$PB/api/health/"
+    wait_http "http://127.0.0.1:$PB/api/health/" 60
     "$PY" "$BENCH" warm --api "http://127.0.0.1:$PB" --count "$KEYS"
     log "perf record -e cpu-clock: $mode hits, wrk -t2 -c64 -d10s"
     wrk -t2 -c64 -d12s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-$mode.txt" &

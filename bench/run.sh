@@ -70,76 +70,20 @@ rm -rf "$RUN"
 mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$RUN/parts" "$RESULTS"
 RAW="$RUN/logs/loadgen.log"
 
-log() { echo "[bench $(date +%T)] $*"; }
-die() { echo "[bench $(date +%T)] ERROR: $*" >&2; exit 1; }
-
-# ---------------------------------------------------------------- processes
-# start NAME ENV=VALUE... -- CMD ARGS...: runs in the background, PID in $RUN/pids/NAME.
-start() {
-    local name="$1"; shift
-    local envs=()
-    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
-    shift
-    env "${envs[@]}" "$@" </dev/null >>"$RUN/logs/$name.log" 2>&1 &
-    echo $! >"$RUN/pids/$name"
-}
-
-pid_of() { cat "$RUN/pids/$1" 2>/dev/null || true; }
-
-# stop NAME: TERM, up to 10 s, then KILL; only that PID.
-stop() {
-    local name="$1" pid i
-    pid="$(pid_of "$name")"
-    [ -n "$pid" ] || return 0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
-    rm -f "$RUN/pids/$name"
-}
-
-# wait_http URL [SECONDS] [PATTERN]: until the URL answers 200 (and contains PATTERN).
-wait_http() {
-    local url="$1" timeout="${2:-30}" pattern="${3:-}" t0=$SECONDS body
-    while true; do
-        if body="$(curl -fsS --max-time 2 "$url" 2>/dev/null)"; then
-            if [ -z "$pattern" ] || [[ "$body" == *"$pattern"* ]]; then
-                return 0
-            fi
-        fi
-        ((SECONDS - t0 < timeout)) || die "$url did not answer${pattern:+ with $pattern} within ${timeout}s"
-        sleep 0.2
-    done
-}
+LOG_TAG=bench
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     log "tearing down"
-    for f in "$RUN"/pids/*; do
-        [ -e "$f" ] && stop "$(basename "$f")"
-    done
-    scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
+    stop_all
     log "done (exit $rc); logs in $RUN/logs"
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 
 flush_features() {
     # Every cached document, tombstone and fence; not the invalidator's own keys.
