@@ -3,17 +3,15 @@
 //! the version. Real processes: one `cache-invalidator`, two `cache-api`
 //! replicas with near caches, a Redis and a database of each test's own.
 
-mod common;
-
-use common::{Cluster, LAG_BOUND, Options, POLL, Served, ms};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use system_tests::{Deployment, LAG_BOUND, Options, POLL, Served, ms};
 use testkit::services::ServiceProcess;
 
 /// Polls `replica` until `done` holds for what it serves; returns the time
 /// taken and the last answer. Panics after `bound`, showing the last answer.
 async fn until(
-    cluster: &Cluster,
+    deployment: &Deployment,
     replica: &ServiceProcess,
     id: &str,
     bound: Duration,
@@ -22,7 +20,7 @@ async fn until(
 ) -> (Duration, Served) {
     let started = Instant::now();
     loop {
-        let served = cluster.get(replica, id).await;
+        let served = deployment.get(replica, id).await;
         if done(&served) {
             return (started.elapsed(), served);
         }
@@ -39,16 +37,16 @@ async fn until(
 
 /// Both replicas, one after the other, from the same starting instant.
 async fn until_both(
-    cluster: &Cluster,
+    deployment: &Deployment,
     id: &str,
     what: &str,
     done: impl Fn(&Served) -> bool + Copy,
 ) -> Duration {
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
-    for replica in cluster.replicas() {
+    for replica in deployment.replicas() {
         let left = LAG_BOUND.saturating_sub(started.elapsed());
-        until(cluster, replica, id, left, what, done).await;
+        until(deployment, replica, id, left, what, done).await;
         slowest = started.elapsed();
     }
     slowest
@@ -56,15 +54,15 @@ async fn until_both(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_insert_update_and_delete_reach_both_replicas() {
-    let cluster = Cluster::start("inv_direct", Options::default()).await;
+    let deployment = Deployment::start("inv_direct", Options::default()).await;
     let id = "direct-1";
-    for replica in cluster.replicas() {
-        assert_eq!(cluster.get(replica, id).await.status, 404);
+    for replica in deployment.replicas() {
+        assert_eq!(deployment.get(replica, id).await.status, 404);
     }
 
     // Insert by another tool: no version. The invalidator stamps one.
-    cluster.insert_unversioned(id, json!({"score": 1})).await;
-    let took = until_both(&cluster, id, "the stamped insert", |s| {
+    deployment.insert_unversioned(id, json!({"score": 1})).await;
+    let took = until_both(&deployment, id, "the stamped insert", |s| {
         s.version().is_some_and(|v| v > 0) && s.body["features"] == json!({"score": 1})
     })
     .await;
@@ -72,49 +70,52 @@ async fn direct_insert_update_and_delete_reach_both_replicas() {
         "direct insert (stamped) visible on both replicas after {}",
         ms(took)
     );
-    let inserted = cluster.truth(id).await.expect("inserted").version;
+    let inserted = deployment.truth(id).await.expect("inserted").version;
     assert!(inserted > 0, "the invalidator gave the insert a version");
-    for replica in cluster.replicas() {
-        let warm = cluster.warm(replica, id).await;
+    for replica in deployment.replicas() {
+        let warm = deployment.warm(replica, id).await;
         assert_eq!(warm.version(), Some(inserted));
     }
 
     // A versioned update (as the API does it) while both near caches hold it.
-    let updated = cluster.write_versioned(id, json!({"score": 2})).await;
+    let updated = deployment.write_versioned(id, json!({"score": 2})).await;
     assert!(updated > inserted);
-    let took = until_both(&cluster, id, "the update", |s| {
+    let took = until_both(&deployment, id, "the update", |s| {
         s.version() == Some(updated) && s.body["features"] == json!({"score": 2})
     })
     .await;
     println!("direct update visible on both replicas after {}", ms(took));
     assert!(took <= LAG_BOUND);
-    for replica in cluster.replicas() {
-        cluster.warm(replica, id).await;
+    for replica in deployment.replicas() {
+        deployment.warm(replica, id).await;
     }
 
     // A delete while both near caches hold the document.
-    assert_eq!(cluster.delete_direct(id).await, Some(updated));
-    let took = until_both(&cluster, id, "the delete", |s| s.status == 404).await;
+    assert_eq!(deployment.delete_direct(id).await, Some(updated));
+    let took = until_both(&deployment, id, "the delete", |s| s.status == 404).await;
     println!("direct delete visible on both replicas after {}", ms(took));
     assert!(took <= LAG_BOUND);
     assert!(
-        !matches!(cluster.cached(id).await, common::Cached::Document { .. }),
+        !matches!(
+            deployment.cached(id).await,
+            system_tests::Cached::Document { .. }
+        ),
         "Redis still holds the deleted document"
     );
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_through_a_reaches_b_near_cache() {
-    let cluster = Cluster::start("inv_a_to_b", Options::default()).await;
+    let deployment = Deployment::start("inv_a_to_b", Options::default()).await;
     let id = "a-to-b";
-    let first = cluster.post(&cluster.a, id, json!({"n": 1})).await;
+    let first = deployment.post(&deployment.a, id, json!({"n": 1})).await;
     let v1 = first["version"].as_i64().expect("version");
     // B reads it into its near cache.
-    let warm = cluster.warm(&cluster.b, id).await;
+    let warm = deployment.warm(&deployment.b, id).await;
     assert_eq!(warm.version(), Some(v1));
 
-    let second = cluster.post(&cluster.a, id, json!({"n": 2})).await;
+    let second = deployment.post(&deployment.a, id, json!({"n": 2})).await;
     let v2 = second["version"].as_i64().expect("version");
     let written = Instant::now();
     assert!(v2 > v1);
@@ -123,7 +124,7 @@ async fn write_through_a_reaches_b_near_cache() {
     let mut highest = v1;
     let mut stale_answers = 0;
     loop {
-        let served = cluster.get(&cluster.b, id).await;
+        let served = deployment.get(&deployment.b, id).await;
         let version = served
             .version()
             .unwrap_or_else(|| panic!("B answered {} {}", served.status, served.body));
@@ -149,31 +150,31 @@ async fn write_through_a_reaches_b_near_cache() {
         ms(took)
     );
     // A serves its own write.
-    let on_a = cluster.get(&cluster.a, id).await;
+    let on_a = deployment.get(&deployment.a, id).await;
     assert_eq!(on_a.version(), Some(v2), "A: {}", on_a.body);
     // And B's near cache holds the new version again.
-    let warm = cluster.warm(&cluster.b, id).await;
+    let warm = deployment.warm(&deployment.b, id).await;
     assert_eq!(warm.version(), Some(v2));
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unversioned_edit_gets_a_new_version_everywhere() {
-    let cluster = Cluster::start("inv_unversioned", Options::default()).await;
+    let deployment = Deployment::start("inv_unversioned", Options::default()).await;
     let id = "edit-1";
-    let created = cluster
-        .post(&cluster.a, id, json!({"x": 1, "y": "keep"}))
+    let created = deployment
+        .post(&deployment.a, id, json!({"x": 1, "y": "keep"}))
         .await;
     let before = created["version"].as_i64().expect("version");
-    for replica in cluster.replicas() {
-        cluster.warm(replica, id).await;
+    for replica in deployment.replicas() {
+        deployment.warm(replica, id).await;
     }
 
     let edited = Instant::now();
-    let seen = cluster.set_unversioned(id, "features.x", 42).await;
+    let seen = deployment.set_unversioned(id, "features.x", 42).await;
     assert_eq!(seen, Some(before), "the edit does not touch the version");
 
-    let took = until_both(&cluster, id, "features.x == 42 at a new version", |s| {
+    let took = until_both(&deployment, id, "features.x == 42 at a new version", |s| {
         s.body["features"] == json!({"x": 42, "y": "keep"})
             && s.version().is_some_and(|v| v > before)
     })
@@ -184,23 +185,25 @@ async fn unversioned_edit_gets_a_new_version_everywhere() {
     );
     assert!(edited.elapsed() <= LAG_BOUND + Duration::from_secs(1));
 
-    let truth = cluster.truth(id).await.expect("document");
+    let truth = deployment.truth(id).await.expect("document");
     assert!(
         truth.version > before,
         "MongoDB got a new version: {truth:?}"
     );
-    let found = cluster.wait_consistent(&[id.to_owned()], LAG_BOUND).await;
+    let found = deployment
+        .wait_consistent(&[id.to_owned()], LAG_BOUND)
+        .await;
     println!("every tier agreed with MongoDB {} later", ms(found));
     // The near caches settle on it.
-    for replica in cluster.replicas() {
-        let warm = cluster.warm(replica, id).await;
+    for replica in deployment.replicas() {
+        let warm = deployment.warm(replica, id).await;
         assert_eq!(warm.version(), Some(truth.version));
         assert_eq!(warm.body["features"]["x"], 42);
     }
 
     // A tool that rewrites the whole document and drops `version` with it.
     let replaced = Instant::now();
-    let result = cluster
+    let result = deployment
         .collection()
         .replace_one(
             bson::doc! {"_id": id},
@@ -212,7 +215,7 @@ async fn unversioned_edit_gets_a_new_version_everywhere() {
         .await
         .expect("replace_one");
     assert_eq!(result.modified_count, 1);
-    let took = until_both(&cluster, id, "the replacement at a new version", |s| {
+    let took = until_both(&deployment, id, "the replacement at a new version", |s| {
         s.body["features"] == json!({"x": 7}) && s.version().is_some_and(|v| v > truth.version)
     })
     .await;
@@ -221,6 +224,8 @@ async fn unversioned_edit_gets_a_new_version_everywhere() {
         ms(took)
     );
     assert!(replaced.elapsed() <= LAG_BOUND + Duration::from_secs(1));
-    cluster.wait_consistent(&[id.to_owned()], LAG_BOUND).await;
-    cluster.finish().await;
+    deployment
+        .wait_consistent(&[id.to_owned()], LAG_BOUND)
+        .await;
+    deployment.finish().await;
 }

@@ -2,11 +2,9 @@
 //! OTLP/HTTP protobuf by the real binaries to a receiver in this test; and
 //! metrics that move as the requests dictate.
 
-mod common;
-
-use common::{Cluster, Options};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use system_tests::{Deployment, Options};
 use testkit::otlp::{OtlpReceiver, Span};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -71,7 +69,7 @@ async fn a_post_is_one_trace_from_the_client_to_every_replicas_eviction() {
         ),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
     ];
-    let cluster = Cluster::start(
+    let deployment = Deployment::start(
         "trace",
         Options {
             env,
@@ -82,13 +80,15 @@ async fn a_post_is_one_trace_from_the_client_to_every_replicas_eviction() {
     let http = reqwest::Client::new();
 
     // Both replicas hold the document in their near caches.
-    cluster.post(&cluster.a, "T1", json!({"score": 1})).await;
-    cluster.warm(&cluster.a, "T1").await;
-    cluster.warm(&cluster.b, "T1").await;
+    deployment
+        .post(&deployment.a, "T1", json!({"score": 1}))
+        .await;
+    deployment.warm(&deployment.a, "T1").await;
+    deployment.warm(&deployment.b, "T1").await;
 
     // The client's trace context is continued and handed back.
     let response = http
-        .post(cluster.a.url("/api/features/"))
+        .post(deployment.a.url("/api/features/"))
         .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
         .json(&json!({"customer_id": "T1", "features": {"score": 2}}))
         .send()
@@ -168,7 +168,7 @@ async fn a_post_is_one_trace_from_the_client_to_every_replicas_eviction() {
     // under the request span.
     let get_trace = "0af7651916cd43dd8448eb211c80319c";
     let response = http
-        .get(cluster.b.url("/api/features/T1/"))
+        .get(deployment.b.url("/api/features/T1/"))
         .header("traceparent", format!("00-{get_trace}-b7ad6b7169203331-01"))
         .send()
         .await
@@ -221,16 +221,18 @@ async fn a_post_is_one_trace_from_the_client_to_every_replicas_eviction() {
     // Export failures never fail requests.
     receiver.stop();
     for _ in 0..20 {
-        assert_eq!(cluster.get(&cluster.b, "T1").await.status, 200);
-        let stored = cluster.post(&cluster.a, "T1", json!({"score": 3})).await;
+        assert_eq!(deployment.get(&deployment.b, "T1").await.status, 200);
+        let stored = deployment
+            .post(&deployment.a, "T1", json!({"score": 3}))
+            .await;
         assert!(stored["version"].as_i64().is_some());
     }
 }
 
 #[tokio::test]
 async fn metrics_move_as_the_requests_dictate() {
-    let cluster = Cluster::start("metrics", Options::default()).await;
-    let replica = &cluster.a;
+    let deployment = Deployment::start("metrics", Options::default()).await;
+    let replica = &deployment.a;
     let hits = |samples: &[testkit::prometheus::Sample], tier: &str, result: &str| {
         testkit::prometheus::sum(
             samples,
@@ -238,12 +240,12 @@ async fn metrics_move_as_the_requests_dictate() {
             &[("tier", tier), ("result", result)],
         )
     };
-    cluster.post(replica, "M1", json!({"x": 1})).await;
-    let before = cluster.metrics(replica).await;
+    deployment.post(replica, "M1", json!({"x": 1})).await;
+    let before = deployment.metrics(replica).await;
 
     // A near-cache hit counts one local hit and no Redis request.
-    assert_eq!(cluster.get(replica, "M1").await.source(), Some("local"));
-    let after = cluster.metrics(replica).await;
+    assert_eq!(deployment.get(replica, "M1").await.source(), Some("local"));
+    let after = deployment.metrics(replica).await;
     assert_eq!(
         hits(&after, "local", "hit") - hits(&before, "local", "hit"),
         1.0
@@ -255,8 +257,8 @@ async fn metrics_move_as_the_requests_dictate() {
     );
 
     // An unknown id misses every tier and counts a 404.
-    assert_eq!(cluster.get(replica, "NOPE").await.status, 404);
-    let later = cluster.metrics(replica).await;
+    assert_eq!(deployment.get(replica, "NOPE").await.status, 404);
+    let later = deployment.metrics(replica).await;
     assert_eq!(
         hits(&later, "local", "miss") - hits(&after, "local", "miss"),
         1.0
@@ -278,14 +280,14 @@ async fn metrics_move_as_the_requests_dictate() {
     );
 
     // The other replica applied the invalidation of a write it did not make.
-    cluster.warm(&cluster.b, "M1").await;
+    deployment.warm(&deployment.b, "M1").await;
     let applied = |s: &[testkit::prometheus::Sample]| {
         testkit::prometheus::sum(s, "invalidation_messages_applied_total", &[])
     };
-    let b_before = applied(&cluster.metrics(&cluster.b).await);
-    cluster.post(replica, "M1", json!({"x": 2})).await;
+    let b_before = applied(&deployment.metrics(&deployment.b).await);
+    deployment.post(replica, "M1", json!({"x": 2})).await;
     let started = Instant::now();
-    while applied(&cluster.metrics(&cluster.b).await) <= b_before {
+    while applied(&deployment.metrics(&deployment.b).await) <= b_before {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "B never applied the invalidation"
@@ -294,8 +296,8 @@ async fn metrics_move_as_the_requests_dictate() {
     }
 
     // The invalidator counts events by operation and observes lag.
-    let inv = &cluster.invalidators[0];
-    let samples = cluster.metrics(inv).await;
+    let inv = &deployment.invalidators[0];
+    let samples = deployment.metrics(inv).await;
     assert!(
         testkit::prometheus::sum(&samples, "invalidator_events_total", &[("op", "update")]) >= 1.0
     );

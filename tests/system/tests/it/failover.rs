@@ -3,9 +3,6 @@
 //! missed from the saved resume token, and every tier of every replica ends
 //! up equal to MongoDB.
 
-mod common;
-
-use common::{Cluster, LAG_BOUND, Options, WriteKind, ids, ms};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -13,39 +10,40 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use system_tests::{Deployment, LAG_BOUND, Options, WriteKind, ids, ms};
 
 const LEASE_MS: u64 = 1000;
 
 /// Creates every key through A and reads it into both near caches.
-async fn seed(cluster: &Cluster, ids: &[String]) {
+async fn seed(deployment: &Deployment, ids: &[String]) {
     for chunk in ids.chunks(10) {
         futures::future::join_all(
             chunk
                 .iter()
-                .map(|id| cluster.post(&cluster.a, id, json!({"n": 0, "via": "seed"}))),
+                .map(|id| deployment.post(&deployment.a, id, json!({"n": 0, "via": "seed"}))),
         )
         .await;
     }
     for id in ids {
-        for replica in cluster.replicas() {
-            cluster.get(replica, id).await;
+        for replica in deployment.replicas() {
+            deployment.get(replica, id).await;
         }
     }
 }
 
 /// Reads random keys through both replicas until `stop`, so near caches keep
 /// holding what they served (and would keep serving it if nobody told them).
-async fn read_until(cluster: &Cluster, ids: &[String], stop: &AtomicBool, seed: u64) -> u64 {
+async fn read_until(deployment: &Deployment, ids: &[String], stop: &AtomicBool, seed: u64) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut reads = 0;
     while !stop.load(Ordering::SeqCst) {
         let id = &ids[rng.random_range(0..ids.len())];
         let replica = if rng.random_bool(0.5) {
-            &cluster.a
+            &deployment.a
         } else {
-            &cluster.b
+            &deployment.b
         };
-        cluster.get(replica, id).await;
+        deployment.get(replica, id).await;
         reads += 1;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -62,7 +60,7 @@ async fn kill9_during_a_burst_then_restart_converges() {
     const WRITES: usize = 200;
     const KILL_AT: usize = 60;
     const RESTART_AT: usize = 130;
-    let mut cluster = Cluster::start(
+    let mut deployment = Deployment::start(
         "inv_kill9",
         Options {
             lease_ms: LEASE_MS,
@@ -71,14 +69,14 @@ async fn kill9_during_a_burst_then_restart_converges() {
     )
     .await;
     let ids = ids("burst", KEYS);
-    seed(&cluster, &ids).await;
-    let mut invalidators = std::mem::take(&mut cluster.invalidators);
+    seed(&deployment, &ids).await;
+    let mut invalidators = std::mem::take(&mut deployment.invalidators);
 
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let stop_reading = AtomicBool::new(false);
     let kinds = Mutex::new(BTreeMap::new());
-    let c = &cluster;
+    let c = &deployment;
     let writer = |worker: u64| {
         let (next, done, kinds, ids) = (&next, &done, &kinds, &ids);
         async move {
@@ -121,7 +119,7 @@ async fn kill9_during_a_burst_then_restart_converges() {
 
     // Leading again (the dead one's lease expired), then every key converges.
     let leader_wait = Instant::now();
-    while !cluster.is_leader(&invalidators[0]).await {
+    while !deployment.is_leader(&invalidators[0]).await {
         assert!(
             leader_wait.elapsed() < Duration::from_secs(10),
             "the restarted invalidator does not lead"
@@ -130,8 +128,8 @@ async fn kill9_during_a_burst_then_restart_converges() {
     }
     // It first replays what happened while it was down (each event with a
     // MongoDB lookup): twice the lag bound for that backlog.
-    let took = cluster.wait_consistent(&ids, 2 * LAG_BOUND).await;
-    let events = cluster.health(&invalidators[0]).await.expect("health")["events"].clone();
+    let took = deployment.wait_consistent(&ids, 2 * LAG_BOUND).await;
+    let events = deployment.health(&invalidators[0]).await.expect("health")["events"].clone();
     println!(
         "{WRITES} writes {:?} and {reads} reads in {}; all {KEYS} keys equal MongoDB in Redis and on \
          both replicas {} after the burst; the restarted invalidator handled {events} events",
@@ -144,13 +142,13 @@ async fn kill9_during_a_burst_then_restart_converges() {
         "the restarted invalidator replayed nothing"
     );
     drop(invalidators);
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_the_leader_is_killed() {
     const KEYS: usize = 20;
-    let mut cluster = Cluster::start(
+    let mut deployment = Deployment::start(
         "inv_standby",
         Options {
             invalidators: 2,
@@ -162,7 +160,7 @@ async fn standby_takes_over_after_the_leader_is_killed() {
     // Exactly one leads, and keeps leading.
     let mut leader = None;
     for _ in 0..10 {
-        let leaders = cluster.leaders().await;
+        let leaders = deployment.leaders().await;
         assert_eq!(leaders.len(), 1, "leaders: {leaders:?}");
         assert!(
             leader.is_none() || leader == Some(leaders[0]),
@@ -173,16 +171,16 @@ async fn standby_takes_over_after_the_leader_is_killed() {
     }
     let leader = leader.expect("a leader");
     let standby = 1 - leader;
-    let health = cluster
-        .health(&cluster.invalidators[standby])
+    let health = deployment
+        .health(&deployment.invalidators[standby])
         .await
         .expect("standby health");
     assert_eq!(health["role"], "standby", "{health}");
 
     let ids = ids("handover", KEYS);
-    seed(&cluster, &ids).await;
-    let mut invalidators = std::mem::take(&mut cluster.invalidators);
-    let c = &cluster;
+    seed(&deployment, &ids).await;
+    let mut invalidators = std::mem::take(&mut deployment.invalidators);
+    let c = &deployment;
 
     let stop_writing = AtomicBool::new(false);
     let stop_reading = AtomicBool::new(false);
@@ -236,24 +234,24 @@ async fn standby_takes_over_after_the_leader_is_killed() {
         kinds.lock().unwrap()
     );
     assert!(at > before, "no write happened during the hand-over");
-    assert!(cluster.is_leader(&invalidators[standby]).await);
+    assert!(deployment.is_leader(&invalidators[standby]).await);
     assert!(
-        cluster.health(&invalidators[leader]).await.is_none(),
+        deployment.health(&invalidators[leader]).await.is_none(),
         "the killed one answers"
     );
 
-    let converged = cluster.wait_consistent(&ids, LAG_BOUND).await;
+    let converged = deployment.wait_consistent(&ids, LAG_BOUND).await;
     println!(
         "all {KEYS} keys equal MongoDB everywhere {} after the writes stopped",
         ms(converged)
     );
     drop(invalidators);
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 /// `(stream id ms, run_id)` of every invalidation message in the stream.
-async fn stream_runs(cluster: &Cluster) -> Vec<(u64, String)> {
-    let mut conn = cluster.redis.client().await;
+async fn stream_runs(deployment: &Deployment) -> Vec<(u64, String)> {
+    let mut conn = deployment.redis.client().await;
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg("features:changes")
         .arg("-")
@@ -284,7 +282,7 @@ async fn stream_runs(cluster: &Cluster) -> Vec<(u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_fenced_when_it_wakes() {
     const KEYS: usize = 10;
-    let mut cluster = Cluster::start(
+    let mut deployment = Deployment::start(
         "inv_paused",
         Options {
             invalidators: 2,
@@ -293,7 +291,7 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         },
     )
     .await;
-    let leader = cluster.wait_leading(Duration::from_secs(10)).await;
+    let leader = deployment.wait_leading(Duration::from_secs(10)).await;
     let standby = 1 - leader;
     let run_of = |health: Option<serde_json::Value>| {
         health.expect("health")["run_id"]
@@ -301,15 +299,18 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
             .expect("run_id")
             .to_owned()
     };
-    let old_run = run_of(cluster.health(&cluster.invalidators[leader]).await);
-    let new_run = run_of(cluster.health(&cluster.invalidators[standby]).await);
+    let old_run = run_of(deployment.health(&deployment.invalidators[leader]).await);
+    let new_run = run_of(deployment.health(&deployment.invalidators[standby]).await);
     let ids = ids("paused", KEYS);
-    seed(&cluster, &ids).await;
+    seed(&deployment, &ids).await;
 
     // The leader freezes (a long GC pause, a stalled VM) with its lease.
-    cluster.invalidators[leader].pause();
+    deployment.invalidators[leader].pause();
     let paused = Instant::now();
-    while !cluster.is_leader(&cluster.invalidators[standby]).await {
+    while !deployment
+        .is_leader(&deployment.invalidators[standby])
+        .await
+    {
         assert!(
             paused.elapsed() < Duration::from_millis(2 * LEASE_MS + 1500),
             "the standby did not take the lease from the paused leader"
@@ -322,7 +323,7 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
     );
     let mut rng = StdRng::seed_from_u64(5);
     for (n, id) in ids.iter().enumerate() {
-        cluster.random_write(&mut rng, id, n as u64 + 1).await;
+        deployment.random_write(&mut rng, id, n as u64 + 1).await;
     }
 
     // It wakes up believing it leads; its writes must be refused.
@@ -330,12 +331,12 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    cluster.invalidators[leader].resume();
+    deployment.invalidators[leader].resume();
     for (n, id) in ids.iter().enumerate() {
-        cluster.random_write(&mut rng, id, 100 + n as u64).await;
+        deployment.random_write(&mut rng, id, 100 + n as u64).await;
     }
     let woke = Instant::now();
-    while cluster.is_leader(&cluster.invalidators[leader]).await {
+    while deployment.is_leader(&deployment.invalidators[leader]).await {
         assert!(
             woke.elapsed() < Duration::from_millis(2 * LEASE_MS + 1500),
             "the woken leader never noticed it lost the lease"
@@ -346,14 +347,18 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         "the woken leader stood down {} after waking",
         ms(woke.elapsed())
     );
-    assert!(cluster.is_leader(&cluster.invalidators[standby]).await);
+    assert!(
+        deployment
+            .is_leader(&deployment.invalidators[standby])
+            .await
+    );
 
-    let converged = cluster.wait_consistent(&ids, LAG_BOUND).await;
+    let converged = deployment.wait_consistent(&ids, LAG_BOUND).await;
     println!(
         "all {KEYS} keys equal MongoDB everywhere after {}",
         ms(converged)
     );
-    let late: Vec<(u64, String)> = stream_runs(&cluster)
+    let late: Vec<(u64, String)> = stream_runs(&deployment)
         .await
         .into_iter()
         .filter(|(ms, _)| *ms >= woke_ms)
@@ -364,10 +369,10 @@ async fn a_paused_leader_is_fenced_when_it_wakes() {
         "the fenced leader (run {old_run}) announced after waking: {late:?}"
     );
     assert!(
-        cluster.invalidators[leader]
+        deployment.invalidators[leader]
             .log_text()
             .contains("lost the lease"),
         "the woken leader did not log that it lost the lease"
     );
-    cluster.finish().await;
+    deployment.finish().await;
 }

@@ -2,17 +2,18 @@
 //! heals by itself; without MongoDB, cached documents are still served and
 //! everything else fails fast with 503.
 
+use crate::support::TestApi;
+use crate::support::env;
 use chrono::{Duration as Days, Utc};
 use feature_cache::{CacheTier, CachedDocument, Entry};
 use feature_store::FeatureDocument;
 use serde_json::json;
 use std::time::{Duration, Instant};
-use testkit::api::env;
-use testkit::{TestApi, TestRedis, eventually, free_port, unique_db};
+use testkit::{TestRedis, eventually, free_port, unique_db};
 
 #[tokio::test]
 async fn redis_down_degrades_to_mongodb_and_recovers() {
-    let mut stack = testkit::TestStack::start(
+    let mut stack = crate::support::TestStack::start(
         "resilience_redis",
         &[
             ("LOCAL_CACHE_ENABLED", "false"),

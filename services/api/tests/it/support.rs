@@ -1,4 +1,5 @@
-//! The API service in-process, on a free port, with real Redis and MongoDB.
+//! The API service in-process on a free port, with a Redis and a database of
+//! the test's own: [`TestApi`], [`TestStack`] and the [`Reply`] of a request.
 
 use cache_api::Application;
 use cache_api::state::AppState;
@@ -7,6 +8,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+use testkit::{TestDb, TestRedis};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -63,7 +65,7 @@ impl TestApi {
             format!("testkit-{}", std::process::id()),
         );
         if !overrides.contains_key("MONGO_URI") {
-            vars.insert("MONGO_URI".into(), crate::mongo::mongo_uri());
+            vars.insert("MONGO_URI".into(), testkit::mongo_uri());
         }
         vars.extend(overrides);
         let settings = settings::load_from(settings::Defaults::API, vars)?;
@@ -109,10 +111,6 @@ impl TestApi {
     /// `base_url()` + `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url())
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// An HTTP client for the service; it does not follow redirects, so
@@ -238,5 +236,38 @@ impl Reply {
     /// A header as a string, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A [`TestRedis`], a [`TestDb`] and a [`TestApi`] using both.
+pub struct TestStack {
+    pub redis: TestRedis,
+    pub db: TestDb,
+    pub api: TestApi,
+}
+
+impl TestStack {
+    /// Starts all three; `prefix` names the database, `overrides` are extra
+    /// settings of the API (e.g. `("LOCAL_CACHE_ENABLED", "false")`).
+    pub async fn start(prefix: &str, overrides: &[(&str, &str)]) -> Self {
+        let redis = TestRedis::start().await;
+        let db = TestDb::new(prefix).await;
+        let api = TestApi::start(&redis.url(), db.name(), env(overrides)).await;
+        Self { redis, db, api }
+    }
+
+    /// A connection to this test's Redis.
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        self.redis.client().await
+    }
+
+    /// Stops the API, drops the database and stops Redis.
+    pub async fn finish(self) {
+        let Self { mut redis, db, api } = self;
+        if let Err(err) = api.shutdown().await {
+            eprintln!("testkit: cache-api shut down with an error: {err:#}");
+        }
+        db.drop_db().await;
+        redis.stop();
     }
 }

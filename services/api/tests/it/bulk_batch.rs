@@ -1,13 +1,13 @@
 //! Bulk writes (`POST /api/features/bulk/`) and batch reads
 //! (`POST /api/features/batch/`).
 
+use crate::support::TestStack;
 use chrono::{DateTime, Duration, Utc};
 use feature_cache::{CacheTier, CachedDocument, Entry};
 use feature_store::FeatureDocument;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use testkit::TestStack;
 
 const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
 

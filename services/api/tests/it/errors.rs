@@ -1,10 +1,10 @@
 //! Every way a request can be refused: the status, the machine code and the
 //! JSON body — and that nothing stored changes because of it.
 
+use crate::support::Reply;
+use crate::support::TestStack;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use testkit::TestStack;
-use testkit::api::Reply;
 
 /// The id every bad request below aims at (when it names one).
 const KEEP: &str = "KEEP";

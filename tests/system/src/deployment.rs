@@ -48,7 +48,7 @@ impl Default for Options {
 }
 
 /// The deployment of one test. Dropping it kills every process.
-pub struct Cluster {
+pub struct Deployment {
     // Declared first so they drop (and print their log tails on a failure)
     // before Redis goes away.
     pub invalidators: Vec<ServiceProcess>,
@@ -67,10 +67,10 @@ pub struct Cluster {
 }
 
 fn invalidator_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cache-invalidator"))
+    workspace_bin("cache-invalidator")
 }
 
-impl Cluster {
+impl Deployment {
     /// Starts Redis, the invalidator(s) — waiting until one leads and has its
     /// change stream open — then replicas A and B, waiting until both follow
     /// the invalidation channel.
@@ -124,7 +124,7 @@ impl Cluster {
         }
         let b = apis.pop().expect("b");
         let a = apis.pop().expect("a");
-        let cluster = Self {
+        let deployment = Self {
             invalidators,
             a,
             b,
@@ -138,11 +138,11 @@ impl Cluster {
             api_bin,
         };
         if options.invalidators > 0 {
-            cluster.wait_leading(Duration::from_secs(20)).await;
+            deployment.wait_leading(Duration::from_secs(20)).await;
         }
-        cluster.wait_subscribed(&cluster.a).await;
-        cluster.wait_subscribed(&cluster.b).await;
-        cluster
+        deployment.wait_subscribed(&deployment.a).await;
+        deployment.wait_subscribed(&deployment.b).await;
+        deployment
     }
 
     /// Stops every process, drops the database and closes the driver's
@@ -169,7 +169,7 @@ impl Cluster {
 
     /// Starts one more API replica (near cache on), ready once it serves
     /// HTTP — also while Redis is down; it is not waited on to subscribe.
-    /// `extra` settings win over the cluster's.
+    /// `extra` settings win over the deployment's.
     pub async fn start_replica(&self, name: &str, extra: &[(&str, &str)]) -> ServiceProcess {
         let mut env = self.base_env.clone();
         env.push(("INSTANCE_ID".into(), name.to_owned()));
@@ -745,7 +745,7 @@ pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
 }
 
-/// What [`Cluster::random_write`] did.
+/// What [`Deployment::random_write`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WriteKind {
     ApiA,
@@ -754,7 +754,7 @@ pub enum WriteKind {
     DirectUnversioned,
 }
 
-impl Cluster {
+impl Deployment {
     /// One write of `id` as a mixed workload makes them: 70 % through a
     /// random replica's API, 20 % straight into MongoDB with a new version,
     /// 10 % a `$set` in MongoDB that leaves the version alone.

@@ -8,10 +8,7 @@
 //! (3000: the wait between the last write and the final check),
 //! `CONVERGENCE_INVALIDATION_MODE` (`refresh`; or `delete`).
 
-mod common;
-
 use bson::doc;
-use common::{Cluster, LAG_BOUND, Options, ids};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -19,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use system_tests::{Deployment, LAG_BOUND, Options, ids};
 
 const WRITERS: u64 = 3;
 const READERS_PER_REPLICA: u64 = 2;
@@ -200,7 +198,7 @@ async fn caches_converge_under_random_reads_and_writes() {
     let rate = knob("CONVERGENCE_WRITES_PER_SEC", 40).max(1);
     let lag = Duration::from_millis(knob("CONVERGENCE_LAG_MS", 3000));
     let mode = std::env::var("CONVERGENCE_INVALIDATION_MODE").unwrap_or_else(|_| "refresh".into());
-    let cluster = Cluster::start(
+    let deployment = Deployment::start(
         "inv_converge",
         Options {
             env: vec![("INVALIDATION_MODE".into(), mode.clone())],
@@ -227,18 +225,22 @@ async fn caches_converge_under_random_reads_and_writes() {
             }
         })
         .collect();
-    cluster.collection().insert_many(docs).await.expect("seed");
+    deployment
+        .collection()
+        .insert_many(docs)
+        .await
+        .expect("seed");
     // The run starts once the invalidator has worked through the seed (its
     // backlog would otherwise delay the first writes' invalidations).
     let waited = Instant::now();
     loop {
-        let events = cluster
-            .health(&cluster.invalidators[0])
+        let events = deployment
+            .health(&deployment.invalidators[0])
             .await
             .expect("health")["events"]
             .as_u64()
             .unwrap_or(0);
-        if events >= keys as u64 && cluster.feature_keys().await.len() == keys {
+        if events >= keys as u64 && deployment.feature_keys().await.len() == keys {
             break;
         }
         assert!(
@@ -269,7 +271,7 @@ async fn caches_converge_under_random_reads_and_writes() {
 
     let run_start = Instant::now();
     let deadline = run_start + Duration::from_secs(seconds);
-    let c = &cluster;
+    let c = &deployment;
     let writer = |worker: u64| {
         let (ops, locks, kinds, counter, ids) = (&ops, &locks, &kinds, &counter, &ids);
         async move {
@@ -385,18 +387,18 @@ async fn caches_converge_under_random_reads_and_writes() {
         stale_keys.len(),
         stale_keys.join("\n")
     );
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 fn ms_of(d: Duration) -> String {
-    common::ms(d)
+    system_tests::ms(d)
 }
 
 /// One random write of `id` (the caller holds the key's lock): 80 % through
 /// the API of a random replica (19 in 20 of them upserts, 1 a delete), 20 %
 /// straight into MongoDB (40 % with a new version — also re-creating a
 /// deleted key —, 40 % a `$set` that leaves the version alone, 20 % deletes).
-async fn write_one(c: &Cluster, rng: &mut StdRng, id: &str, n: i64) -> (Kind, State) {
+async fn write_one(c: &Deployment, rng: &mut StdRng, id: &str, n: i64) -> (Kind, State) {
     if rng.random_bool(0.8) {
         let replica = if rng.random_bool(0.5) { &c.a } else { &c.b };
         if rng.random_range(0..20) == 0 {

@@ -2,12 +2,12 @@
 //! slash), against the real router with a Redis and a database of each test's
 //! own.
 
+use crate::support::Reply;
+use crate::support::TestStack;
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use testkit::TestStack;
-use testkit::api::Reply;
 use testkit::prometheus;
 
 const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");

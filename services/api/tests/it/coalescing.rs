@@ -4,10 +4,10 @@
 //! This file holds one test on purpose: the Prometheus recorder is global to
 //! the process, and the exact `find` count below must not see other tests.
 
+use crate::support::TestStack;
 use chrono::{Duration as Days, Utc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use testkit::TestStack;
 use testkit::prometheus;
 use tokio::sync::Barrier;
 
@@ -25,7 +25,7 @@ async fn counters(stack: &TestStack) -> (f64, f64) {
 
 /// Sends `READERS` GETs of `path` at once (all released by one barrier) and
 /// returns the replies.
-async fn burst(stack: &TestStack, path: &str) -> Vec<testkit::api::Reply> {
+async fn burst(stack: &TestStack, path: &str) -> Vec<crate::support::Reply> {
     let barrier = Arc::new(Barrier::new(READERS));
     let mut tasks = Vec::with_capacity(READERS);
     for _ in 0..READERS {
@@ -33,7 +33,7 @@ async fn burst(stack: &TestStack, path: &str) -> Vec<testkit::api::Reply> {
         let request = stack.api.request(reqwest::Method::GET, path);
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            testkit::api::Reply::of(request).await
+            crate::support::Reply::of(request).await
         }));
     }
     let mut replies = Vec::with_capacity(READERS);

@@ -3,22 +3,20 @@
 //! from is gone — the caches still end up equal to MongoDB: replicas catch up
 //! from the stream, and whole tiers are flushed where nothing else is safe.
 
-mod common;
-
-use common::{Cluster, LAG_BOUND, Options, POLL, ids, ms};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use system_tests::{Deployment, LAG_BOUND, Options, POLL, ids, ms};
 use testkit::secantus::TestMongo;
 
-async fn seed(cluster: &Cluster, ids: &[String]) -> Vec<i64> {
+async fn seed(deployment: &Deployment, ids: &[String]) -> Vec<i64> {
     let mut versions = Vec::new();
     for id in ids {
-        let doc = cluster.post(&cluster.a, id, json!({"n": 0})).await;
+        let doc = deployment.post(&deployment.a, id, json!({"n": 0})).await;
         versions.push(doc["version"].as_i64().expect("version"));
     }
     for id in ids {
-        for replica in cluster.replicas() {
-            cluster.warm(replica, id).await;
+        for replica in deployment.replicas() {
+            deployment.warm(replica, id).await;
         }
     }
     versions
@@ -33,21 +31,21 @@ fn counter(follower: &serde_json::Value, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_subscription_heals_from_the_stream() {
     const ROUNDS: usize = 5;
-    let cluster = Cluster::start("inv_pubsub_cut", Options::default()).await;
+    let deployment = Deployment::start("inv_pubsub_cut", Options::default()).await;
     let ids = ids("cut", 20);
-    seed(&cluster, &ids).await;
+    seed(&deployment, &ids).await;
     let before = [
-        cluster.follower(&cluster.a).await,
-        cluster.follower(&cluster.b).await,
+        deployment.follower(&deployment.a).await,
+        deployment.follower(&deployment.b).await,
     ];
 
     let mut resubscribed = Vec::new();
     for round in 0..ROUNDS {
         let mut gaps_before = Vec::new();
-        for replica in cluster.replicas() {
-            gaps_before.push(counter(&cluster.follower(replica).await, "gaps"));
+        for replica in deployment.replicas() {
+            gaps_before.push(counter(&deployment.follower(replica).await, "gaps"));
         }
-        let killed = cluster.kill_pubsub_clients().await;
+        let killed = deployment.kill_pubsub_clients().await;
         let cut = Instant::now();
         if round == 0 {
             assert!(
@@ -58,15 +56,17 @@ async fn a_cut_subscription_heals_from_the_stream() {
         // Writes while the subscriptions are down (or coming back).
         for i in 0..4 {
             let id = &ids[(round * 4 + i) % ids.len()];
-            cluster.post(&cluster.a, id, json!({"n": round + 1})).await;
+            deployment
+                .post(&deployment.a, id, json!({"n": round + 1}))
+                .await;
         }
-        cluster
+        deployment
             .write_versioned(
                 &ids[(round * 4 + 2) % ids.len()],
                 json!({"n": round + 1, "via": "driver"}),
             )
             .await;
-        cluster
+        deployment
             .set_unversioned(
                 &ids[(round * 4 + 3) % ids.len()],
                 "features.m",
@@ -74,9 +74,9 @@ async fn a_cut_subscription_heals_from_the_stream() {
             )
             .await;
         // Back: subscribed again, after catching up from the stream.
-        for (replica, gaps_before) in cluster.replicas().into_iter().zip(gaps_before) {
+        for (replica, gaps_before) in deployment.replicas().into_iter().zip(gaps_before) {
             loop {
-                let follower = cluster.follower(replica).await;
+                let follower = deployment.follower(replica).await;
                 if follower["subscribed"] == true && counter(&follower, "gaps") > gaps_before {
                     break;
                 }
@@ -90,10 +90,10 @@ async fn a_cut_subscription_heals_from_the_stream() {
         }
         resubscribed.push(cut.elapsed());
     }
-    let took = cluster.wait_consistent(&ids, LAG_BOUND).await;
+    let took = deployment.wait_consistent(&ids, LAG_BOUND).await;
     let after = [
-        cluster.follower(&cluster.a).await,
-        cluster.follower(&cluster.b).await,
+        deployment.follower(&deployment.a).await,
+        deployment.follower(&deployment.b).await,
     ];
     println!(
         "{ROUNDS} cuts; both replicas subscribed again after {:?}; all keys equal MongoDB {} after \
@@ -120,27 +120,27 @@ async fn a_cut_subscription_heals_from_the_stream() {
         "the last reconnect took {} (all: {resubscribed:?})",
         ms(last)
     );
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_drop_flushes_every_tier() {
-    let cluster = Cluster::start("inv_drop", Options::default()).await;
+    let deployment = Deployment::start("inv_drop", Options::default()).await;
     let ids = ids("drop", 10);
-    seed(&cluster, &ids).await;
+    seed(&deployment, &ids).await;
     assert_eq!(
-        cluster.feature_keys().await.len(),
+        deployment.feature_keys().await.len(),
         ids.len(),
         "Redis holds every key"
     );
 
-    cluster.collection().drop().await.expect("drop");
+    deployment.collection().drop().await.expect("drop");
     let dropped = Instant::now();
     loop {
         let mut left = Vec::new();
         for id in &ids {
-            for replica in cluster.replicas() {
-                let served = cluster.get(replica, id).await;
+            for replica in deployment.replicas() {
+                let served = deployment.get(replica, id).await;
                 if served.status != 404 {
                     left.push(format!(
                         "{id} on {}: {} {}",
@@ -151,7 +151,7 @@ async fn a_collection_drop_flushes_every_tier() {
                 }
             }
         }
-        let keys = cluster.feature_keys().await;
+        let keys = deployment.feature_keys().await;
         if left.is_empty() && keys.is_empty() {
             break;
         }
@@ -168,27 +168,29 @@ async fn a_collection_drop_flushes_every_tier() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        cluster.feature_keys().await,
+        deployment.feature_keys().await,
         Vec::<String>::new(),
         "something refilled Redis"
     );
 
     // The invalidator follows the re-created collection.
     let id = &ids[0];
-    let doc = cluster.post(&cluster.a, id, json!({"n": "again"})).await;
+    let doc = deployment
+        .post(&deployment.a, id, json!({"n": "again"}))
+        .await;
     let v1 = doc["version"].as_i64().expect("version");
-    cluster.warm(&cluster.b, id).await;
-    let v2 = cluster.write_versioned(id, json!({"n": "tool"})).await;
+    deployment.warm(&deployment.b, id).await;
+    let v2 = deployment.write_versioned(id, json!({"n": "tool"})).await;
     assert!(v2 > v1);
-    let took = cluster
+    let took = deployment
         .wait_consistent(std::slice::from_ref(id), LAG_BOUND)
         .await;
     println!(
         "a change after the re-creation reached both replicas after {}",
         ms(took)
     );
-    assert_eq!(cluster.get(&cluster.b, id).await.version(), Some(v2));
-    cluster.finish().await;
+    assert_eq!(deployment.get(&deployment.b, id).await.version(), Some(v2));
+    deployment.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +198,7 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
     // A server of the test's own: pruning the oplog would disturb every other
     // test's change stream on the shared one.
     let mongo = TestMongo::start(&["--oplog-max-entries", "20"]).await;
-    let mut cluster = Cluster::start(
+    let mut deployment = Deployment::start(
         "inv_history",
         Options {
             mongo_uri: Some(mongo.uri()),
@@ -205,57 +207,60 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
     )
     .await;
     let ids = ids("lost", 6);
-    let seeded = seed(&cluster, &ids).await;
-    cluster.wait_consistent(&ids, LAG_BOUND).await;
+    let seeded = seed(&deployment, &ids).await;
+    deployment.wait_consistent(&ids, LAG_BOUND).await;
 
     // Graceful stop: the invalidator saves where it stands.
-    let status = cluster.inv().terminate(Duration::from_secs(15)).await;
+    let status = deployment.inv().terminate(Duration::from_secs(15)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "invalidator exit: {status:?}"
     );
     assert!(
-        cluster.redis_get(&cluster.token_key()).await.is_some(),
+        deployment
+            .redis_get(&deployment.token_key())
+            .await
+            .is_some(),
         "no saved token"
     );
 
     // Changes nobody announces: through A (B's near cache keeps the old
     // version), and straight into MongoDB (both near caches and Redis keep it).
     for id in &ids[..3] {
-        cluster.post(&cluster.a, id, json!({"n": 1})).await;
+        deployment.post(&deployment.a, id, json!({"n": 1})).await;
     }
     for id in &ids[3..] {
-        cluster
+        deployment
             .write_versioned(id, json!({"n": 1, "via": "driver"}))
             .await;
     }
     // Enough other writes that a 20-entry oplog no longer holds the token.
-    let other = cluster
+    let other = deployment
         .mongo
-        .database(&cluster.db_name)
+        .database(&deployment.db_name)
         .collection::<bson::Document>("other");
     for i in 0..30 {
         other.insert_one(bson::doc! {"i": i}).await.expect("insert");
     }
     let reply = mongo.prune_oplog().await;
     println!("pruneOplog: {reply}");
-    let stale = cluster.get(&cluster.b, &ids[0]).await;
+    let stale = deployment.get(&deployment.b, &ids[0]).await;
     assert_eq!(
         (stale.version(), stale.source()),
         (Some(seeded[0]), Some("local")),
         "B's near cache should still hold the version before the outage: {}",
         stale.body
     );
-    let gaps_before = counter(&cluster.follower(&cluster.b).await, "gaps");
+    let gaps_before = counter(&deployment.follower(&deployment.b).await, "gaps");
 
     let restarted = Instant::now();
-    cluster.inv().restart().await;
-    let inv = &cluster.invalidators[0];
+    deployment.inv().restart().await;
+    let inv = &deployment.invalidators[0];
     loop {
-        let lost = cluster
+        let lost = deployment
             .metric(inv, "invalidator_history_lost_total", &[])
             .await;
-        let flushed = cluster
+        let flushed = deployment
             .metric(
                 inv,
                 "invalidator_flushes_total",
@@ -276,7 +281,7 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
         ms(restarted.elapsed())
     );
     assert_eq!(
-        cluster.feature_keys().await,
+        deployment.feature_keys().await,
         Vec::<String>::new(),
         "Redis still holds cached documents after the flush"
     );
@@ -286,9 +291,9 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
     );
 
     // The replicas drop their near caches: nothing stale is served.
-    let took = cluster.wait_consistent(&ids, LAG_BOUND).await;
+    let took = deployment.wait_consistent(&ids, LAG_BOUND).await;
     println!("every tier equal to MongoDB {} after the flush", ms(took));
-    let follower = cluster.follower(&cluster.b).await;
+    let follower = deployment.follower(&deployment.b).await;
     assert!(
         counter(&follower, "gaps") > gaps_before,
         "B noticed no gap: {follower}"
@@ -296,23 +301,25 @@ async fn lost_history_flushes_every_tier_and_tailing_goes_on() {
 
     // And later changes propagate as usual.
     for id in &ids {
-        for replica in cluster.replicas() {
-            cluster.warm(replica, id).await;
+        for replica in deployment.replicas() {
+            deployment.warm(replica, id).await;
         }
     }
-    cluster.post(&cluster.a, &ids[0], json!({"n": 2})).await;
-    cluster
+    deployment
+        .post(&deployment.a, &ids[0], json!({"n": 2}))
+        .await;
+    deployment
         .write_versioned(&ids[3], json!({"n": 2, "via": "driver"}))
         .await;
-    cluster.set_unversioned(&ids[4], "features.x", 42).await;
-    let took = cluster.wait_consistent(&ids, LAG_BOUND).await;
+    deployment.set_unversioned(&ids[4], "features.x", 42).await;
+    let took = deployment.wait_consistent(&ids, LAG_BOUND).await;
     println!(
         "changes after the restart reached both replicas after {}",
         ms(took)
     );
-    let served = cluster.get(&cluster.b, &ids[4]).await;
+    let served = deployment.get(&deployment.b, &ids[4]).await;
     assert_eq!(served.body["features"]["x"], 42);
-    cluster.finish().await;
+    deployment.finish().await;
     drop(mongo);
 }
 
@@ -329,7 +336,7 @@ async fn a_write_while_the_stream_opens_is_not_lost() {
         "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
         proxy.port()
     );
-    let mut cluster = Cluster::start(
+    let mut deployment = Deployment::start(
         "inv_fresh_start",
         Options {
             invalidator_env: vec![
@@ -342,23 +349,23 @@ async fn a_write_while_the_stream_opens_is_not_lost() {
     )
     .await;
     let id = "fresh-1".to_owned();
-    let v1 = cluster.post(&cluster.a, &id, json!({"n": 1})).await["version"]
+    let v1 = deployment.post(&deployment.a, &id, json!({"n": 1})).await["version"]
         .as_i64()
         .expect("version");
-    cluster.warm(&cluster.b, &id).await;
+    deployment.warm(&deployment.b, &id).await;
 
     // Restart without a saved position, while MongoDB answers it slowly.
-    cluster.inv().kill9();
-    let token_key = cluster.token_key();
+    deployment.inv().kill9();
+    let token_key = deployment.token_key();
     let _: i64 = redis::cmd("DEL")
         .arg(&token_key)
-        .query_async(&mut cluster.redis.client().await)
+        .query_async(&mut deployment.redis.client().await)
         .await
         .expect("DEL");
     proxy.close();
-    cluster.inv().restart().await;
+    deployment.inv().restart().await;
     let started = Instant::now();
-    while !cluster.is_leader(&cluster.invalidators[0]).await {
+    while !deployment.is_leader(&deployment.invalidators[0]).await {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "it does not lead"
@@ -368,16 +375,16 @@ async fn a_write_while_the_stream_opens_is_not_lost() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Meanwhile B caches the key, and the key is written.
-    let cached = cluster.get(&cluster.b, &id).await;
+    let cached = deployment.get(&deployment.b, &id).await;
     assert_eq!(cached.version(), Some(v1));
-    cluster.get(&cluster.b, &id).await;
-    let v2 = cluster
+    deployment.get(&deployment.b, &id).await;
+    let v2 = deployment
         .write_versioned(&id, json!({"n": 2, "via": "driver"}))
         .await;
     assert!(v2 > v1);
 
     proxy.open();
-    while cluster
+    while deployment
         .redis_get(&token_key)
         .await
         .is_none_or(|t| t.is_empty())
@@ -388,14 +395,14 @@ async fn a_write_while_the_stream_opens_is_not_lost() {
         );
         tokio::time::sleep(POLL).await;
     }
-    let took = cluster
+    let took = deployment
         .wait_consistent(std::slice::from_ref(&id), LAG_BOUND)
         .await;
     println!(
         "B served the write made while the stream opened after {}",
         ms(took)
     );
-    cluster.finish().await;
+    deployment.finish().await;
 }
 
 /// A replica that starts while Redis is down serves (and caches) from
@@ -406,26 +413,26 @@ async fn a_write_while_the_stream_opens_is_not_lost() {
 /// Redis through a gated proxy, so it subscribes after that flush for sure.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_while_redis_is_down_serves_nothing_stale() {
-    let mut cluster = Cluster::start("inv_redis_down", Options::default()).await;
+    let mut deployment = Deployment::start("inv_redis_down", Options::default()).await;
     let id = "down-1".to_owned();
-    let v1 = cluster.post(&cluster.a, &id, json!({"n": 1})).await["version"]
+    let v1 = deployment.post(&deployment.a, &id, json!({"n": 1})).await["version"]
         .as_i64()
         .expect("version");
 
-    cluster.redis.stop();
-    let redis_addr = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.redis.port()));
+    deployment.redis.stop();
+    let redis_addr = std::net::SocketAddr::from(([127, 0, 0, 1], deployment.redis.port()));
     let proxy = testkit::proxy::GatedProxy::start(redis_addr).await;
     proxy.close();
     let c_redis = format!("redis://127.0.0.1:{}/0", proxy.port());
-    let c = cluster
+    let c = deployment
         .start_replica("api-c", &[("REDIS_URL", c_redis.as_str())])
         .await;
-    let mut served = cluster.get(&c, &id).await;
+    let mut served = deployment.get(&c, &id).await;
     for _ in 0..5 {
         if served.source() == Some("local") {
             break;
         }
-        served = cluster.get(&c, &id).await;
+        served = deployment.get(&c, &id).await;
     }
     assert_eq!(
         (served.version(), served.source()),
@@ -433,23 +440,23 @@ async fn a_replica_started_while_redis_is_down_serves_nothing_stale() {
         "C should cache what MongoDB holds while Redis is down: {}",
         served.body
     );
-    let v2 = cluster
+    let v2 = deployment
         .write_versioned(&id, json!({"n": 2, "via": "driver"}))
         .await;
 
     // Redis comes back empty: no resume token, no lease, no stream. The
     // invalidator starts afresh (and announces a flush) before C gets through.
-    cluster.redis.restart().await;
+    deployment.redis.restart().await;
     let back = Instant::now();
-    cluster.wait_leading(Duration::from_secs(15)).await;
+    deployment.wait_leading(Duration::from_secs(15)).await;
     proxy.open();
-    cluster.wait_subscribed(&c).await;
+    deployment.wait_subscribed(&c).await;
     println!(
         "after Redis came back: the invalidator led again and C subscribed within {}",
         ms(back.elapsed())
     );
     loop {
-        let served = cluster.get(&c, &id).await;
+        let served = deployment.get(&c, &id).await;
         if served.version() == Some(v2) {
             break;
         }
@@ -466,11 +473,11 @@ async fn a_replica_started_while_redis_is_down_serves_nothing_stale() {
         "C served the current version {} after Redis came back",
         ms(back.elapsed())
     );
-    let follower = cluster.follower(&c).await;
+    let follower = deployment.follower(&c).await;
     assert!(
         counter(&follower, "flushes") >= 1,
         "C did not flush: {follower}"
     );
     drop(c);
-    cluster.finish().await;
+    deployment.finish().await;
 }

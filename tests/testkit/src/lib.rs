@@ -1,5 +1,6 @@
-//! Test support for the workspace's integration tests. A dev-dependency only:
-//! product code never links it.
+//! Infrastructure for the workspace's tests (and local runs): real servers
+//! and processes, never a mock. Product code never links it, and it links no
+//! product crate: services are started as processes, from their binaries.
 //!
 //! - [`redis`]: [`TestRedis`], a private `redis-server` per test on a free
 //!   port, which can be stopped and restarted on the same port.
@@ -8,8 +9,11 @@
 //! - [`process`]: [`ChildGuard`] (a child process killed on drop), free ports,
 //!   waiting for ports and HTTP endpoints, locating workspace binaries.
 //! - [`wait`]: [`eventually`], polling until a condition holds.
-//! - [`api`]: [`TestApi`], `cache_api::Application` served in-process on port 0.
-//! - [`stack`]: [`TestStack`], the usual trio — own Redis, own database, API.
+//! - [`services`]: [`services::ServiceProcess`], a workspace binary run as a
+//!   child process with its own environment and log file.
+//! - [`secantus`]: [`secantus::TestMongo`], a MongoDB stand-in of the test's own.
+//! - [`proxy`]: [`proxy::GatedProxy`], a TCP proxy a test can hold and release.
+//! - [`otlp`]: [`otlp::OtlpReceiver`], an OTLP/HTTP receiver that decodes spans.
 //! - [`prometheus`]: reading values out of the Prometheus text format.
 //!
 //! The services come from the test bed: run the tests through
@@ -17,7 +21,6 @@
 //! (it exports `MONGO_URI`, `REDIS_SERVER`, …). The system Redis on port 6379
 //! is never used.
 
-pub mod api;
 pub mod mongo;
 pub mod otlp;
 pub mod process;
@@ -26,12 +29,9 @@ pub mod proxy;
 pub mod redis;
 pub mod secantus;
 pub mod services;
-pub mod stack;
 pub mod wait;
 
-pub use api::TestApi;
 pub use mongo::{TestDb, mongo_uri, unique_db};
 pub use process::{ChildGuard, cargo_bin, free_port, wait_for_port, wait_http_ok};
 pub use redis::TestRedis;
-pub use stack::TestStack;
 pub use wait::{Check, eventually};

@@ -2,12 +2,12 @@
 //! stale fills and resurrections, tombstones, Redis TTLs, and expired
 //! documents that are never served from any tier.
 
+use crate::support::TestStack;
 use chrono::{DateTime, Duration, Utc};
 use feature_cache::{CacheTier, CachedDocument, Entry};
 use feature_store::FeatureDocument;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use testkit::TestStack;
 
 async fn write(stack: &TestStack, id: &str, features: Value) -> Value {
     let reply = stack

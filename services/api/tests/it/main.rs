@@ -1,0 +1,11 @@
+//! The API service's integration tests: `cache_api::Application` in-process
+//! on a free port over a Redis and a database of each test's own.
+
+mod support;
+
+mod bulk_batch;
+mod coalescing;
+mod contract;
+mod errors;
+mod resilience;
+mod tiers;

@@ -1,0 +1,9 @@
+//! System tests: the real binaries as processes (`cache-invalidator`, two or
+//! more `cache-api` replicas) over a Redis and a database of each test's own.
+//! See `system_tests::Deployment` for the arrangement.
+
+mod convergence;
+mod failover;
+mod gaps;
+mod propagation;
+mod tracing;
