@@ -27,8 +27,8 @@ where
 /// Whether a caller ran the load or waited on another caller's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Leader,
-    Follower,
+    Loader,
+    Waiter,
 }
 
 impl<K, V> Coalescer<K, V>
@@ -46,7 +46,7 @@ where
         let (shared, role) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
             match inflight.get(&key) {
-                Some(shared) => (shared.clone(), Role::Follower),
+                Some(shared) => (shared.clone(), Role::Waiter),
                 None => {
                     let table = Arc::clone(&self.inflight);
                     let done_key = key.clone();
@@ -62,7 +62,7 @@ where
                     .boxed()
                     .shared();
                     inflight.insert(key, shared.clone());
-                    (shared, Role::Leader)
+                    (shared, Role::Loader)
                 }
             }
         };
@@ -101,14 +101,14 @@ mod tests {
                     .await
             }));
         }
-        let mut leaders = 0;
+        let mut loaders = 0;
         for task in tasks {
             let (value, role) = task.await.unwrap();
             assert_eq!(value, 7);
-            leaders += usize::from(role == Role::Leader);
+            loaders += usize::from(role == Role::Loader);
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
-        assert_eq!(leaders, 1);
+        assert_eq!(loaders, 1);
         assert_eq!(coalescer.in_flight(), 0);
     }
 
@@ -129,9 +129,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         first.abort();
         let (value, role) = coalescer.run("k".to_owned(), || async { 2 }).await;
-        assert_eq!((value, role), (1, Role::Follower));
+        assert_eq!((value, role), (1, Role::Waiter));
         assert_eq!(coalescer.in_flight(), 0);
         let (value, role) = coalescer.run("k".to_owned(), || async { 3 }).await;
-        assert_eq!((value, role), (3, Role::Leader));
+        assert_eq!((value, role), (3, Role::Loader));
     }
 }

@@ -54,15 +54,15 @@ impl CachedDocument {
 ///
 /// Entries are totally ordered by `(version, rank)`, and a tier replaces what
 /// it holds only with an entry that is strictly greater — the version guard.
-/// At one version, a fence < the document < its tombstone, so:
+/// At one version, a floor < the document < its tombstone, so:
 /// - a fill of an older document never overwrites a newer one;
 /// - a tombstone at the deleted version beats a late fill of that version;
-/// - a fence at version v evicts anything older while letting version v in.
+/// - a floor at version v evicts anything older while letting version v in.
 #[derive(Debug, Clone)]
 pub enum Entry {
-    /// Versions below `version` are stale (an invalidation in delete mode, or
-    /// a change the replica heard about but does not hold).
-    Fence {
+    /// A version floor: versions below `version` are stale (an invalidation
+    /// in delete mode, or a change the replica heard about but does not hold).
+    Floor {
         customer_id: String,
         version: i64,
     },
@@ -77,14 +77,14 @@ pub enum Entry {
 impl Entry {
     pub fn customer_id(&self) -> &str {
         match self {
-            Self::Fence { customer_id, .. } | Self::Tombstone { customer_id, .. } => customer_id,
+            Self::Floor { customer_id, .. } | Self::Tombstone { customer_id, .. } => customer_id,
             Self::Document(doc) => &doc.customer_id,
         }
     }
 
     pub fn version(&self) -> i64 {
         match self {
-            Self::Fence { version, .. } | Self::Tombstone { version, .. } => *version,
+            Self::Floor { version, .. } | Self::Tombstone { version, .. } => *version,
             Self::Document(doc) => doc.version,
         }
     }
@@ -92,7 +92,7 @@ impl Entry {
     /// Rank within one version; mirrored by the Lua guard in `redis_tier`.
     pub fn rank(&self) -> u8 {
         match self {
-            Self::Fence { .. } => 0,
+            Self::Floor { .. } => 0,
             Self::Document(_) => 1,
             Self::Tombstone { .. } => 2,
         }
@@ -112,12 +112,13 @@ impl Entry {
         }
     }
 
-    /// The value stored in Redis: the document JSON itself, or a small marker.
+    /// The value stored in Redis: the document JSON itself, or a small marker
+    /// (a floor is stored as `"fence":true`, its name on the wire).
     pub fn to_redis_value(&self) -> String {
         match self {
             Self::Document(doc) => doc.json.get().to_owned(),
             Self::Tombstone { version, .. } => format!(r#"{{"version":{version},"deleted":true}}"#),
-            Self::Fence { version, .. } => format!(r#"{{"version":{version},"fence":true}}"#),
+            Self::Floor { version, .. } => format!(r#"{{"version":{version},"fence":true}}"#),
         }
     }
 
@@ -153,7 +154,7 @@ impl Entry {
             });
         }
         if fence {
-            return Some(Entry::Fence {
+            return Some(Entry::Floor {
                 customer_id,
                 version,
             });
@@ -171,7 +172,7 @@ impl Entry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -195,8 +196,8 @@ mod tests {
         }
     }
 
-    fn fence(version: i64) -> Entry {
-        Entry::Fence {
+    fn floor(version: i64) -> Entry {
+        Entry::Floor {
             customer_id: "C1".into(),
             version,
         }
@@ -218,16 +219,16 @@ mod tests {
     }
 
     #[test]
-    fn fence_evicts_older_and_admits_its_own_version() {
-        assert!(fence(5).supersedes(&doc(4)));
-        assert!(!fence(5).supersedes(&doc(5)));
-        assert!(doc(5).supersedes(&fence(5)));
-        assert!(!doc(4).supersedes(&fence(5)));
+    fn floor_evicts_older_and_admits_its_own_version() {
+        assert!(floor(5).supersedes(&doc(4)));
+        assert!(!floor(5).supersedes(&doc(5)));
+        assert!(doc(5).supersedes(&floor(5)));
+        assert!(!doc(4).supersedes(&floor(5)));
     }
 
     #[test]
     fn redis_values_round_trip() {
-        for entry in [doc(3), tombstone(4), fence(5)] {
+        for entry in [doc(3), tombstone(4), floor(5)] {
             let raw = entry.to_redis_value();
             assert!(
                 raw.starts_with(&format!(r#"{{"version":{},"#, entry.version())),

@@ -1,25 +1,36 @@
 //! The cache tiers and the read path through them.
 //!
-//! - [`entry`]: what a tier holds for a customer — a document, a tombstone or a
-//!   fence — and the one ordering rule between them (the version guard).
+//! - [`keyspace`]: the Redis keyspace — document keys, the control keys in a
+//!   namespace no customer id can reach, and one TTL policy.
+//! - [`entry`]: what a tier holds for a customer — a document, a tombstone or
+//!   a version floor — and the one ordering rule between them (the version
+//!   guard).
 //! - [`tier`]: [`CacheTier`], the trait both tiers implement: look up, and offer
 //!   an entry that is kept only if it supersedes what is there.
 //! - [`near`]: the in-process near cache (moka), with the guard and an epoch that
-//!   fences fills across a flush.
-//! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set.
+//!   refuses fills across a flush.
+//! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set, the
+//!   fenced writer the invalidator writes through, and flushes.
+//! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
 //! - [`tiered`]: [`TieredStore`], the tiered read path (near → Redis →
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
 pub mod coalesce;
 pub mod entry;
+pub mod fence;
+pub mod keyspace;
 pub mod near;
 pub mod redis_tier;
 pub mod tier;
 pub mod tiered;
 
 pub use entry::{CachedDocument, Entry};
-pub use near::NearCache;
-pub use redis_tier::{Offer, RedisHealth, RedisTier, TierError};
+pub use fence::Fence;
+pub use keyspace::{ControlKeys, TtlPolicy};
+pub use near::{NearCache, NearCacheConfig};
+pub use redis_tier::{
+    FencedWriteError, FencedWriter, Offer, RedisConfig, RedisHealth, RedisTier, TierError,
+};
 pub use tier::CacheTier;
-pub use tiered::{Lookup, ReadError, Source, TieredStore, WriteOutcome};
+pub use tiered::{Lookup, Source, TieredStore, WriteOutcome};

@@ -6,6 +6,13 @@ use moka::sync::Cache;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// How big the near cache may grow and how long an entry may stay.
+#[derive(Debug, Clone, Copy)]
+pub struct NearCacheConfig {
+    pub max_entries: u64,
+    pub ttl: Duration,
+}
+
 /// The in-process near cache: bounded by entries and a short TTL, guarded by
 /// version like every tier.
 ///
@@ -19,10 +26,10 @@ pub struct NearCache {
 }
 
 impl NearCache {
-    pub fn new(max_entries: u64, ttl: Duration) -> Self {
+    pub fn new(config: &NearCacheConfig) -> Self {
         let entries = Cache::builder()
-            .max_capacity(max_entries)
-            .time_to_live(ttl)
+            .max_capacity(config.max_entries)
+            .time_to_live(config.ttl)
             .eviction_listener(|_key, _value, cause| {
                 let cause = match cause {
                     RemovalCause::Expired => "expired",

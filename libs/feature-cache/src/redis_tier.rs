@@ -1,7 +1,7 @@
 use crate::entry::Entry;
+use crate::fence::Fence;
+use crate::keyspace::{DOCUMENT_PREFIX, TtlPolicy, document_key};
 use crate::tier::CacheTier;
-use chrono::Utc;
-use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use std::time::{Duration, Instant};
@@ -9,23 +9,42 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TierError {
-    #[error("Redis error: {0}")]
+    #[error("Redis failed")]
     Redis(#[from] redis::RedisError),
 }
 
-/// The Redis key of a customer, exactly as operators expect it.
-pub fn key(customer_id: &str) -> String {
-    format!("features:{customer_id}")
+/// Why a fenced write did not land.
+#[derive(Debug, Error)]
+pub enum FencedWriteError {
+    /// The fence moved: another writer holds it now.
+    #[error("fenced: this writer no longer holds the fence")]
+    Fenced,
+    #[error("Redis failed")]
+    Redis(#[source] redis::RedisError),
 }
 
-/// Key prefix of every cached customer; used by flushes (SCAN MATCH prefix*).
-pub const KEY_PREFIX: &str = "features:";
+impl From<redis::RedisError> for FencedWriteError {
+    fn from(err: redis::RedisError) -> Self {
+        if Fence::refused(&err) {
+            Self::Fenced
+        } else {
+            Self::Redis(err)
+        }
+    }
+}
+
+/// Where Redis is and how long entries live there.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Each command's deadline (and the connect timeout).
+    pub timeout: Duration,
+    pub ttl: TtlPolicy,
+}
 
 /// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..4]` the
-/// entry's version, rank, value and TTL in ms. Other scripts (the
-/// invalidator's fenced writes) are built on the same text, so the rule
-/// exists once.
-pub const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
+/// entry's version, rank, value and TTL in ms.
+const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
 
 /// What the guard did with an offered entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +57,19 @@ pub enum Offer {
     Refused,
 }
 
+impl Offer {
+    fn of_reply(reply: i64) -> Self {
+        match reply {
+            1 => Self::Stored,
+            2 => Self::AlreadyCurrent,
+            _ => {
+                metrics::counter!("version_guard_rejections_total", "tier" => "redis").increment(1);
+                Self::Refused
+            }
+        }
+    }
+}
+
 /// Health figures for `/api/health/`.
 #[derive(Debug, Clone)]
 pub struct RedisHealth {
@@ -46,53 +78,36 @@ pub struct RedisHealth {
     pub used_memory: String,
 }
 
-/// The shared Redis tier. Commands time out after `timeout`, and the
-/// connection reconnects by itself, so a dead Redis costs a request at most
-/// one short wait before it falls through to MongoDB.
+/// The shared Redis tier. Commands time out after the configured timeout,
+/// and the connection reconnects by itself, so a dead Redis costs a request
+/// at most one short wait before it falls through to MongoDB.
 #[derive(Clone)]
 pub struct RedisTier {
     conn: ConnectionManager,
     guard: Script,
-    document_ttl: Duration,
-    marker_ttl: Duration,
+    ttl: TtlPolicy,
 }
 
 impl RedisTier {
     /// Connects lazily: the service starts even while Redis is down.
-    pub fn connect(
-        url: &str,
-        timeout: Duration,
-        document_ttl: Duration,
-        marker_ttl: Duration,
-    ) -> Result<Self, TierError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
+    pub fn connect(config: &RedisConfig) -> Result<Self, TierError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let options = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, options)?;
         Ok(Self {
             conn,
             guard: Script::new(GUARD_SCRIPT),
-            document_ttl,
-            marker_ttl,
+            ttl: config.ttl,
         })
     }
 
-    /// Connects with the configured `REDIS_*` and `TOMBSTONE_TTL_MS` settings.
-    pub fn from_settings(settings: &settings::Settings) -> Result<Self, TierError> {
-        Self::connect(
-            &settings.redis_url,
-            settings.redis_timeout,
-            settings.redis_ttl,
-            settings.tombstone_ttl,
-        )
-    }
-
     /// A handle on the same multiplexed connection, for other components
-    /// (health, the invalidation follower's catch-up reads).
+    /// (health, the invalidation subscriber's catch-up reads, announcements).
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
@@ -102,7 +117,7 @@ impl RedisTier {
         let raw: Option<String> = self
             .conn
             .clone()
-            .get(key(customer_id))
+            .get(document_key(customer_id))
             .await
             .inspect_err(|_| count_error("GET"))?;
         Ok(raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)))
@@ -114,7 +129,7 @@ impl RedisTier {
         if customer_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = customer_ids.iter().map(|id| key(id)).collect();
+        let keys: Vec<String> = customer_ids.iter().map(|id| document_key(id)).collect();
         let raw: Vec<Option<String>> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut self.conn.clone())
@@ -133,14 +148,9 @@ impl RedisTier {
         let mut pipe = redis::pipe();
         let mut offered = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
-            if let Some(ttl) = self.ttl_of(entry) {
+            if let Some(ttl_ms) = self.ttl.ttl_ms_of(entry) {
                 let mut invocation = self.guard.prepare_invoke();
-                invocation
-                    .key(key(entry.customer_id()))
-                    .arg(entry.version())
-                    .arg(entry.rank())
-                    .arg(entry.to_redis_value())
-                    .arg(ttl.as_millis() as u64);
+                guard_args(&mut invocation, entry, ttl_ms);
                 pipe.invoke_script(&invocation);
                 offered.push(index);
             }
@@ -167,37 +177,52 @@ impl RedisTier {
             }
         };
         for (index, reply) in offered.into_iter().zip(replies) {
-            outcomes[index] = match reply {
-                1 => Offer::Stored,
-                2 => Offer::AlreadyCurrent,
-                _ => {
-                    metrics::counter!("version_guard_rejections_total", "tier" => "redis")
-                        .increment(1);
-                    Offer::Refused
-                }
-            };
+            outcomes[index] = Offer::of_reply(reply);
         }
         Ok(outcomes)
     }
 
-    /// How long an entry may live in Redis: documents no longer than `REDIS_TTL`
-    /// nor past their own expiry, shortened by up to 5 % of jitter so keys
-    /// written together do not expire together; markers for the tombstone TTL.
-    /// `None` for a document that has already expired.
-    fn ttl_of(&self, entry: &Entry) -> Option<Duration> {
-        match entry {
-            Entry::Document(doc) => {
-                let mut ttl = self.document_ttl;
-                if let Some(expires_at) = doc.expires_at {
-                    let left = (expires_at - Utc::now()).to_std().ok()?;
-                    ttl = ttl.min(left);
-                }
-                let jitter_ms = (ttl.as_millis() as u64) / 20;
-                let jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
-                let ttl = ttl.saturating_sub(jitter);
-                (ttl >= Duration::from_millis(1)).then_some(ttl)
+    /// A writer whose every write lands only while `fence` holds; made once
+    /// per term of whoever holds the fence.
+    pub fn fenced(&self, fence: Fence) -> FencedWriter {
+        FencedWriter {
+            conn: self.conn.clone(),
+            script: Fence::script(GUARD_SCRIPT),
+            fence,
+            ttl: self.ttl,
+        }
+    }
+
+    /// Deletes every cached customer entry (`features:*` strings; other
+    /// types under the prefix are not ours) with SCAN and UNLINK, never KEYS.
+    /// Returns how many keys were removed.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "SCAN+UNLINK"))]
+    pub async fn flush_documents(&self) -> Result<u64, TierError> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{DOCUMENT_PREFIX}*"))
+                .arg("TYPE")
+                .arg("string")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
+                removed += n;
             }
-            Entry::Tombstone { .. } | Entry::Fence { .. } => Some(self.marker_ttl),
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
         }
     }
 
@@ -223,6 +248,47 @@ impl RedisTier {
             used_memory,
         })
     }
+}
+
+/// The guarded write of one writer behind a [`Fence`].
+#[derive(Clone)]
+pub struct FencedWriter {
+    conn: ConnectionManager,
+    script: Script,
+    fence: Fence,
+    ttl: TtlPolicy,
+}
+
+impl FencedWriter {
+    /// Offers `entry` through the version guard while the fence holds.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", customer_id = entry.customer_id()))]
+    pub async fn offer(&self, entry: &Entry) -> Result<Offer, FencedWriteError> {
+        let Some(ttl_ms) = self.ttl.ttl_ms_of(entry) else {
+            return Ok(Offer::Refused);
+        };
+        let mut invocation = self.script.prepare_invoke();
+        guard_args(&mut invocation, entry, ttl_ms);
+        self.fence.append(&mut invocation);
+        let reply: i64 = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .inspect_err(|_| count_error("EVALSHA"))?;
+        Ok(Offer::of_reply(reply))
+    }
+
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+}
+
+/// The guard script's keys and arguments for `entry`.
+fn guard_args(invocation: &mut redis::ScriptInvocation<'_>, entry: &Entry, ttl_ms: u64) {
+    invocation
+        .key(document_key(entry.customer_id()))
+        .arg(entry.version())
+        .arg(entry.rank())
+        .arg(entry.to_redis_value())
+        .arg(ttl_ms);
 }
 
 impl CacheTier for RedisTier {

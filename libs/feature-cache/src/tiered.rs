@@ -7,7 +7,6 @@ use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, Sto
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use thiserror::Error;
 use tracing::Instrument;
 
 /// The tier that answered a read.
@@ -34,25 +33,6 @@ pub struct Lookup {
     pub source: Source,
 }
 
-/// Reads fail only when MongoDB is needed and cannot answer; Redis trouble
-/// degrades to MongoDB and is never an error for the caller.
-#[derive(Debug, Error, Clone)]
-pub enum ReadError {
-    #[error("MongoDB is unavailable: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Store(String),
-}
-
-impl From<StoreError> for ReadError {
-    fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::Unavailable(reason) => Self::Unavailable(reason),
-            other => Self::Store(other.to_string()),
-        }
-    }
-}
-
 /// The result of a write: the stored document, rendered once.
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
@@ -60,7 +40,10 @@ pub struct WriteOutcome {
     pub created: bool,
 }
 
-type LoadResult = Result<Option<Lookup>, ReadError>;
+/// Reads and writes fail only when MongoDB is needed and cannot answer (or
+/// refuses); Redis trouble degrades to MongoDB and is never an error for the
+/// caller. A failed load is shared by every caller that waited on it.
+type LoadResult = Result<Option<Lookup>, StoreError>;
 
 /// MongoDB seen through its cache tiers: reads go near cache → Redis →
 /// MongoDB and warm the tiers above on the way back; writes go to MongoDB
@@ -132,7 +115,7 @@ impl TieredStore {
     }
 
     /// One customer's document from the nearest tier that has it.
-    pub async fn get(&self, id: &CustomerId) -> Result<Option<Lookup>, ReadError> {
+    pub async fn get(&self, id: &CustomerId) -> LoadResult {
         if let Some(near) = &self.inner.near {
             let span = tracing::info_span!(
                 "near_cache.get",
@@ -174,7 +157,7 @@ impl TieredStore {
                 async move { this.load_from_store(&key, epoch).await }.in_current_span()
             })
             .await;
-        if role == Role::Follower {
+        if role == Role::Waiter {
             self.inner.counters.coalesced_waits.increment(1);
             tracing::debug!(customer_id = %id, "waited on a coalesced load");
         }
@@ -237,7 +220,7 @@ impl TieredStore {
     pub async fn get_many(
         &self,
         ids: &[CustomerId],
-    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), ReadError> {
+    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {
         let mut seen = HashSet::with_capacity(ids.len());
         let unique: Vec<&CustomerId> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
         let now = Utc::now();

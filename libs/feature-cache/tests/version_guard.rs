@@ -2,8 +2,11 @@
 //! read/write race through the tiered store against the MongoDB stand-in.
 
 use chrono::{Duration as ChronoDuration, Utc};
-use feature_cache::{CacheTier, CachedDocument, Entry, NearCache, RedisTier, TieredStore};
-use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite};
+use feature_cache::{
+    CacheTier, CachedDocument, Entry, Fence, FencedWriteError, NearCache, NearCacheConfig, Offer,
+    RedisConfig, RedisTier, TieredStore, TtlPolicy,
+};
+use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreConfig};
 use serde_json::json;
 use std::time::Duration;
 use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
@@ -35,8 +38,8 @@ fn tombstone(version: i64) -> Entry {
     }
 }
 
-fn fence(version: i64) -> Entry {
-    Entry::Fence {
+fn floor(version: i64) -> Entry {
+    Entry::Floor {
         customer_id: "C1".into(),
         version,
     }
@@ -82,42 +85,36 @@ async fn guard_contract<T: CacheTier>(tier: &T) {
     );
 
     assert!(
-        tier.offer(fence(5)).await.unwrap(),
-        "a fence evicts older content"
+        tier.offer(floor(5)).await.unwrap(),
+        "a floor evicts older content"
     );
     assert!(
         !tier.offer(doc(4, 4)).await.unwrap(),
-        "content older than the fence loses"
+        "content older than the floor loses"
     );
     assert!(
         tier.offer(doc(5, 5)).await.unwrap(),
-        "the fenced version itself gets in"
+        "the floor's version itself gets in"
     );
     assert_eq!(held(tier).await, Some((5, 1)));
 }
 
 #[tokio::test]
 async fn near_cache_keeps_the_guard_contract() {
-    let near = NearCache::new(1000, Duration::from_secs(60));
+    let near = near_cache();
     guard_contract(&near).await;
 }
 
 #[tokio::test]
 async fn redis_keeps_the_guard_contract() {
     let redis = TestRedis::start().await;
-    let tier = RedisTier::connect(
-        &redis.url(),
-        Duration::from_secs(2),
-        Duration::from_secs(3600),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));
     guard_contract(&tier).await;
 }
 
 #[tokio::test]
 async fn a_fill_that_started_before_a_flush_is_refused() {
-    let near = NearCache::new(1000, Duration::from_secs(60));
+    let near = near_cache();
     let epoch = near.epoch();
     near.flush();
     assert!(!near.offer_at(doc(1, 1), epoch));
@@ -128,13 +125,11 @@ async fn a_fill_that_started_before_a_flush_is_refused() {
 #[tokio::test]
 async fn redis_ttl_is_capped_by_expiry_and_setting_and_jitter_only_shortens() {
     let redis = TestRedis::start().await;
-    let tier = RedisTier::connect(
-        &redis.url(),
-        Duration::from_secs(2),
+    let tier = redis_tier(
+        &redis,
         Duration::from_secs(100),
         Duration::from_millis(1500),
-    )
-    .unwrap();
+    );
     let mut conn = redis.client().await;
     let pttl = |mut conn: redis::aio::MultiplexedConnection| async move {
         let ms: i64 = redis::cmd("PTTL")
@@ -183,23 +178,17 @@ async fn redis_ttl_is_capped_by_expiry_and_setting_and_jitter_only_shortens() {
 }
 
 async fn tiered(redis: &TestRedis, near: bool) -> (TieredStore, FeatureStore) {
-    let store = FeatureStore::connect(
-        &mongo_uri(),
-        &unique_db("guard"),
-        DEFAULT_COLLECTION,
-        Duration::from_secs(10),
-        "test",
-    )
+    let store = FeatureStore::connect(&StoreConfig {
+        uri: mongo_uri(),
+        database: unique_db("guard"),
+        collection: DEFAULT_COLLECTION.to_owned(),
+        timeout: Duration::from_secs(10),
+        app_name: "test".to_owned(),
+    })
     .await
     .unwrap();
-    let tier = RedisTier::connect(
-        &redis.url(),
-        Duration::from_secs(2),
-        Duration::from_secs(3600),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let near = near.then(|| NearCache::new(1000, Duration::from_secs(60)));
+    let tier = redis_tier(redis, Duration::from_secs(3600), Duration::from_secs(60));
+    let near = near.then(near_cache);
     (TieredStore::new(near, tier, store.clone()), store)
 }
 
@@ -339,4 +328,57 @@ async fn concurrent_readers_and_writer_leave_the_latest_version_cached() {
             latest
         );
     }
+}
+
+fn near_cache() -> NearCache {
+    NearCache::new(&NearCacheConfig {
+        max_entries: 1000,
+        ttl: Duration::from_secs(60),
+    })
+}
+
+fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -> RedisTier {
+    RedisTier::connect(&RedisConfig {
+        url: redis.url(),
+        timeout: Duration::from_secs(2),
+        ttl: TtlPolicy {
+            document_ttl,
+            marker_ttl,
+        },
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_fenced_writer_writes_only_while_its_fence_holds() {
+    let redis = TestRedis::start().await;
+    let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));
+    let mut conn = redis.client().await;
+    let mut hold = async |token: &str| {
+        let _: () = redis::cmd("SET")
+            .arg("lease")
+            .arg(token)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    hold("holder:1").await;
+    let writer = tier.fenced(Fence {
+        key: "lease".into(),
+        token: "holder:1".into(),
+    });
+    assert_eq!(writer.offer(&doc(1, 1)).await.unwrap(), Offer::Stored);
+    assert_eq!(
+        writer.offer(&doc(1, 1)).await.unwrap(),
+        Offer::AlreadyCurrent
+    );
+    assert_eq!(writer.offer(&floor(0)).await.unwrap(), Offer::Refused);
+
+    // A successor took the lease: the old writer is refused, whatever it writes.
+    hold("holder:2").await;
+    assert!(matches!(
+        writer.offer(&doc(2, 2)).await,
+        Err(FencedWriteError::Fenced)
+    ));
+    assert_eq!(tier.get("C1").await.unwrap().map(|e| e.version()), Some(1));
 }

@@ -38,7 +38,8 @@ pub struct ClusterTime {
 ///
 /// `version` is the lowest version a cache may still hold after this change:
 /// the new document's version for writes, the tombstone's for deletes. A
-/// replica fences its near cache at it, so older content can never come back.
+/// replica puts a floor under its near cache entry at it, so older content
+/// can never come back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invalidation {
     /// `None` for `flush`.
@@ -61,7 +62,7 @@ pub struct Invalidation {
 
 impl Invalidation {
     /// Applies the change to a near cache: a delete leaves a tombstone, any
-    /// other change a fence at the new version (evicting older content while
+    /// other change a floor at the new version (evicting older content while
     /// letting the new document in), a flush empties it.
     pub fn apply_to(&self, near: &NearCache) {
         let Some(customer_id) = &self.customer_id else {
@@ -77,12 +78,44 @@ impl Invalidation {
                 customer_id: customer_id.clone(),
                 version: self.version,
             },
-            Op::Insert | Op::Update | Op::Replace => Entry::Fence {
+            Op::Insert | Op::Update | Op::Replace => Entry::Floor {
                 customer_id: customer_id.clone(),
                 version: self.version,
             },
         };
         near.offer(marker);
+    }
+}
+
+/// Stands where the stream id goes until the announce script knows it.
+const STREAM_ID_SLOT: &str = "\u{1}stream-id\u{1}";
+
+impl Invalidation {
+    /// The message as the stream keeps it: without `stream_id` (an entry's
+    /// id is its own).
+    pub(crate) fn stream_json(&self) -> String {
+        let entry = Self {
+            stream_id: None,
+            ..self.clone()
+        };
+        serde_json::to_string(&entry).unwrap_or_default()
+    }
+
+    /// The pub/sub payload before and after its stream id, which only the
+    /// announce script learns (from XADD). `stream_id` is the last field,
+    /// so the slot is the last match.
+    pub(crate) fn channel_payload_around_stream_id(&self) -> (String, String) {
+        let with_slot = Self {
+            stream_id: Some(STREAM_ID_SLOT.to_owned()),
+            ..self.clone()
+        };
+        let json = serde_json::to_string(&with_slot).unwrap_or_default();
+        let slot = serde_json::to_string(STREAM_ID_SLOT).unwrap_or_default();
+        let slot = slot.trim_matches('"');
+        match json.rsplit_once(slot) {
+            Some((head, tail)) => (head.to_owned(), tail.to_owned()),
+            None => (json, String::new()),
+        }
     }
 }
 
@@ -115,5 +148,26 @@ mod tests {
         );
         let back: Invalidation = serde_json::from_value(json).unwrap();
         assert_eq!(back, message);
+    }
+
+    #[test]
+    fn the_channel_payload_carries_the_stream_id_the_script_puts_in() {
+        let message = Invalidation {
+            customer_id: Some("C1".into()),
+            op: Op::Delete,
+            version: 9,
+            cluster_time: ClusterTime { t: 1, i: 2 },
+            seq: 3,
+            run_id: "run".into(),
+            traceparent: Some("has \u{1}stream-id\u{1} in it".into()),
+            stream_id: None,
+        };
+        let (head, tail) = message.channel_payload_around_stream_id();
+        let payload = format!("{head}1700000000000-5{tail}");
+        let back: Invalidation = serde_json::from_str(&payload).unwrap();
+        assert_eq!(back.stream_id.as_deref(), Some("1700000000000-5"));
+        assert_eq!(back.traceparent, message.traceparent);
+        let entry: Invalidation = serde_json::from_str(&message.stream_json()).unwrap();
+        assert_eq!(entry, message);
     }
 }

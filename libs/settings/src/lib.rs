@@ -5,70 +5,186 @@
 //! binary (`REDIS_URL`, `MONGO_URI`, …), so one `.env` serves the whole system.
 //! Invalid configuration is an error that names the setting, and binaries refuse
 //! to start with it.
+//!
+//! - `table` (private): every setting named once — field, variable, reader, default.
+//! - `parse` (private): how a setting's text becomes its value.
+//! - [`Settings`]: the values, and the configuration each library takes
+//!   ([`Settings::store_config`], [`Settings::redis_config`], …), so the
+//!   libraries never read settings themselves.
 
 mod error;
-mod load;
+mod parse;
+mod table;
 
 pub use error::SettingsError;
-pub use load::{Defaults, load, load_from};
+pub use table::{NAMES, Settings};
 
-use serde::Deserialize;
-use std::net::SocketAddr;
-use std::time::Duration;
+use config::{Config, Environment, File, FileFormat};
+use feature_cache::{ControlKeys, NearCacheConfig, RedisConfig, TtlPolicy};
+use feature_store::StoreConfig;
+use invalidation::{Channels, SubscriberConfig};
+use std::collections::HashMap;
 
-/// How the invalidator brings Redis in line with a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InvalidationMode {
-    /// Write the changed document into Redis (readers keep hitting the cache).
-    Refresh,
-    /// Drop the cached document (the next reader fills it from MongoDB).
-    Delete,
+/// Defaults that differ between binaries.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub http_addr: &'static str,
 }
 
-impl InvalidationMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Refresh => "refresh",
-            Self::Delete => "delete",
-        }
-    }
+impl Defaults {
+    pub const API: Defaults = Defaults {
+        http_addr: "0.0.0.0:8000",
+    };
+    pub const INVALIDATOR: Defaults = Defaults {
+        http_addr: "0.0.0.0:9100",
+    };
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Pretty,
 }
 
-/// Every setting of the system; each binary reads the ones it needs.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub http_addr: SocketAddr,
-    pub instance_id: String,
-    pub log_format: LogFormat,
-    pub max_body_bytes: usize,
-
-    pub redis_url: String,
-    pub redis_ttl: Duration,
-    pub redis_timeout: Duration,
-    pub tombstone_ttl: Duration,
-
-    pub mongo_uri: String,
-    pub mongo_db: String,
-    pub mongo_collection: String,
-    pub mongo_timeout: Duration,
-
-    pub local_cache_enabled: bool,
-    pub local_cache_max_entries: u64,
-    pub local_cache_ttl: Duration,
-
-    pub invalidation_mode: InvalidationMode,
-    pub invalidation_channel: String,
-    pub invalidation_stream: String,
-    pub invalidation_stream_maxlen: u64,
-    /// How often a replica checks the stream for changes it may have missed.
-    pub invalidation_check_interval: Duration,
-    pub leader_lease: Duration,
+/// Loads settings from the process environment (and `CONFIG_FILE`, if set).
+pub fn load(defaults: Defaults) -> Result<Settings, SettingsError> {
+    load_from(defaults, std::env::vars().collect())
 }
+
+/// Loads settings from the given environment; tests pass their own.
+pub fn load_from(
+    defaults: Defaults,
+    env: HashMap<String, String>,
+) -> Result<Settings, SettingsError> {
+    let mut builder = Config::builder();
+    for (name, default) in Settings::defaults(&defaults) {
+        if let Some(default) = default {
+            builder = builder.set_default(key(name), default)?;
+        }
+    }
+    if let Some(path) = env.get("CONFIG_FILE").filter(|p| !p.is_empty()) {
+        builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
+    }
+    // Only our own names are taken from the environment, so unrelated variables
+    // (PATH, HOME, …) can never break parsing. Empty values count as unset, as
+    // they do in most `.env` tooling.
+    let ours: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, v)| !v.is_empty() && NAMES.contains(&k.as_str()))
+        .collect();
+    builder = builder.add_source(Environment::default().source(Some(ours)));
+    let source = Source(builder.build()?);
+    let settings = Settings::read(&source)?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// The merged layers.
+pub(crate) struct Source(Config);
+
+impl Source {
+    /// One setting's value, read by `parse`; errors name the setting.
+    pub(crate) fn read<T>(
+        &self,
+        name: &'static str,
+        parse: fn(Option<&str>) -> Result<T, String>,
+    ) -> Result<T, SettingsError> {
+        let raw = match self.0.get_string(&key(name)) {
+            Ok(raw) if raw.is_empty() => None,
+            Ok(raw) => Some(raw),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(err) => return Err(SettingsError::invalid(name, err.to_string())),
+        };
+        parse(raw.as_deref()).map_err(|reason| SettingsError::invalid(name, reason))
+    }
+}
+
+/// The layers' key of a setting: its name in lower case.
+fn key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
+impl Settings {
+    /// `REDIS_URL` wins; without it the original service's `REDIS_HOST`,
+    /// `REDIS_PORT`, `REDIS_DB` (and `REDIS_PASSWORD`) are honoured.
+    pub fn redis_url(&self) -> String {
+        if let Some(url) = &self.redis_url {
+            return url.clone();
+        }
+        let host = self.redis_host.as_deref().unwrap_or("127.0.0.1");
+        let port = self.redis_port.unwrap_or(6379);
+        let db = self.redis_db.unwrap_or(0);
+        match &self.redis_password {
+            Some(password) => format!("redis://:{password}@{host}:{port}/{db}"),
+            None => format!("redis://{host}:{port}/{db}"),
+        }
+    }
+
+    /// The MongoDB store, announced to the server as `app_name`.
+    pub fn store_config(&self, app_name: &str) -> StoreConfig {
+        StoreConfig {
+            uri: self.mongo_uri.clone(),
+            database: self.mongo_db.clone(),
+            collection: self.mongo_collection.clone(),
+            timeout: self.mongo_timeout,
+            app_name: app_name.to_owned(),
+        }
+    }
+
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.redis_url(),
+            timeout: self.redis_timeout,
+            ttl: TtlPolicy {
+                document_ttl: self.redis_ttl,
+                marker_ttl: self.tombstone_ttl,
+            },
+        }
+    }
+
+    /// The near cache, when it is enabled.
+    pub fn near_cache_config(&self) -> Option<NearCacheConfig> {
+        self.local_cache_enabled.then_some(NearCacheConfig {
+            max_entries: self.local_cache_max_entries,
+            ttl: self.local_cache_ttl,
+        })
+    }
+
+    pub fn channels(&self) -> Channels {
+        Channels {
+            channel: self.invalidation_channel.clone(),
+            stream: self.invalidation_stream.clone(),
+            stream_maxlen: self.invalidation_stream_maxlen,
+        }
+    }
+
+    pub fn subscriber_config(&self) -> SubscriberConfig {
+        SubscriberConfig {
+            redis_url: self.redis_url(),
+            channels: self.channels(),
+            check_interval: self.invalidation_check_interval,
+        }
+    }
+
+    /// The invalidators' keys for this collection.
+    pub fn control_keys(&self) -> ControlKeys {
+        ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)
+    }
+
+    /// Checks what no single setting's reader can.
+    fn validate(&self) -> Result<(), SettingsError> {
+        let url = self.redis_url();
+        let parsed = url::Url::parse(&url)
+            .map_err(|e| SettingsError::invalid("REDIS_URL", e.to_string()))?;
+        if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
+            return Err(SettingsError::invalid(
+                "REDIS_URL",
+                format!("unsupported scheme {:?}", parsed.scheme()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -6,11 +6,15 @@
 //!   block a request. The returned [`Telemetry`] flushes on shutdown.
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` text.
 //! - [`propagation`]: W3C `traceparent` in and out of HTTP headers and messages.
-//! - [`shutdown`]: the signal every service stops on.
+//! - [`shutdown`]: the cancellation token every service stops on.
+//! - [`errors`]: [`ErrorChain`], an error with its causes, for logs.
 
+pub mod errors;
 pub mod metrics;
 pub mod propagation;
 pub mod shutdown;
+
+pub use errors::ErrorChain;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;

@@ -51,10 +51,13 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("concurrent writes to the same customer kept conflicting; retry")]
     Conflict,
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    /// MongoDB was needed and could not answer.
+    #[error("database unavailable")]
+    Unavailable(#[source] StoreError),
+    /// Anything else the store reported; logged with its causes, never
+    /// shown to the client beyond "internal error".
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] StoreError),
 }
 
 impl ApiError {
@@ -93,18 +96,20 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Unavailable(reason) => Self::Unavailable(reason),
             StoreError::Conflict => Self::Conflict,
-            other => Self::Internal(other.to_string()),
+            err if err.is_unavailable() => Self::Unavailable(err),
+            err => Self::Internal(err),
         }
     }
 }
 
-impl From<feature_cache::ReadError> for ApiError {
-    fn from(err: feature_cache::ReadError) -> Self {
-        match err {
-            feature_cache::ReadError::Unavailable(reason) => Self::Unavailable(reason),
-            feature_cache::ReadError::Store(reason) => Self::Internal(reason),
+impl ApiError {
+    /// The message the client reads: the error itself, and for an outage
+    /// what the store said (never the driver's details: addresses, hosts).
+    fn public_message(&self) -> String {
+        match self {
+            Self::Unavailable(cause) => format!("{self}: {cause}"),
+            _ => self.to_string(),
         }
     }
 }
@@ -112,17 +117,17 @@ impl From<feature_cache::ReadError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let Self::Internal(reason) = &self {
-            tracing::error!(%reason, "request failed");
+        if let Self::Internal(_) = &self {
+            tracing::error!(error = %telemetry::ErrorChain(&self), "request failed");
         } else if status.is_server_error() {
-            tracing::warn!(error = %self, "request failed");
+            tracing::warn!(error = %telemetry::ErrorChain(&self), "request failed");
         }
         let details = match &self {
             Self::Validation(details) => Some(details.clone()),
             _ => None,
         };
         let body = ErrorBody {
-            error: self.to_string(),
+            error: self.public_message(),
             code: self.code(),
             details,
         };

@@ -5,51 +5,44 @@ use anyhow::Context;
 use axum::Router;
 use feature_cache::{NearCache, RedisTier, TieredStore};
 use feature_store::FeatureStore;
-use invalidation::{Follower, FollowerConfig};
+use invalidation::Subscriber;
 use settings::Settings;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// The API service, built and bound but not yet serving.
 pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
-    shutdown: broadcast::Sender<()>,
+    subscriber: Option<Subscriber>,
 }
 
 impl Application {
-    /// Wires settings into the store, the tiers, the invalidation follower and
-    /// the router, and binds `HTTP_ADDR` (port 0 picks a free port). Neither
-    /// Redis nor MongoDB has to be up yet: both connect lazily.
+    /// Wires settings into the store, the tiers, the invalidation subscriber
+    /// and the router, and binds `HTTP_ADDR` (port 0 picks a free port).
+    /// Neither Redis nor MongoDB has to be up yet: both connect lazily.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         telemetry::metrics::install();
-        let store = FeatureStore::from_settings(&settings, "cache-api")
+        let store = FeatureStore::connect(&settings.store_config("cache-api"))
             .await
             .context("MONGO_URI")?;
         if let Err(err) = store.ensure_indexes().await {
-            tracing::warn!(error = %err, "could not ensure the TTL index now; MongoDB may be down");
+            tracing::warn!(error = %telemetry::ErrorChain(&err), "could not ensure the TTL index now; MongoDB may be down");
         }
-        let redis = RedisTier::from_settings(&settings).context("REDIS_URL")?;
+        let redis = RedisTier::connect(&settings.redis_config()).context("REDIS_URL")?;
         let near = settings
-            .local_cache_enabled
-            .then(|| NearCache::new(settings.local_cache_max_entries, settings.local_cache_ttl));
+            .near_cache_config()
+            .map(|config| NearCache::new(&config));
         let tiers = TieredStore::new(near, redis, store);
 
-        let (shutdown, _) = broadcast::channel(1);
         // Each replica follows the invalidator's messages into its near cache;
         // without a near cache there is nothing of its own to keep fresh.
-        let follower = tiers.near_handle().map(|near| {
-            Follower::new(
-                FollowerConfig {
-                    redis_url: settings.redis_url.clone(),
-                    channel: settings.invalidation_channel.clone(),
-                    stream: settings.invalidation_stream.clone(),
-                    check_interval: settings.invalidation_check_interval,
-                },
+        let subscriber = tiers.near_handle().map(|near| {
+            Subscriber::new(
+                settings.subscriber_config(),
                 near,
                 tiers.redis().connection(),
             )
@@ -57,11 +50,8 @@ impl Application {
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
-            invalidation: follower.as_ref().map(Follower::status),
+            invalidation: subscriber.as_ref().map(Subscriber::status),
         };
-        if let Some(follower) = follower {
-            tokio::spawn(follower.run(shutdown.subscribe()));
-        }
         let router = routes::router(settings.max_body_bytes)
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(RequestMetrics::default()),
@@ -75,7 +65,7 @@ impl Application {
             listener,
             router,
             state,
-            shutdown,
+            subscriber,
         })
     }
 
@@ -89,29 +79,27 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `signal` completes, then stops accepting, lets requests
-    /// in flight finish, stops background tasks and closes the database pool.
-    pub async fn run_until(
-        self,
-        signal: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets
+    /// requests in flight finish, stops the subscriber and closes the
+    /// database pool.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
             router,
             state,
-            shutdown,
+            subscriber,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, instance_id = %state.settings.instance_id, "cache-api listening");
-        let notify = shutdown.clone();
-        let mut stopped = shutdown.subscribe();
+        if let Some(subscriber) = subscriber {
+            tokio::spawn(subscriber.run(shutdown.child_token()));
+        }
+        let stopping = shutdown.clone();
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
-                signal.await;
+                stopping.cancelled().await;
                 tracing::info!("shutting down");
-                let _ = notify.send(());
             })
             .await?;
-        let _ = stopped.try_recv();
         state.tiers.store().clone().shutdown().await;
         tracing::info!("stopped");
         Ok(())

@@ -1,5 +1,5 @@
 use feature_cache::TieredStore;
-use invalidation::FollowerStatus;
+use invalidation::SubscriberStatus;
 use settings::Settings;
 use std::sync::{Arc, Mutex};
 
@@ -8,6 +8,6 @@ use std::sync::{Arc, Mutex};
 pub struct AppState {
     pub tiers: TieredStore,
     pub settings: Arc<Settings>,
-    /// The invalidation follower's progress; `None` without a near cache.
-    pub invalidation: Option<Arc<Mutex<FollowerStatus>>>,
+    /// The invalidation subscriber's progress; `None` without a near cache.
+    pub invalidation: Option<Arc<Mutex<SubscriberStatus>>>,
 }

@@ -53,9 +53,9 @@ async fn main() -> anyhow::Result<()> {
 async fn connect() -> anyhow::Result<(TieredStore, telemetry::Telemetry)> {
     let settings = settings::load(settings::Defaults::API).context("invalid configuration")?;
     let telemetry = telemetry::init("cachectl", &settings.instance_id, false)?;
-    let store = FeatureStore::from_settings(&settings, "cachectl")
+    let store = FeatureStore::connect(&settings.store_config("cachectl"))
         .await
         .context("MONGO_URI")?;
-    let redis = RedisTier::from_settings(&settings).context("REDIS_URL")?;
+    let redis = RedisTier::connect(&settings.redis_config()).context("REDIS_URL")?;
     Ok((TieredStore::new(None, redis, store), telemetry))
 }

@@ -1,17 +1,20 @@
 //! `cache-invalidator`: makes every cache tier follow MongoDB.
 //!
-//! - [`startup`]: [`Application`] — wiring, the `/health` and `/metrics`
-//!   endpoint, graceful shutdown.
-//! - [`worker`]: the leader's change stream loop and the standby's wait.
-//! - [`change`]: what one change event means for the caches (pure).
-//! - [`publish`]: the fenced, idempotent writes to Redis: the guarded cache
-//!   update, and the stream entry + pub/sub message + resume token.
-//! - [`lease`]: leadership with a fencing token.
+//! - [`startup`]: [`Application`] — wiring, the HTTP endpoint, graceful shutdown.
+//! - [`worker`]: the three steps below wired together, and the worker's status.
+//! - [`leadership`]: the lease with a fencing token; a [`leadership::Term`]
+//!   carries the fence every write of the term goes through.
+//! - [`tail`]: the change feed of one term — open, resume or start fresh
+//!   (flushing), save the position.
+//! - [`apply`]: one change's cache work — [`apply::plan`] (pure), then the
+//!   guarded Redis write and the announcement, both fenced.
+//! - [`health`]: `/health` (role, events) and `/metrics`.
 
-pub mod change;
-pub mod lease;
-pub mod publish;
+pub mod apply;
+pub mod health;
+pub mod leadership;
 pub mod startup;
+pub mod tail;
 pub mod worker;
 
 pub use startup::Application;

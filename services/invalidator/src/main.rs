@@ -16,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
         settings.log_format == settings::LogFormat::Json,
     )?;
     let app = Application::build(settings).await?;
-    let result = app.run_until(telemetry::shutdown::signal()).await;
+    let result = app.run(telemetry::shutdown::on_signal()).await;
     telemetry.shutdown();
     result
 }

@@ -1,23 +1,17 @@
-use crate::lease::{ControlKeys, Lease};
-use crate::publish::{Channels, Publisher};
-use crate::worker::{Worker, WorkerStatus};
+use crate::apply::ApplyParts;
+use crate::health::{self, HealthState};
+use crate::leadership::Lease;
+use crate::tail::Tail;
+use crate::worker::{Sequence, Worker, WorkerStatus};
 use anyhow::Context;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use feature_cache::RedisTier;
 use feature_store::FeatureStore;
-use redis::aio::ConnectionManager;
-use serde_json::json;
+use invalidation::Announcer;
 use settings::Settings;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// The invalidator, built and bound but not yet running.
 pub struct Application {
@@ -27,53 +21,41 @@ pub struct Application {
     health: HealthState,
 }
 
-#[derive(Clone)]
-struct HealthState {
-    status: Arc<WorkerStatus>,
-    redis: ConnectionManager,
-    run_id: String,
-    instance_id: String,
-    mode: &'static str,
-}
-
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         telemetry::metrics::install();
-        let store = FeatureStore::from_settings(&settings, "cache-invalidator")
+        let store = FeatureStore::connect(&settings.store_config("cache-invalidator"))
             .await
             .context("MONGO_URI")?;
-        let redis = RedisTier::from_settings(&settings)
-            .context("REDIS_URL")?
-            .connection();
+        let redis = RedisTier::connect(&settings.redis_config()).context("REDIS_URL")?;
+        let connection = redis.connection();
 
         let run_id = uuid::Uuid::new_v4().to_string();
-        let keys = ControlKeys::for_collection(&settings.mongo_db, &settings.mongo_collection);
+        let keys = settings.control_keys();
+        let announcer = Announcer::new(
+            connection.clone(),
+            settings.channels(),
+            keys.feed_position.clone(),
+        );
         let lease = Lease::new(
-            redis.clone(),
-            keys.clone(),
+            connection.clone(),
+            keys,
             settings.leader_lease,
             format!("{}:{run_id}", settings.instance_id),
         );
-        let publisher = Publisher::new(
-            redis.clone(),
-            keys,
-            Channels {
-                channel: settings.invalidation_channel.clone(),
-                stream: settings.invalidation_stream.clone(),
-                stream_maxlen: settings.invalidation_stream_maxlen,
-            },
-            settings.redis_ttl,
-            settings.tombstone_ttl,
-        );
         let status = Arc::new(WorkerStatus::default());
-        let worker = Worker::new(
-            store.clone(),
-            publisher,
+        let worker = Worker {
             lease,
-            settings.invalidation_mode,
-            run_id.clone(),
-            Arc::clone(&status),
-        );
+            tail: Tail::new(store.clone(), announcer.clone()),
+            apply: ApplyParts {
+                redis,
+                announcer,
+                store: store.clone(),
+                mode: settings.invalidation_mode,
+                sequence: Arc::new(Sequence::new(run_id.clone())),
+                status: Arc::clone(&status),
+            },
+        };
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("HTTP_ADDR: cannot bind {}", settings.http_addr))?;
@@ -83,10 +65,10 @@ impl Application {
             store,
             health: HealthState {
                 status,
-                redis,
+                redis: connection,
                 run_id,
                 instance_id: settings.instance_id.clone(),
-                mode: settings.invalidation_mode.as_str(),
+                mode: settings.invalidation_mode,
             },
         })
     }
@@ -97,32 +79,24 @@ impl Application {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Runs until `signal`; then finishes the event in hand, saves the
-    /// resume token, releases the lease and closes connections.
-    pub async fn run_until(
-        self,
-        signal: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    /// Runs until `shutdown` is cancelled; then finishes the change in hand,
+    /// saves the feed's position, releases the lease and closes connections.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
             worker,
             store,
             health,
         } = self;
-        let (shutdown, _) = broadcast::channel(1);
-        tracing::info!(addr = %listener.local_addr()?, run_id = %health.run_id, mode = health.mode, "cache-invalidator started");
-        let worker = tokio::spawn(worker.run(shutdown.subscribe()));
-        let router = Router::new()
-            .route("/health", get(health_handler))
-            .route("/metrics", get(telemetry::metrics::handler))
-            .with_state(health);
-        let notify = shutdown.clone();
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            signal.await;
-            tracing::info!("shutting down");
-            let _ = notify.send(());
-        });
-        server.await?;
+        tracing::info!(addr = %listener.local_addr()?, run_id = %health.run_id, mode = health.mode.as_str(), "cache-invalidator started");
+        let worker = tokio::spawn(worker.run(shutdown.clone()));
+        let stopping = shutdown.clone();
+        axum::serve(listener, health::router(health))
+            .with_graceful_shutdown(async move {
+                stopping.cancelled().await;
+                tracing::info!("shutting down");
+            })
+            .await?;
         if let Err(err) = worker.await {
             tracing::error!(error = %err, "worker task failed");
         }
@@ -130,30 +104,4 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-async fn health_handler(State(state): State<HealthState>) -> impl IntoResponse {
-    let mut redis = state.redis.clone();
-    let redis_ok = redis::cmd("PING")
-        .query_async::<String>(&mut redis)
-        .await
-        .is_ok();
-    let leading = state.status.leading.load(Ordering::SeqCst);
-    let code = if redis_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        Json(json!({
-            "status": if redis_ok { "healthy" } else { "degraded" },
-            "role": if leading { "leader" } else { "standby" },
-            "run_id": state.run_id,
-            "instance_id": state.instance_id,
-            "mode": state.mode,
-            "events": state.status.events.load(Ordering::Relaxed),
-            "redis": { "available": redis_ok },
-        })),
-    )
 }

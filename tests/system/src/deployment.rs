@@ -8,7 +8,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use bson::{Bson, Document, doc};
-use feature_store::mongo::document_from_bson;
+use feature_store::codec;
 use mongodb::Collection;
 use mongodb::options::ReturnDocument;
 use serde_json::{Map, Value, json};
@@ -473,7 +473,7 @@ impl Deployment {
             .find_one(doc! { "_id": id })
             .await
             .expect("find_one")?;
-        let doc = document_from_bson(raw).expect("stored document");
+        let doc = codec::decode(&raw).expect("stored document");
         Some(Truth {
             version: doc.version,
             features: doc.features,

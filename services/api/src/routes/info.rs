@@ -16,7 +16,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 pub async fn info(State(state): State<AppState>) -> Json<Value> {
     let s = &state.settings;
     let near = state.tiers.near();
-    let follower = state.invalidation.as_ref().map(|status| {
+    let subscriber = state.invalidation.as_ref().map(|status| {
         status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -49,8 +49,8 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "invalidator propagates every change to all replicas",
         ],
         "invalidation": {
-            "mode": if follower.is_some() { "pubsub+stream" } else { "none (no near cache)" },
-            "follower": follower.map(|f| json!({
+            "mode": if subscriber.is_some() { "pubsub+stream" } else { "none (no near cache)" },
+            "follower": subscriber.map(|f| json!({
                 "subscribed": f.subscribed, "last_stream_id": f.last_stream_id,
                 "applied": f.applied, "gaps": f.gaps, "flushes": f.flushes,
             })),

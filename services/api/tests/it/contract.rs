@@ -155,7 +155,7 @@ async fn post_creates_then_updates_with_and_without_slash() {
         second["version"].as_i64().unwrap()
     );
     assert_eq!(raw.get_str("model_version").unwrap(), "v2.3.4");
-    let stored = feature_store::mongo::document_from_bson(raw).unwrap();
+    let stored = feature_store::codec::decode(&raw).unwrap();
     assert_eq!(serde_json::to_value(&stored).unwrap(), second);
 
     // A charset parameter on the content type is fine.

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use testkit::{TestDb, TestRedis};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Builds an environment map from pairs (for [`TestApi::start`]).
 pub fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -31,7 +31,7 @@ pub struct TestApi {
     addr: SocketAddr,
     client: reqwest::Client,
     state: AppState,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -72,10 +72,8 @@ impl TestApi {
         let app = Application::build(settings).await?;
         let addr = app.local_addr();
         let state = app.state().clone();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async move {
-            let _ = rx.await;
-        }));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run(shutdown.clone()));
         // The follower empties the near cache on its first subscription;
         // wait for it (briefly: Redis may be down on purpose) so what a test
         // caches right after start stays cached.
@@ -98,7 +96,7 @@ impl TestApi {
             addr,
             client,
             state,
-            shutdown: Some(tx),
+            shutdown,
             task: Some(task),
         })
     }
@@ -150,9 +148,7 @@ impl TestApi {
 
     /// Stops the service gracefully and returns how `run_until` ended.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.shutdown.cancel();
         match self.task.take() {
             Some(task) => match tokio::time::timeout(Duration::from_secs(15), task).await {
                 Ok(joined) => joined?,
@@ -165,9 +161,7 @@ impl TestApi {
 
 impl Drop for TestApi {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.shutdown.cancel();
     }
 }
 

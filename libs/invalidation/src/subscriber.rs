@@ -1,4 +1,4 @@
-use crate::STREAM_FIELD;
+use crate::channels::{Channels, STREAM_FIELD};
 use crate::message::Invalidation;
 use crate::stream_id::StreamId;
 use feature_cache::NearCache;
@@ -8,24 +8,25 @@ use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// Entries read from the stream per round trip while catching up.
 const CATCH_UP_BATCH: usize = 1000;
 
 #[derive(Debug, Clone)]
-pub struct FollowerConfig {
+pub struct SubscriberConfig {
+    /// The subscriber holds a connection of its own (a subscribed connection
+    /// serves nothing else).
     pub redis_url: String,
-    pub channel: String,
-    pub stream: String,
+    pub channels: Channels,
     /// How often the stream's tail is compared with what was applied, so a
     /// message lost in a quiet period is noticed without waiting for the next.
     pub check_interval: Duration,
 }
 
-/// What the follower has applied, for health and tests.
+/// What the subscriber has applied, for health and tests.
 #[derive(Debug, Clone, Default)]
-pub struct FollowerStatus {
+pub struct SubscriberStatus {
     pub subscribed: bool,
     pub last_stream_id: Option<String>,
     pub applied: u64,
@@ -45,20 +46,20 @@ struct Position {
 ///
 /// Pub/sub is the fast path; the stream is the record. Whenever the fast path
 /// may have dropped something — a reconnect, a jump in `seq`, a new
-/// invalidator run, a stream tail beyond what was applied — the follower
+/// invalidator run, a stream tail beyond what was applied — the subscriber
 /// replays the stream from the last entry it applied. If the stream was
 /// trimmed past that entry (or lost with a Redis restart) it flushes the near
 /// cache instead: no replica stays stale after a gap.
-pub struct Follower {
-    config: FollowerConfig,
+pub struct Subscriber {
+    config: SubscriberConfig,
     near: Arc<NearCache>,
     redis: ConnectionManager,
     position: Option<Position>,
-    status: Arc<Mutex<FollowerStatus>>,
+    status: Arc<Mutex<SubscriberStatus>>,
 }
 
-impl Follower {
-    pub fn new(config: FollowerConfig, near: Arc<NearCache>, redis: ConnectionManager) -> Self {
+impl Subscriber {
+    pub fn new(config: SubscriberConfig, near: Arc<NearCache>, redis: ConnectionManager) -> Self {
         Self {
             config,
             near,
@@ -68,16 +69,16 @@ impl Follower {
         }
     }
 
-    pub fn status(&self) -> Arc<Mutex<FollowerStatus>> {
+    pub fn status(&self) -> Arc<Mutex<SubscriberStatus>> {
         Arc::clone(&self.status)
     }
 
-    /// Follows until `shutdown` fires, reconnecting with backoff.
-    pub async fn run(mut self, mut shutdown: broadcast::Receiver<()>) {
+    /// Follows until `shutdown` is cancelled, reconnecting with backoff.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
             tokio::select! {
-                _ = shutdown.recv() => return,
+                () = shutdown.cancelled() => return,
                 result = self.follow_once() => {
                     // A subscription that was up restarts the backoff: only
                     // failures in a row slow reconnecting down.
@@ -92,7 +93,7 @@ impl Follower {
                 }
             }
             tokio::select! {
-                _ = shutdown.recv() => return,
+                () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -104,8 +105,8 @@ impl Follower {
     async fn follow_once(&mut self) -> redis::RedisResult<()> {
         let client = redis::Client::open(self.config.redis_url.as_str())?;
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.config.channel).await?;
-        tracing::info!(channel = %self.config.channel, "subscribed to invalidations");
+        pubsub.subscribe(&self.config.channels.channel).await?;
+        tracing::info!(channel = %self.config.channels.channel, "subscribed to invalidations");
         // Anything published while we were not subscribed is in the stream.
         if self.position.is_some() {
             self.gap("reconnect").await?;
@@ -211,7 +212,7 @@ impl Follower {
         let mut cursor = from;
         loop {
             let reply: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&self.config.stream)
+                .arg(&self.config.channels.stream)
                 .arg(format!("({cursor}"))
                 .arg("+")
                 .arg("COUNT")
@@ -244,7 +245,7 @@ impl Follower {
     async fn trimmed_after(&mut self, from: StreamId) -> redis::RedisResult<bool> {
         let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
             .arg("STREAM")
-            .arg(&self.config.stream)
+            .arg(&self.config.channels.stream)
             .query_async(&mut self.redis)
             .await;
         let info = match info {
@@ -312,7 +313,7 @@ impl Follower {
         end: &str,
     ) -> redis::RedisResult<Option<StreamId>> {
         let reply: StreamRangeReply = redis::cmd(command)
-            .arg(&self.config.stream)
+            .arg(&self.config.channels.stream)
             .arg(start)
             .arg(end)
             .arg("COUNT")
@@ -322,7 +323,7 @@ impl Follower {
         Ok(reply.ids.first().and_then(|e| e.id.parse().ok()))
     }
 
-    fn set_status(&self, update: impl FnOnce(&mut FollowerStatus)) {
+    fn set_status(&self, update: impl FnOnce(&mut SubscriberStatus)) {
         update(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }
 }

@@ -1,0 +1,119 @@
+//! The Redis keyspace, in one place: where each customer's document lives,
+//! where the system's own (control) keys live, and how long entries live.
+//!
+//! Document keys are `features:{customer_id}`, exactly as operators expect
+//! them. Control keys (the invalidators' lease, fencing counter and saved
+//! change-feed position) live under `cache-invalidator:{db}.{collection}:`,
+//! a namespace no customer id can reach: every document key starts with
+//! [`DOCUMENT_PREFIX`] and no control key does.
+
+use crate::entry::Entry;
+use chrono::Utc;
+use rand::Rng;
+use std::time::Duration;
+
+/// Key prefix of every cached customer; flushes delete `features:*` strings.
+pub const DOCUMENT_PREFIX: &str = "features:";
+
+/// The Redis key of a customer's entry.
+pub fn document_key(customer_id: &str) -> String {
+    format!("{DOCUMENT_PREFIX}{customer_id}")
+}
+
+/// Whether `key` lies in the document namespace (where a customer id could
+/// make it collide with a document key).
+pub fn is_document_key(key: &str) -> bool {
+    key.starts_with(DOCUMENT_PREFIX)
+}
+
+/// The control keys of the invalidators of one collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlKeys {
+    /// Who leads, and with which fencing token.
+    pub lease: String,
+    /// The counter fencing tokens are drawn from.
+    pub fencing_counter: String,
+    /// The change-feed position saved with each announcement.
+    pub feed_position: String,
+}
+
+impl ControlKeys {
+    pub fn for_collection(database: &str, collection: &str) -> Self {
+        let base = format!("cache-invalidator:{database}.{collection}");
+        Self {
+            lease: format!("{base}:leader"),
+            fencing_counter: format!("{base}:fence"),
+            feed_position: format!("{base}:resume-token"),
+        }
+    }
+}
+
+/// How long an entry may live in Redis: a document no longer than the
+/// document TTL nor past its own expiry, shortened by up to 5 % of jitter so
+/// keys written together do not expire together; a tombstone or floor for
+/// the marker TTL.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
+    pub document_ttl: Duration,
+    pub marker_ttl: Duration,
+}
+
+impl TtlPolicy {
+    /// `None` for a document that has already expired.
+    pub fn ttl_of(&self, entry: &Entry) -> Option<Duration> {
+        match entry {
+            Entry::Document(doc) => {
+                let mut ttl = self.document_ttl;
+                if let Some(expires_at) = doc.expires_at {
+                    let left = (expires_at - Utc::now()).to_std().ok()?;
+                    ttl = ttl.min(left);
+                }
+                let jitter_ms = u64::try_from(ttl.as_millis() / 20).unwrap_or(u64::MAX);
+                let jitter = Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
+                let ttl = ttl.saturating_sub(jitter);
+                (ttl >= Duration::from_millis(1)).then_some(ttl)
+            }
+            Entry::Tombstone { .. } | Entry::Floor { .. } => Some(self.marker_ttl),
+        }
+    }
+
+    /// [`Self::ttl_of`] in whole milliseconds, as `SET … PX` takes it.
+    pub fn ttl_ms_of(&self, entry: &Entry) -> Option<u64> {
+        self.ttl_of(entry)
+            .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_keys_stay_out_of_the_document_namespace() {
+        let keys = ControlKeys::for_collection("db", "features");
+        for key in [&keys.lease, &keys.fencing_counter, &keys.feed_position] {
+            assert!(!is_document_key(key), "{key}");
+        }
+        assert!(is_document_key(&document_key("C1")));
+        assert_eq!(document_key("C1"), "features:C1");
+    }
+
+    #[test]
+    fn documents_get_jittered_ttls_capped_by_their_expiry_and_markers_a_fixed_one() {
+        let policy = TtlPolicy {
+            document_ttl: Duration::from_secs(1000),
+            marker_ttl: Duration::from_secs(60),
+        };
+        let floor = Entry::Floor {
+            customer_id: "C1".into(),
+            version: 1,
+        };
+        assert_eq!(policy.ttl_of(&floor), Some(Duration::from_secs(60)));
+        let doc = crate::entry::tests::doc(1);
+        let ttl = policy.ttl_of(&doc).unwrap();
+        assert!(
+            ttl <= Duration::from_secs(1000) && ttl >= Duration::from_secs(950),
+            "{ttl:?}"
+        );
+    }
+}

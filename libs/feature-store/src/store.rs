@@ -1,0 +1,392 @@
+use crate::calls::CallLimiter;
+use crate::codec::{self, field};
+use crate::error::{StoreError, server_code};
+use crate::model::{CustomerId, FeatureDocument, FeatureWrite};
+use crate::monitor;
+use bson::{Bson, Document, doc};
+use chrono::Utc;
+use futures::TryStreamExt;
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// MongoDB error code for a duplicate key.
+const DUPLICATE_KEY: i32 = 11000;
+/// Calls in flight at once, and the size of the driver's connection pool.
+const MAX_IN_FLIGHT: u32 = 10;
+/// Documents of a bulk operation per extra `timeout` it is allowed.
+const BULK_ITEMS_PER_TIMEOUT: usize = 100;
+/// How often an upsert that collided with a concurrent insert of the same id is tried.
+const UPSERT_ATTEMPTS: usize = 5;
+
+/// Where the store lives and how long a call may take.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// A replica set (change streams need one).
+    pub uri: String,
+    pub database: String,
+    pub collection: String,
+    /// The deadline of one operation, on the server (`maxTimeMS`) and for
+    /// server selection; bulk operations get one more per hundred items.
+    pub timeout: Duration,
+    /// Reported to the server, so operators see who is connected.
+    pub app_name: String,
+}
+
+/// The result of a single upsert.
+#[derive(Debug, Clone)]
+pub struct UpsertOutcome {
+    pub document: FeatureDocument,
+    pub created: bool,
+}
+
+/// The feature collection in MongoDB: the source of truth.
+#[derive(Clone)]
+pub struct FeatureStore {
+    client: Client,
+    database: Database,
+    pub(crate) collection: Collection<Document>,
+    timeout: Duration,
+    calls: CallLimiter,
+}
+
+impl FeatureStore {
+    /// Connects lazily (the driver connects on first use) with server selection
+    /// bounded by the timeout, so a dead database fails requests fast. Every
+    /// command the driver sends is counted in `mongodb_commands_total`, and
+    /// connections opened and closed in `mongodb_connections_*_total`.
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(&config.uri).await?;
+        options.app_name = Some(config.app_name.clone());
+        options.server_selection_timeout = Some(config.timeout);
+        options.connect_timeout = Some(config.timeout);
+        options.max_pool_size = Some(MAX_IN_FLIGHT);
+        monitor::install(&mut options);
+        let client = Client::with_options(options)?;
+        let database = client.database(&config.database);
+        let collection = database.collection(&config.collection);
+        Ok(Self {
+            client,
+            database,
+            collection,
+            timeout: config.timeout,
+            calls: CallLimiter::new(MAX_IN_FLIGHT as usize),
+        })
+    }
+
+    pub fn collection_name(&self) -> &str {
+        self.collection.name()
+    }
+
+    pub fn database_name(&self) -> &str {
+        self.database.name()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Creates the TTL index on `expires_at` (idempotent).
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "createIndexes"))]
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let index = IndexModel::builder()
+            .keys(doc! { field::EXPIRES_AT: 1 })
+            .options(
+                IndexOptions::builder()
+                    .expire_after(Duration::from_secs(0))
+                    .name("expires_at_ttl".to_owned())
+                    .build(),
+            )
+            .build();
+        let collection = self.collection.clone();
+        self.bounded(async move { collection.create_index(index).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Round-trip time of a `ping`.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        let database = self.database.clone();
+        self.bounded(async move { database.run_command(doc! { "ping": 1 }).await })
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        self.bounded(async move {
+            collection
+                .estimated_document_count()
+                .max_time(timeout)
+                .await
+        })
+        .await
+    }
+
+    /// The current, unexpired document of one customer.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "find"))]
+    pub async fn get(&self, id: &CustomerId) -> Result<Option<FeatureDocument>, StoreError> {
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        let filter = doc! { field::ID: id.as_str() };
+        let found = self
+            .bounded(async move { collection.find_one(filter).max_time(timeout).await })
+            .await?;
+        let now = Utc::now();
+        match found {
+            Some(raw) => {
+                let doc = codec::decode(&raw)?;
+                Ok((!doc.is_expired(now)).then_some(doc))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The current, unexpired documents of many customers, in one `$in` query.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "find", count = ids.len()))]
+    pub async fn get_many(&self, ids: &[CustomerId]) -> Result<Vec<FeatureDocument>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
+        let filter = doc! { field::ID: { "$in": keys } };
+        let allowance = self.allowance(ids.len());
+        let collection = self.collection.clone();
+        let raw: Vec<Document> = self
+            .calls
+            .run(allowance, async move {
+                collection
+                    .find(filter)
+                    .max_time(allowance)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        let now = Utc::now();
+        let mut docs = Vec::with_capacity(raw.len());
+        for raw in raw {
+            let doc = codec::decode(&raw)?;
+            if !doc.is_expired(now) {
+                docs.push(doc);
+            }
+        }
+        Ok(docs)
+    }
+
+    /// One atomic upsert: sets the fields, advances the version, returns the
+    /// stored document and whether it was created.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "findAndModify", customer_id = %write.customer_id))]
+    pub async fn upsert(&self, write: &FeatureWrite) -> Result<UpsertOutcome, StoreError> {
+        let command = doc! {
+            "findAndModify": self.collection.name(),
+            "query": { field::ID: write.customer_id.as_str() },
+            "update": codec::update_pipeline(write, Utc::now()),
+            "upsert": true,
+            "new": true,
+            "maxTimeMS": millis(self.timeout),
+        };
+        for attempt in 1..=UPSERT_ATTEMPTS {
+            let (database, command) = (self.database.clone(), command.clone());
+            let reply = match self
+                .bounded(async move { database.run_command(command).await })
+                .await
+            {
+                Ok(reply) => reply,
+                // Two upserts of a new id can race on the unique index; MongoDB
+                // retries most of these itself, the rest are safe to retry
+                // because the failed one wrote nothing.
+                Err(StoreError::Driver(err)) if is_duplicate_key(&err) => {
+                    tracing::debug!(
+                        attempt,
+                        "upsert collided with a concurrent insert; retrying"
+                    );
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let created = reply
+                .get_document("lastErrorObject")
+                .ok()
+                .and_then(|last| last.get_bool("updatedExisting").ok())
+                .map(|existed| !existed)
+                .unwrap_or(false);
+            let document = match reply.get("value") {
+                Some(Bson::Document(value)) => codec::decode(value)?,
+                // MongoDB always returns the new document here. The stand-in
+                // used in tests can return null when writes of the same id
+                // interleave, although the update was applied: read it back
+                // rather than applying it twice.
+                _ => match self.get(&write.customer_id).await? {
+                    Some(document) => document,
+                    None => return Err(StoreError::Conflict),
+                },
+            };
+            return Ok(UpsertOutcome { document, created });
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Many upserts in one unordered bulk `update` command, then one `$in`
+    /// read of the stored documents. Each item succeeds or fails alone.
+    #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "update", count = writes.len()))]
+    pub async fn upsert_many(
+        &self,
+        writes: &[FeatureWrite],
+    ) -> Result<Vec<Result<UpsertOutcome, StoreError>>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Utc::now();
+        let updates: Vec<Document> = writes
+            .iter()
+            .map(|w| {
+                doc! {
+                    "q": { field::ID: w.customer_id.as_str() },
+                    "u": codec::update_pipeline(w, now),
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let allowance = self.allowance(writes.len());
+        let command = doc! {
+            "update": self.collection.name(),
+            "updates": updates,
+            "ordered": false,
+            "maxTimeMS": millis(allowance),
+        };
+        let database = self.database.clone();
+        let reply = self
+            .calls
+            .run(
+                allowance,
+                async move { database.run_command(command).await },
+            )
+            .await?;
+
+        // Per item: Ok(created) or the database's refusal.
+        let mut outcomes: Vec<Result<bool, StoreError>> =
+            writes.iter().map(|_| Ok(false)).collect();
+        if let Ok(upserted) = reply.get_array("upserted") {
+            for entry in upserted {
+                if let Some(slot) = entry
+                    .as_document()
+                    .and_then(index_of)
+                    .and_then(|index| outcomes.get_mut(index))
+                {
+                    *slot = Ok(true);
+                }
+            }
+        }
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for entry in errors.iter().filter_map(Bson::as_document) {
+                if let Some(slot) = index_of(entry).and_then(|index| outcomes.get_mut(index)) {
+                    *slot = Err(StoreError::Refused {
+                        code: entry.get_i32("code").unwrap_or(0),
+                        message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
+                    });
+                }
+            }
+        }
+
+        let written: Vec<CustomerId> = writes
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .map(|(w, _)| w.customer_id.clone())
+            .collect();
+        let stored = self.get_many(&written).await?;
+        let by_id: HashMap<&str, &FeatureDocument> =
+            stored.iter().map(|d| (d.customer_id.as_str(), d)).collect();
+
+        Ok(writes
+            .iter()
+            .zip(outcomes)
+            .map(|(w, outcome)| match outcome {
+                Ok(created) => match by_id.get(w.customer_id.as_str()) {
+                    Some(doc) => Ok(UpsertOutcome {
+                        document: (*doc).clone(),
+                        created,
+                    }),
+                    // Deleted again between the write and the read-back.
+                    None => Err(StoreError::Conflict),
+                },
+                Err(err) => Err(err),
+            })
+            .collect())
+    }
+
+    /// Deletes one customer's document; returns the version it had.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "findAndModify"))]
+    pub async fn delete(&self, id: &CustomerId) -> Result<Option<i64>, StoreError> {
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        let filter = doc! { field::ID: id.as_str() };
+        let removed = self
+            .bounded(async move {
+                collection
+                    .find_one_and_delete(filter)
+                    .projection(doc! { field::VERSION: 1 })
+                    .max_time(timeout)
+                    .await
+            })
+            .await?;
+        Ok(removed.map(|d| codec::version_of(&d)))
+    }
+
+    /// Gives a version to a document that was changed without one (by another
+    /// tool), so every content a cache can hold has a version of its own. Only
+    /// applies while the document still has `seen_version`.
+    #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "update"))]
+    pub async fn stamp_version(&self, id: &str, seen_version: i64) -> Result<bool, StoreError> {
+        let seen = if seen_version == 0 {
+            doc! { "$in": [Bson::Null, 0_i64] }
+        } else {
+            doc! { "$eq": seen_version }
+        };
+        let collection = self.collection.clone();
+        let filter = doc! { field::ID: id, field::VERSION: seen };
+        let result = self
+            .bounded(async move { collection.update_one(filter, codec::stamp_update()).await })
+            .await?;
+        Ok(result.modified_count == 1)
+    }
+
+    /// Closes the driver's connections; call before the process exits.
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+    }
+
+    /// The deadline of an operation on `items` documents: one timeout, and
+    /// one more per hundred documents. The timeout is for detecting a dead
+    /// database, not for limiting batch sizes.
+    fn allowance(&self, items: usize) -> Duration {
+        self.timeout.saturating_mul(
+            1 + u32::try_from(items / BULK_ITEMS_PER_TIMEOUT).unwrap_or(u32::MAX - 1),
+        )
+    }
+
+    /// Bounds a database call by the configured timeout.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.calls.run(self.timeout, call).await
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn index_of(entry: &Document) -> Option<usize> {
+    match entry.get("index")? {
+        Bson::Int32(i) => usize::try_from(*i).ok(),
+        Bson::Int64(i) => usize::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    server_code(err) == Some(DUPLICATE_KEY) || err.to_string().contains("E11000")
+}

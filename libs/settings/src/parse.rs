@@ -1,0 +1,117 @@
+//! How a setting's text becomes its value. Each reader gets the text (or
+//! `None` when the setting is absent from every layer) and says what is
+//! wrong in words; the caller adds the setting's name.
+
+use crate::LogFormat;
+use invalidation::InvalidationMode;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+type Read<T> = Result<T, String>;
+
+fn present(raw: Option<&str>) -> Read<&str> {
+    raw.ok_or_else(|| "must be set".to_owned())
+}
+
+fn number(raw: &str) -> Read<u64> {
+    raw.trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a whole number"))
+}
+
+pub(crate) fn positive(raw: Option<&str>) -> Read<u64> {
+    match number(present(raw)?)? {
+        0 => Err("must be greater than 0".into()),
+        n => Ok(n),
+    }
+}
+
+pub(crate) fn positive_usize(raw: Option<&str>) -> Read<usize> {
+    usize::try_from(positive(raw)?).map_err(|_| "too large".into())
+}
+
+pub(crate) fn millis(raw: Option<&str>) -> Read<Duration> {
+    positive(raw).map(Duration::from_millis)
+}
+
+pub(crate) fn seconds(raw: Option<&str>) -> Read<Duration> {
+    positive(raw).map(Duration::from_secs)
+}
+
+pub(crate) fn non_empty(raw: Option<&str>) -> Read<String> {
+    let raw = present(raw)?;
+    if raw.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(raw.to_owned())
+    }
+}
+
+pub(crate) fn opt_string(raw: Option<&str>) -> Read<Option<String>> {
+    Ok(raw.map(str::to_owned))
+}
+
+/// A whole number that fits `T`, when given.
+pub(crate) fn opt_number<T: std::str::FromStr>(raw: Option<&str>) -> Read<Option<T>> {
+    raw.map(|raw| {
+        raw.trim()
+            .parse()
+            .map_err(|_| format!("{raw:?} is not a whole number in range"))
+    })
+    .transpose()
+}
+
+pub(crate) fn boolean(raw: Option<&str>) -> Read<bool> {
+    match present(raw)?.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean")),
+    }
+}
+
+pub(crate) fn socket_addr(raw: Option<&str>) -> Read<SocketAddr> {
+    present(raw)?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (want host:port)"))
+}
+
+pub(crate) fn mongo_uri(raw: Option<&str>) -> Read<String> {
+    let raw = present(raw)?;
+    if raw.starts_with("mongodb://") || raw.starts_with("mongodb+srv://") {
+        Ok(raw.to_owned())
+    } else {
+        Err("must start with mongodb:// or mongodb+srv://".into())
+    }
+}
+
+pub(crate) fn log_format(raw: Option<&str>) -> Read<LogFormat> {
+    match present(raw)?.to_ascii_lowercase().as_str() {
+        "json" => Ok(LogFormat::Json),
+        "pretty" | "text" => Ok(LogFormat::Pretty),
+        other => Err(format!("{other:?} (want json or pretty)")),
+    }
+}
+
+pub(crate) fn invalidation_mode(raw: Option<&str>) -> Read<InvalidationMode> {
+    let raw = present(raw)?;
+    InvalidationMode::parse(raw).ok_or_else(|| format!("{raw:?} (want refresh or delete)"))
+}
+
+/// The given id, else host name and pid.
+pub(crate) fn instance_id(raw: Option<&str>) -> Read<String> {
+    Ok(raw.map_or_else(default_instance_id, str::to_owned))
+}
+
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}

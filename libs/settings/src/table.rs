@@ -1,0 +1,85 @@
+//! Every setting, named once: its field, its variable, how it is read and
+//! its default. The `settings!` macro turns the table into [`Settings`] and
+//! [`NAMES`].
+
+use crate::parse::{
+    boolean, instance_id, invalidation_mode, log_format, millis, mongo_uri, non_empty, opt_number,
+    opt_string, positive, positive_usize, seconds, socket_addr,
+};
+use crate::{Defaults, LogFormat, SettingsError, Source};
+use invalidation::InvalidationMode;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+macro_rules! settings {
+    ($defaults:ident => $(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $name:literal, $parse:path, $default:expr;
+    )*) => {
+        /// Every setting of the system; each binary reads the ones it needs.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        /// The environment variable of every setting (the TOML file's keys
+        /// are the same names in lower case).
+        pub const NAMES: &[&str] = &[$($name),*];
+
+        impl Settings {
+            /// Reads every setting from the merged layers.
+            pub(crate) fn read(source: &Source) -> Result<Self, SettingsError> {
+                Ok(Self {
+                    $( $field: source.read($name, $parse)?, )*
+                })
+            }
+
+            /// Each setting's default, for the first layer.
+            pub(crate) fn defaults(
+                $defaults: &Defaults,
+            ) -> Vec<(&'static str, Option<&'static str>)> {
+                vec![$( ($name, $default) ),*]
+            }
+        }
+    };
+}
+
+settings! { binary =>
+    /// Listen address (the API's `0.0.0.0:8000`, the invalidator's `0.0.0.0:9100`).
+    http_addr: SocketAddr = "HTTP_ADDR", socket_addr, Some(binary.http_addr);
+    /// This process in logs, traces and metrics (default: host name and pid).
+    instance_id: String = "INSTANCE_ID", instance_id, None;
+    log_format: LogFormat = "LOG_FORMAT", log_format, Some("json");
+    /// Largest request body a write accepts.
+    max_body_bytes: usize = "MAX_BODY_BYTES", positive_usize, Some("1048576");
+
+    /// Where Redis is; without it the original service's variables below apply.
+    redis_url: Option<String> = "REDIS_URL", opt_string, None;
+    redis_host: Option<String> = "REDIS_HOST", opt_string, None;
+    redis_port: Option<u16> = "REDIS_PORT", opt_number, None;
+    redis_db: Option<u32> = "REDIS_DB", opt_number, None;
+    redis_password: Option<String> = "REDIS_PASSWORD", opt_string, None;
+    /// How long a document may stay in Redis.
+    redis_ttl: Duration = "REDIS_TTL", seconds, Some("604800");
+    redis_timeout: Duration = "REDIS_TIMEOUT_MS", millis, Some("500");
+    /// How long tombstones and version floors live.
+    tombstone_ttl: Duration = "TOMBSTONE_TTL_MS", millis, Some("60000");
+
+    /// A replica set (change streams need one).
+    mongo_uri: String = "MONGO_URI", mongo_uri, Some("mongodb://127.0.0.1:27017/?replicaSet=rs0");
+    mongo_db: String = "MONGO_DB", non_empty, Some("cache_demo");
+    mongo_collection: String = "MONGO_COLLECTION", non_empty, Some("customer_features");
+    mongo_timeout: Duration = "MONGO_TIMEOUT_MS", millis, Some("2000");
+
+    local_cache_enabled: bool = "LOCAL_CACHE_ENABLED", boolean, Some("true");
+    local_cache_max_entries: u64 = "LOCAL_CACHE_MAX_ENTRIES", positive, Some("100000");
+    local_cache_ttl: Duration = "LOCAL_CACHE_TTL_MS", millis, Some("30000");
+
+    invalidation_mode: InvalidationMode = "INVALIDATION_MODE", invalidation_mode, Some("refresh");
+    invalidation_channel: String = "INVALIDATION_CHANNEL", non_empty, Some("features:invalidations");
+    invalidation_stream: String = "INVALIDATION_STREAM", non_empty, Some("features:changes");
+    invalidation_stream_maxlen: u64 = "INVALIDATION_STREAM_MAXLEN", positive, Some("100000");
+    /// How often a replica checks the stream for changes it may have missed.
+    invalidation_check_interval: Duration = "INVALIDATION_CHECK_INTERVAL_MS", millis, Some("1000");
+    leader_lease: Duration = "LEADER_LEASE_MS", millis, Some("5000");
+}

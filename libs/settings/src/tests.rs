@@ -1,0 +1,115 @@
+use super::*;
+use invalidation::InvalidationMode;
+use std::time::Duration;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_apply_without_environment() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    assert_eq!(s.http_addr.port(), 8000);
+    assert_eq!(s.redis_url(), "redis://127.0.0.1:6379/0");
+    assert_eq!(s.redis_ttl, Duration::from_secs(604_800));
+    assert_eq!(s.mongo_db, "cache_demo");
+    assert_eq!(s.mongo_collection, "customer_features");
+    assert_eq!(s.tombstone_ttl, Duration::from_millis(60_000));
+    assert!(s.local_cache_enabled);
+    assert_eq!(s.invalidation_mode, InvalidationMode::Refresh);
+    let s = load_from(Defaults::INVALIDATOR, env(&[])).unwrap();
+    assert_eq!(s.http_addr.port(), 9100);
+}
+
+#[test]
+fn environment_overrides_defaults() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("HTTP_ADDR", "127.0.0.1:9999"),
+            ("LOCAL_CACHE_ENABLED", "false"),
+            ("REDIS_TTL", "60"),
+            ("INSTANCE_ID", "1234"),
+            ("INVALIDATION_MODE", "delete"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.http_addr.to_string(), "127.0.0.1:9999");
+    assert!(!s.local_cache_enabled);
+    assert_eq!(s.redis_ttl, Duration::from_secs(60));
+    assert_eq!(s.instance_id, "1234");
+    assert_eq!(s.invalidation_mode, InvalidationMode::Delete);
+}
+
+#[test]
+fn legacy_redis_variables_are_honoured_when_url_is_unset() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.redis_url(), "redis://cache:6380/2");
+    let s = load_from(
+        Defaults::API,
+        env(&[("REDIS_HOST", "cache"), ("REDIS_URL", "redis://other:1/0")]),
+    )
+    .unwrap();
+    assert_eq!(s.redis_url(), "redis://other:1/0");
+}
+
+#[test]
+fn toml_file_sits_between_defaults_and_environment() {
+    let dir = std::env::temp_dir().join(format!("settings-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.toml");
+    std::fs::write(
+        &path,
+        "mongo_db = \"from_file\"\nredis_ttl = 42\nlocal_cache_max_entries = 7\nlocal_cache_enabled = false\n",
+    )
+    .unwrap();
+    let s = load_from(
+        Defaults::API,
+        env(&[("CONFIG_FILE", path.to_str().unwrap()), ("REDIS_TTL", "43")]),
+    )
+    .unwrap();
+    assert_eq!(s.mongo_db, "from_file");
+    assert_eq!(s.redis_ttl, Duration::from_secs(43));
+    assert_eq!(s.local_cache_max_entries, 7);
+    assert!(!s.local_cache_enabled);
+}
+
+#[test]
+fn every_setting_is_named_once() {
+    let mut names = NAMES.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), NAMES.len());
+}
+
+#[test]
+fn invalid_values_name_the_setting() {
+    for (name, value) in [
+        ("HTTP_ADDR", "not-an-address"),
+        ("REDIS_TTL", "0"),
+        ("REDIS_TTL", "soon"),
+        ("MONGO_URI", "http://example"),
+        ("LOCAL_CACHE_ENABLED", "maybe"),
+        ("INVALIDATION_MODE", "sometimes"),
+        ("LOG_FORMAT", "xml"),
+        ("REDIS_URL", "ftp://x"),
+    ] {
+        let err = load_from(Defaults::API, env(&[(name, value)])).unwrap_err();
+        let message = err.to_string().to_ascii_lowercase();
+        assert!(
+            message.contains(&name.to_ascii_lowercase()),
+            "error for {name}={value} does not name it: {message}"
+        );
+    }
+}

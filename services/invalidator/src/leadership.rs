@@ -1,0 +1,157 @@
+//! Leadership: at most one invalidator leads; its lease carries a fencing
+//! token that every write of its term is checked against, so a leader that
+//! lost the lease (paused, partitioned) cannot write after its successor
+//! took over.
+
+use feature_cache::{ControlKeys, Fence};
+use redis::Script;
+use redis::aio::ConnectionManager;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The leadership lease in Redis.
+#[derive(Clone)]
+pub struct Lease {
+    redis: ConnectionManager,
+    keys: ControlKeys,
+    script: Script,
+    duration: Duration,
+    /// Identifies this process in the lease's holder value.
+    holder_prefix: String,
+}
+
+/// One term of leadership: the fence every write of the term goes through,
+/// and a token cancelled when the term ends (the lease was lost, or the
+/// process is shutting down).
+pub struct Term {
+    pub fence: Fence,
+    ended: CancellationToken,
+    renewer: JoinHandle<()>,
+}
+
+impl Term {
+    /// Cancelled when the term ends.
+    pub fn ended(&self) -> &CancellationToken {
+        &self.ended
+    }
+}
+
+impl Lease {
+    pub fn new(
+        redis: ConnectionManager,
+        keys: ControlKeys,
+        duration: Duration,
+        holder_prefix: String,
+    ) -> Self {
+        Self {
+            redis,
+            keys,
+            script: Script::new(include_str!("lua/lease.lua")),
+            duration,
+            holder_prefix,
+        }
+    }
+
+    /// Stands by until this process holds the lease; `None` on shutdown.
+    pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Term> {
+        let retry = self.duration / 3;
+        loop {
+            match self.try_acquire().await {
+                Ok(Some(token)) => return Some(self.begin_term(token, shutdown)),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reach Redis for the lease; retrying");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(retry) => {}
+            }
+        }
+    }
+
+    /// Ends a term: stops renewing, and gives the lease up if it is still
+    /// ours (at shutdown, so a standby takes over without waiting for it to
+    /// expire).
+    pub async fn end(&self, term: Term) {
+        term.renewer.abort();
+        term.ended.cancel();
+        match self.call("release", &term.fence.token).await {
+            Ok(true) => tracing::info!("released the lease"),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release the lease; it expires by itself");
+            }
+        }
+    }
+
+    fn begin_term(&self, token: String, shutdown: &CancellationToken) -> Term {
+        let ended = shutdown.child_token();
+        let renewer = tokio::spawn(self.clone().renew(token.clone(), ended.clone()));
+        Term {
+            fence: Fence {
+                key: self.keys.lease.clone(),
+                token,
+            },
+            ended,
+            renewer,
+        }
+    }
+
+    /// Renews the lease every third of its duration; ends the term when
+    /// Redis says another holder has it, or when it could not be renewed for
+    /// so long that it has expired.
+    async fn renew(self, token: String, term: CancellationToken) {
+        let period = self.duration / 3;
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::select! {
+                () = term.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            match self.call("renew", &token).await {
+                Ok(true) => last_renewed = Instant::now(),
+                Ok(false) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not renew the lease");
+                    if last_renewed.elapsed() >= self.duration {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::warn!("lost the lease");
+        term.cancel();
+    }
+
+    /// The holder token when the lease was free and is now ours.
+    async fn try_acquire(&self) -> redis::RedisResult<Option<String>> {
+        self.script
+            .key(&self.keys.lease)
+            .key(&self.keys.fencing_counter)
+            .arg("acquire")
+            .arg(&self.holder_prefix)
+            .arg(millis(self.duration))
+            .invoke_async(&mut self.redis.clone())
+            .await
+    }
+
+    /// `renew` or `release`; `false` when `token` no longer holds the lease.
+    async fn call(&self, action: &str, token: &str) -> redis::RedisResult<bool> {
+        let held: i64 = self
+            .script
+            .key(&self.keys.lease)
+            .key(&self.keys.fencing_counter)
+            .arg(action)
+            .arg(token)
+            .arg(millis(self.duration))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(held == 1)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
