@@ -1,6 +1,11 @@
 //! Request coalescing ("single flight"): concurrent loads of one key share a
-//! single execution. The shared future removes itself from the table when it
-//! completes, so a caller that gives up (client gone) leaves nothing behind.
+//! single execution.
+//!
+//! The load runs in a task of its own, so it always finishes — also when
+//! every caller that waited on it has gone away — and it leaves the table
+//! before it hands its result out: a caller that comes after the load
+//! finished never receives that result, it starts a load of its own. The
+//! table therefore only ever holds loads in flight.
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -9,8 +14,10 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 
+type InFlight<K, V> = Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, Option<V>>>>>>;
+
 pub struct Coalescer<K, V: Clone> {
-    inflight: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+    inflight: InFlight<K, V>,
 }
 
 impl<K, V> Default for Coalescer<K, V>
@@ -37,8 +44,9 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Runs `load` unless a load for `key` is already in flight, in which case
-    /// its result is shared.
-    pub async fn run<F, Fut>(&self, key: K, load: F) -> (V, Role)
+    /// its result is shared. `None` when the load's task did not finish (it
+    /// panicked, or the runtime is shutting down).
+    pub async fn run<F, Fut>(&self, key: K, load: F) -> (Option<V>, Role)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
@@ -51,16 +59,16 @@ where
                     let table = Arc::clone(&self.inflight);
                     let done_key = key.clone();
                     let fut = load();
-                    let shared = async move {
+                    let task = tokio::spawn(async move {
                         let value = fut.await;
+                        // Out of the table before anyone can see the value.
                         table
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .remove(&done_key);
                         value
-                    }
-                    .boxed()
-                    .shared();
+                    });
+                    let shared = task.map(Result::ok).boxed().shared();
                     inflight.insert(key, shared.clone());
                     (shared, Role::Loader)
                 }
@@ -69,6 +77,7 @@ where
         (shared.await, role)
     }
 
+    /// Loads in flight now.
     pub fn in_flight(&self) -> usize {
         self.inflight
             .lock()
@@ -104,7 +113,7 @@ mod tests {
         let mut loaders = 0;
         for task in tasks {
             let (value, role) = task.await.unwrap();
-            assert_eq!(value, 7);
+            assert_eq!(value, Some(7));
             loaders += usize::from(role == Role::Loader);
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
@@ -113,25 +122,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_abandoned_load_is_finished_by_the_next_caller() {
+    async fn an_abandoned_load_finishes_and_its_result_goes_to_no_later_caller() {
         let coalescer: Arc<Coalescer<String, u32>> = Arc::default();
+        let finished = Arc::new(AtomicUsize::new(0));
         let first = {
-            let coalescer = Arc::clone(&coalescer);
+            let (coalescer, finished) = (Arc::clone(&coalescer), Arc::clone(&finished));
             tokio::spawn(async move {
                 coalescer
-                    .run("k".to_owned(), || async {
+                    .run("k".to_owned(), || async move {
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        finished.fetch_add(1, Ordering::SeqCst);
                         1
                     })
                     .await
             })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
+        // The only caller goes away (a client that disconnected).
         first.abort();
-        let (value, role) = coalescer.run("k".to_owned(), || async { 2 }).await;
-        assert_eq!((value, role), (1, Role::Waiter));
+        // The load still finishes, and leaves the table by itself.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
         assert_eq!(coalescer.in_flight(), 0);
-        let (value, role) = coalescer.run("k".to_owned(), || async { 3 }).await;
-        assert_eq!((value, role), (3, Role::Loader));
+        // A caller after that gets a load of its own, never the parked result.
+        let (value, role) = coalescer.run("k".to_owned(), || async { 2 }).await;
+        assert_eq!((value, role), (Some(2), Role::Loader));
+    }
+
+    #[tokio::test]
+    async fn the_table_only_holds_loads_in_flight() {
+        let coalescer: Arc<Coalescer<u32, u32>> = Arc::default();
+        let callers: Vec<_> = (0..1000)
+            .map(|key| {
+                let coalescer = Arc::clone(&coalescer);
+                tokio::spawn(async move {
+                    coalescer
+                        .run(key, || async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            key
+                        })
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for caller in &callers {
+            caller.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(coalescer.in_flight(), 0);
     }
 }

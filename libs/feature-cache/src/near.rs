@@ -1,10 +1,15 @@
 use crate::entry::Entry;
 use crate::tier::{CacheTier, TierError};
 use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Invalidation counters the keys are spread over: enough that an
+/// invalidation rarely refuses an unrelated fill, few enough to stay small.
+const STRIPES: usize = 4096;
 
 /// How big the near cache may grow and how long an entry may stay.
 #[derive(Debug, Clone, Copy)]
@@ -16,17 +21,31 @@ pub struct NearCacheConfig {
 /// The in-process near cache: bounded by entries and a short TTL, guarded by
 /// version like every tier.
 ///
-/// Its epoch advances on every flush; a fill that began before a flush carries
-/// the old epoch and is refused, so a flush cannot be undone by a slow reader.
+/// A fill is accepted only if nothing invalidated its key since the fill
+/// began: each key's invalidations advance a counter (one of [`STRIPES`],
+/// by hash), a flush advances the epoch, and a fill carries the [`Ticket`]
+/// it took before it read anything. The counters live outside the cache, so
+/// no eviction can make the cache forget an invalidation a slow fill missed.
 pub struct NearCache {
     // foldhash: keys are hashed on every hit, and SipHash (the default) was a
     // measurable share of a hit; foldhash is seeded per process, too.
     entries: Cache<String, Entry, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
     epoch: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+}
+
+/// Where the near cache stood for one key when a fill began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    epoch: u64,
+    stripe: usize,
+    invalidations: u64,
 }
 
 impl NearCache {
     pub fn new(config: &NearCacheConfig) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
         let entries = Cache::builder()
             .max_capacity(config.max_entries)
             .time_to_live(config.ttl)
@@ -39,10 +58,12 @@ impl NearCache {
                 };
                 metrics::counter!("near_cache_evictions_total", "cause" => cause).increment(1);
             })
-            .build_with_hasher(foldhash::fast::RandomState::default());
+            .build_with_hasher(hasher.clone());
         Self {
             entries,
+            hasher,
             epoch: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -51,13 +72,21 @@ impl NearCache {
         self.entries.get(customer_id)
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    /// Takes a ticket for a fill of `customer_id` that is about to read the
+    /// tiers below.
+    pub fn ticket(&self, customer_id: &str) -> Ticket {
+        let stripe = self.stripe_of(customer_id);
+        Ticket {
+            epoch: self.epoch.load(Ordering::Acquire),
+            stripe,
+            invalidations: self.stripes[stripe].load(Ordering::Acquire),
+        }
     }
 
-    /// Offers an entry read while the cache was at `epoch`.
-    pub fn offer_at(&self, entry: Entry, epoch: u64) -> bool {
-        if self.epoch() != epoch {
+    /// Offers an entry read under `ticket`: refused if the key was
+    /// invalidated or the cache flushed since, or if the guard refuses.
+    pub fn offer_with(&self, entry: Entry, ticket: Ticket) -> bool {
+        if !self.still_valid(ticket) {
             return false;
         }
         let key = entry.customer_id().to_owned();
@@ -70,25 +99,44 @@ impl NearCache {
             });
         let stored = matches!(
             result,
-            moka::ops::compute::CompResult::Inserted(_)
-                | moka::ops::compute::CompResult::ReplacedWith(_)
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
         );
         if !stored {
             metrics::counter!("version_guard_rejections_total", "tier" => "local").increment(1);
         }
-        // A flush that raced the compute above wins: drop what we just put.
-        if stored && self.epoch() != epoch {
+        // An invalidation that raced the compute above wins: drop what we put.
+        if stored && !self.still_valid(ticket) {
             self.entries.invalidate(&key);
             return false;
         }
         stored
     }
 
+    /// Offers an entry read just now (under a fresh ticket).
     pub fn offer(&self, entry: Entry) -> bool {
-        self.offer_at(entry, self.epoch())
+        let ticket = self.ticket(entry.customer_id());
+        self.offer_with(entry, ticket)
     }
 
-    /// Drops everything and refuses fills that started before now.
+    /// After an ordered change to `version`: a copy at that version or newer
+    /// stays; anything else is dropped (and fills that began before are
+    /// refused).
+    pub fn settle(&self, customer_id: &str, version: i64) {
+        if let Some(Entry::Document(doc)) = self.entries.get(customer_id)
+            && doc.version >= version
+        {
+            return;
+        }
+        self.invalidate(customer_id);
+    }
+
+    /// Drops the key and refuses every fill of it that began before now.
+    pub fn invalidate(&self, customer_id: &str) {
+        self.stripes[self.stripe_of(customer_id)].fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate(customer_id);
+    }
+
+    /// Drops everything and refuses every fill that began before now.
     pub fn flush(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
@@ -101,6 +149,16 @@ impl NearCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn still_valid(&self, ticket: Ticket) -> bool {
+        self.epoch.load(Ordering::Acquire) == ticket.epoch
+            && self.stripes[ticket.stripe].load(Ordering::Acquire) == ticket.invalidations
+    }
+
+    fn stripe_of(&self, customer_id: &str) -> usize {
+        // The modulo keeps the index in range whatever the hash.
+        (self.hasher.hash_one(customer_id) % STRIPES as u64) as usize
     }
 }
 

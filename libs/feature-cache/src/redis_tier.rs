@@ -42,32 +42,93 @@ pub struct RedisConfig {
     pub ttl: TtlPolicy,
 }
 
-/// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..4]` the
-/// entry's version, rank, value and TTL in ms.
+/// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..5]` the
+/// entry's version, rank, value, TTL in ms, and who writes ([`Writer`]).
 const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
+/// Reserves a key for a fill: `KEYS[1]`; `ARGV[1..2]` token and TTL in ms.
+const RESERVE_SCRIPT: &str = include_str!("lua/reserve.lua");
+/// Gives a reservation up: `KEYS[1]`; `ARGV[1]` its token.
+const RELEASE_SCRIPT: &str = include_str!("lua/release.lua");
+/// Deletes a key (behind a fence).
+const REMOVE_SCRIPT: &str = "return redis.call('DEL', KEYS[1])";
 
 /// What the guard did with an offered entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Offer {
     Stored,
     /// The tier already holds this very version: nothing to do, and the
     /// entry is as current as what the tier holds.
     AlreadyCurrent,
-    /// The tier holds something newer.
-    Refused,
+    /// The tier holds something newer, at this version.
+    Refused {
+        holds: Option<i64>,
+    },
+    /// The fill's reservation is gone: the key changed (or was flushed or
+    /// evicted) after the fill began, so what it read may be stale.
+    ReservationLost,
 }
 
 impl Offer {
-    fn of_reply(reply: i64) -> Self {
-        match reply {
-            1 => Self::Stored,
-            2 => Self::AlreadyCurrent,
+    /// Whether the tier now holds this entry (or its very version).
+    pub fn accepted(&self) -> bool {
+        matches!(self, Self::Stored | Self::AlreadyCurrent)
+    }
+
+    fn of_reply(reply: &[redis::Value]) -> Self {
+        let code = reply
+            .first()
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok());
+        match code {
+            Some(1) => Self::Stored,
+            Some(2) => Self::AlreadyCurrent,
+            Some(3) => {
+                metrics::counter!("cache_fills_refused_total", "reason" => "reservation_lost")
+                    .increment(1);
+                Self::ReservationLost
+            }
             _ => {
                 metrics::counter!("version_guard_rejections_total", "tier" => "redis").increment(1);
-                Self::Refused
+                let holds = reply
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                    .and_then(|v| v.parse().ok());
+                Self::Refused { holds }
             }
         }
     }
+}
+
+/// Who writes an entry, and so what the guard asks of the key first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writer {
+    /// A writer that applies changes in their order (the invalidator, a
+    /// delete): the version guard alone.
+    Ordered,
+    /// A fill that began when the key held a document: the guard, and an
+    /// absent key or a reservation refuses (the key changed since).
+    Held,
+    /// A fill that reserved the key when it began: its reservation is
+    /// replaced; an absent key or another reservation refuses.
+    Reserved(String),
+}
+
+impl Writer {
+    fn as_arg(&self) -> &str {
+        match self {
+            Self::Ordered => "",
+            Self::Held => "*",
+            Self::Reserved(token) => token,
+        }
+    }
+}
+
+/// What [`RedisTier::reserve_many`] found for a key.
+#[derive(Debug, Clone)]
+pub enum Reservation {
+    /// The key holds a document: serve it (no fill needed).
+    Document(Entry),
+    /// A fill is accepted as this writer.
+    Reserved(Writer),
 }
 
 /// Health figures for `/api/health/`.
@@ -85,6 +146,8 @@ pub struct RedisHealth {
 pub struct RedisTier {
     conn: ConnectionManager,
     guard: Script,
+    reserve: Script,
+    release: Script,
     ttl: TtlPolicy,
 }
 
@@ -102,6 +165,8 @@ impl RedisTier {
         Ok(Self {
             conn,
             guard: Script::new(GUARD_SCRIPT),
+            reserve: Script::new(RESERVE_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
             ttl: config.ttl,
         })
     }
@@ -142,44 +207,117 @@ impl RedisTier {
             .collect())
     }
 
-    /// Offers many entries through the guard in one pipeline.
-    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = entries.len()))]
+    /// Offers many entries through the guard in one pipeline, as an ordered
+    /// writer.
     pub async fn offer_many(&self, entries: &[Entry]) -> Result<Vec<Offer>, TierError> {
+        let writes: Vec<(Entry, Writer)> = entries
+            .iter()
+            .map(|entry| (entry.clone(), Writer::Ordered))
+            .collect();
+        self.fill_many(&writes).await
+    }
+
+    /// Reserves each key for a fill that is about to read MongoDB (one
+    /// pipeline); a key that holds a document answers with it instead.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = customer_ids.len()))]
+    pub async fn reserve_many(&self, customer_ids: &[&str]) -> Result<Vec<Reservation>, TierError> {
+        if customer_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl_ms = millis(self.ttl.marker_ttl);
         let mut pipe = redis::pipe();
-        let mut offered = Vec::with_capacity(entries.len());
-        for (index, entry) in entries.iter().enumerate() {
+        for id in customer_ids {
+            let mut invocation = self.reserve.prepare_invoke();
+            invocation
+                .key(document_key(id))
+                .arg(new_token())
+                .arg(ttl_ms);
+            pipe.invoke_script(&invocation);
+        }
+        let replies: Vec<(String, String)> = self.query_scripts(&pipe, &self.reserve).await?;
+        Ok(customer_ids
+            .iter()
+            .zip(replies)
+            .map(|(id, (kind, payload))| match kind.as_str() {
+                "document" => match Entry::from_redis_value(id, payload) {
+                    Some(entry @ Entry::Document(_)) => Reservation::Document(entry),
+                    // Not a document we can read: fill as if it held one.
+                    _ => Reservation::Reserved(Writer::Held),
+                },
+                _ => Reservation::Reserved(Writer::Reserved(payload)),
+            })
+            .collect())
+    }
+
+    /// Gives up reservations whose reads found nothing to fill (one
+    /// pipeline); keys that changed since are left alone.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = reservations.len()))]
+    pub async fn release_many(&self, reservations: &[(&str, &Writer)]) -> Result<(), TierError> {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (id, writer) in reservations {
+            if let Writer::Reserved(token) = writer {
+                let mut invocation = self.release.prepare_invoke();
+                invocation.key(document_key(id)).arg(token);
+                pipe.invoke_script(&invocation);
+                any = true;
+            }
+        }
+        if any {
+            let _: Vec<i64> = self.query_scripts(&pipe, &self.release).await?;
+        }
+        Ok(())
+    }
+
+    /// Offers many entries through the guard in one pipeline, each as its
+    /// writer. An expired document is not offered (it counts as refused).
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = writes.len()))]
+    pub async fn fill_many(&self, writes: &[(Entry, Writer)]) -> Result<Vec<Offer>, TierError> {
+        let mut pipe = redis::pipe();
+        let mut offered = Vec::with_capacity(writes.len());
+        for (index, (entry, writer)) in writes.iter().enumerate() {
             if let Some(ttl_ms) = self.ttl.ttl_ms_of(entry) {
                 let mut invocation = self.guard.prepare_invoke();
-                guard_args(&mut invocation, entry, ttl_ms);
+                guard_args(&mut invocation, entry, ttl_ms, writer);
                 pipe.invoke_script(&invocation);
                 offered.push(index);
             }
         }
-        // Entries not offered (already expired documents) count as refused.
-        let mut outcomes = vec![Offer::Refused; entries.len()];
+        let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
         if offered.is_empty() {
             return Ok(outcomes);
         }
+        let replies: Vec<Vec<redis::Value>> = self.query_scripts(&pipe, &self.guard).await?;
+        for (index, reply) in offered.into_iter().zip(replies) {
+            outcomes[index] = Offer::of_reply(&reply);
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs a pipeline of one script's invocations, loading the script once
+    /// if the server does not know it (a restarted Redis).
+    async fn query_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        script: &Script,
+    ) -> Result<T, TierError> {
         let mut conn = self.conn.clone();
-        let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
-            Ok(replies) => replies,
+        match pipe.query_async(&mut conn).await {
+            Ok(replies) => Ok(replies),
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                self.guard.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn)
+                script.load_async(&mut conn).await?;
+                Ok(pipe
+                    .query_async(&mut conn)
                     .await
-                    .inspect_err(|_| count_error("EVALSHA"))?
+                    .inspect_err(|_| count_error("EVALSHA"))?)
             }
             Err(err) => {
                 count_error("EVALSHA");
-                return Err(err.into());
+                Err(err.into())
             }
-        };
-        for (index, reply) in offered.into_iter().zip(replies) {
-            outcomes[index] = Offer::of_reply(reply);
         }
-        Ok(outcomes)
     }
 
     /// A writer whose every write lands only while `fence` holds; made once
@@ -187,7 +325,8 @@ impl RedisTier {
     pub fn fenced(&self, fence: Fence) -> FencedWriter {
         FencedWriter {
             conn: self.conn.clone(),
-            script: Fence::script(GUARD_SCRIPT),
+            guard: Fence::script(GUARD_SCRIPT),
+            remove: Fence::script(REMOVE_SCRIPT),
             fence,
             ttl: self.ttl,
         }
@@ -250,11 +389,12 @@ impl RedisTier {
     }
 }
 
-/// The guarded write of one writer behind a [`Fence`].
+/// The writes of one ordered writer behind a [`Fence`].
 #[derive(Clone)]
 pub struct FencedWriter {
     conn: ConnectionManager,
-    script: Script,
+    guard: Script,
+    remove: Script,
     fence: Fence,
     ttl: TtlPolicy,
 }
@@ -264,16 +404,31 @@ impl FencedWriter {
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", customer_id = entry.customer_id()))]
     pub async fn offer(&self, entry: &Entry) -> Result<Offer, FencedWriteError> {
         let Some(ttl_ms) = self.ttl.ttl_ms_of(entry) else {
-            return Ok(Offer::Refused);
+            return Ok(Offer::Refused { holds: None });
         };
-        let mut invocation = self.script.prepare_invoke();
-        guard_args(&mut invocation, entry, ttl_ms);
+        let mut invocation = self.guard.prepare_invoke();
+        guard_args(&mut invocation, entry, ttl_ms, &Writer::Ordered);
         self.fence.append(&mut invocation);
-        let reply: i64 = invocation
+        let reply: Vec<redis::Value> = invocation
             .invoke_async(&mut self.conn.clone())
             .await
             .inspect_err(|_| count_error("EVALSHA"))?;
-        Ok(Offer::of_reply(reply))
+        Ok(Offer::of_reply(&reply))
+    }
+
+    /// Removes the customer's entry while the fence holds: whatever the
+    /// key held, and any fill's reservation with it. Absence is always
+    /// safe: a fill needs its reservation, and a reader then reads MongoDB.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA+DEL", customer_id = customer_id))]
+    pub async fn remove(&self, customer_id: &str) -> Result<bool, FencedWriteError> {
+        let mut invocation = self.remove.prepare_invoke();
+        invocation.key(document_key(customer_id));
+        self.fence.append(&mut invocation);
+        let removed: i64 = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .inspect_err(|_| count_error("EVALSHA"))?;
+        Ok(removed > 0)
     }
 
     pub fn fence(&self) -> &Fence {
@@ -281,14 +436,29 @@ impl FencedWriter {
     }
 }
 
-/// The guard script's keys and arguments for `entry`.
-fn guard_args(invocation: &mut redis::ScriptInvocation<'_>, entry: &Entry, ttl_ms: u64) {
+/// The guard script's keys and arguments for `entry` written by `writer`.
+fn guard_args(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    entry: &Entry,
+    ttl_ms: u64,
+    writer: &Writer,
+) {
     invocation
         .key(document_key(entry.customer_id()))
         .arg(entry.version())
         .arg(entry.rank())
         .arg(entry.to_redis_value())
-        .arg(ttl_ms);
+        .arg(ttl_ms)
+        .arg(writer.as_arg());
+}
+
+/// A reservation's token: random, so no two fills share one by accident.
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl CacheTier for RedisTier {

@@ -1,7 +1,7 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
-use crate::near::NearCache;
-use crate::redis_tier::{Offer, RedisTier};
+use crate::near::{NearCache, Ticket};
+use crate::redis_tier::{RedisTier, Reservation, Writer};
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use metrics::{Counter, counter};
@@ -101,7 +101,7 @@ impl TieredStore {
         self.inner.near.as_deref()
     }
 
-    /// A shared handle on the near cache, for the invalidation follower.
+    /// A shared handle on the near cache, for the invalidation subscriber.
     pub fn near_handle(&self) -> Option<Arc<NearCache>> {
         self.inner.near.clone()
     }
@@ -144,8 +144,10 @@ impl TieredStore {
     /// coalesced (a GET costs less than the bookkeeping); MongoDB loads are.
     #[tracing::instrument(name = "cache.load", skip_all, fields(customer_id = %id))]
     async fn load(&self, id: &CustomerId) -> LoadResult {
-        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
-        if let Some(hit) = self.redis_hit(id, epoch, true).await {
+        // Taken before anything is read: a near fill of what is read below
+        // is refused if the key is invalidated meanwhile.
+        let ticket = self.ticket(id.as_str());
+        if let Some(hit) = self.redis_hit(id, ticket).await {
             return Ok(Some(hit));
         }
         let this = self.clone();
@@ -154,59 +156,77 @@ impl TieredStore {
             .inner
             .loads
             .run(id.clone(), || {
-                async move { this.load_from_store(&key, epoch).await }.in_current_span()
+                async move { this.load_from_store(&key, ticket).await }.in_current_span()
             })
             .await;
         if role == Role::Waiter {
             self.inner.counters.coalesced_waits.increment(1);
             tracing::debug!(customer_id = %id, "waited on a coalesced load");
         }
-        result
+        result.unwrap_or_else(|| Err(StoreError::Lost("the coalesced load did not finish".into())))
     }
 
     /// The document Redis holds for `id`, when it holds a current one (also
-    /// offered to the near cache). `count` records the hit or miss.
-    async fn redis_hit(&self, id: &CustomerId, epoch: Option<u64>, count: bool) -> Option<Lookup> {
+    /// offered to the near cache).
+    async fn redis_hit(&self, id: &CustomerId, ticket: Option<Ticket>) -> Option<Lookup> {
         let counters = &self.inner.counters;
         match self.inner.redis.get(id.as_str()).await {
             Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
-                if count {
-                    counters.redis_hit.increment(1);
-                }
-                self.offer_near(Entry::Document(Arc::clone(&doc)), epoch);
-                tracing::debug!(customer_id = %id, source = "redis", "served");
-                Some(Lookup {
-                    document: doc,
-                    source: Source::Redis,
-                })
+                counters.redis_hit.increment(1);
+                Some(self.served_from_redis(doc, ticket))
             }
             Ok(_) => {
-                if count {
-                    counters.redis_miss.increment(1);
-                }
+                counters.redis_miss.increment(1);
                 None
             }
             Err(err) => {
-                tracing::warn!(customer_id = %id, error = %err, "Redis read failed; falling back to MongoDB");
+                tracing::warn!(customer_id = %id, error = %telemetry_chain(&err), "Redis read failed; falling back to MongoDB");
                 None
             }
         }
     }
 
-    /// The coalesced part of a miss. Redis is asked once more first: a load
-    /// that finished between this caller's Redis miss and its joining the
-    /// coalescer has filled it, and MongoDB need not be asked again.
-    async fn load_from_store(&self, id: &CustomerId, epoch: Option<u64>) -> LoadResult {
-        if let Some(hit) = self.redis_hit(id, epoch, false).await {
-            return Ok(Some(hit));
+    fn served_from_redis(&self, doc: Arc<CachedDocument>, ticket: Option<Ticket>) -> Lookup {
+        self.offer_near(Entry::Document(Arc::clone(&doc)), ticket);
+        tracing::debug!(customer_id = %doc.customer_id, source = "redis", "served");
+        Lookup {
+            document: doc,
+            source: Source::Redis,
         }
+    }
+
+    /// The coalesced part of a miss: reserve the key in Redis (which also
+    /// serves a document another load has filled meanwhile), read MongoDB,
+    /// and fill onto the reservation — refused if anything changed the key
+    /// since.
+    async fn load_from_store(&self, id: &CustomerId, ticket: Option<Ticket>) -> LoadResult {
+        let writer = match self.reserve(&[id]).await.pop() {
+            Some(Reservation::Document(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
+                return Ok(Some(self.served_from_redis(doc, ticket)));
+            }
+            Some(Reservation::Reserved(writer)) => Some(writer),
+            _ => None,
+        };
         let Some(doc) = self.inner.store.get(id).await? else {
             tracing::debug!(customer_id = %id, "not found in MongoDB");
+            if let Some(writer) = &writer {
+                self.release(&[(id.as_str(), writer)]).await;
+            }
             return Ok(None);
         };
         let document = CachedDocument::from_document(&doc);
-        self.warm(Entry::Document(Arc::clone(&document)), epoch)
+        if document.customer_id == id.as_str() {
+            self.warm(vec![(
+                Entry::Document(Arc::clone(&document)),
+                writer,
+                ticket,
+            )])
             .await;
+        } else {
+            // Its `customer_id` is another customer's: serve it as stored,
+            // never cache it (it would land under that customer's key).
+            tracing::warn!(customer_id = %id, stored_customer_id = %document.customer_id, "document's customer_id differs from its _id; not cached");
+        }
         tracing::debug!(customer_id = %id, source = "mongodb", "served");
         Ok(Some(Lookup {
             document,
@@ -224,9 +244,8 @@ impl TieredStore {
         let mut seen = HashSet::with_capacity(ids.len());
         let unique: Vec<&CustomerId> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
         let now = Utc::now();
-        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
         let mut found = Vec::with_capacity(unique.len());
-        let mut pending: Vec<&CustomerId> = Vec::new();
+        let mut pending: Vec<(&CustomerId, Option<Ticket>)> = Vec::new();
         for id in unique {
             match self
                 .inner
@@ -238,72 +257,68 @@ impl TieredStore {
                     document: doc,
                     source: Source::Local,
                 }),
-                _ => pending.push(id),
+                _ => pending.push((id, self.ticket(id.as_str()))),
             }
         }
 
-        let mut from_mongo: Vec<CustomerId> = Vec::new();
-        let keys: Vec<&str> = pending.iter().map(|id| id.as_str()).collect();
-        match self.inner.redis.get_many(&keys).await {
-            Ok(entries) => {
-                for (id, entry) in pending.iter().zip(entries) {
-                    match entry {
-                        Some(Entry::Document(doc)) if !doc.is_expired(now) => {
-                            self.offer_near(Entry::Document(Arc::clone(&doc)), epoch);
-                            found.push(Lookup {
-                                document: doc,
-                                source: Source::Redis,
-                            });
-                        }
-                        _ => from_mongo.push((*id).clone()),
-                    }
+        let keys: Vec<&CustomerId> = pending.iter().map(|(id, _)| *id).collect();
+        let reservations = self.reserve(&keys).await;
+        let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<Ticket>)> = Vec::new();
+        let mut reservations = reservations.into_iter();
+        for (id, ticket) in pending {
+            match reservations.next() {
+                Some(Reservation::Document(Entry::Document(doc))) if !doc.is_expired(now) => {
+                    found.push(self.served_from_redis(doc, ticket));
                 }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "Redis MGET failed; falling back to MongoDB");
-                from_mongo.extend(pending.iter().map(|id| (*id).clone()));
+                Some(Reservation::Reserved(writer)) => {
+                    from_mongo.push((id.clone(), Some(writer), ticket));
+                }
+                _ => from_mongo.push((id.clone(), None, ticket)),
             }
         }
 
         let mut missing = Vec::new();
         if !from_mongo.is_empty() {
-            let docs = self.inner.store.get_many(&from_mongo).await?;
+            let wanted: Vec<CustomerId> = from_mongo.iter().map(|(id, _, _)| id.clone()).collect();
+            let docs = self.inner.store.get_many(&wanted).await?;
             let mut by_id: HashMap<String, FeatureDocument> = docs
                 .into_iter()
                 .map(|d| (d.customer_id.clone(), d))
                 .collect();
             let mut fills = Vec::new();
-            for id in from_mongo {
+            let mut unfilled = Vec::new();
+            for (id, writer, ticket) in from_mongo {
                 match by_id.remove(id.as_str()) {
                     Some(doc) => {
                         let document = CachedDocument::from_document(&doc);
-                        fills.push(Entry::Document(Arc::clone(&document)));
+                        fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
                         found.push(Lookup {
                             document,
                             source: Source::Mongodb,
                         });
                     }
-                    None => missing.push(id),
+                    None => {
+                        if let Some(writer) = writer {
+                            unfilled.push((id.clone(), writer));
+                        }
+                        missing.push(id);
+                    }
                 }
             }
-            self.warm_many(fills, epoch).await;
+            self.warm(fills).await;
+            let unfilled: Vec<(&str, &Writer)> =
+                unfilled.iter().map(|(id, w)| (id.as_str(), w)).collect();
+            self.release(&unfilled).await;
         }
         Ok((found, missing))
     }
 
     /// Writes one document to MongoDB, then to the tiers.
     pub async fn upsert(&self, write: &FeatureWrite) -> Result<WriteOutcome, StoreError> {
-        let outcome = self.inner.store.upsert(write).await?;
-        let document = CachedDocument::from_document(&outcome.document);
-        self.warm(
-            Entry::Document(Arc::clone(&document)),
-            self.inner.near.as_deref().map(NearCache::epoch),
-        )
-        .await;
-        Ok(WriteOutcome {
-            document,
-            created: outcome.created,
-        })
+        let mut outcomes = self.upsert_with(std::slice::from_ref(write), true).await?;
+        outcomes
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Lost("no outcome for the write".into())))
     }
 
     /// Writes many documents with one bulk write and one Redis pipeline.
@@ -311,15 +326,43 @@ impl TieredStore {
         &self,
         writes: &[FeatureWrite],
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
-        let epoch = self.inner.near.as_deref().map(NearCache::epoch);
-        let outcomes = self.inner.store.upsert_many(writes).await?;
+        self.upsert_with(writes, false).await
+    }
+
+    /// The write path: reserve the keys, write MongoDB, fill the tiers onto
+    /// the reservations (a change made by someone else in between wins).
+    async fn upsert_with(
+        &self,
+        writes: &[FeatureWrite],
+        single: bool,
+    ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
+        let ids: Vec<&CustomerId> = writes.iter().map(|w| &w.customer_id).collect();
+        let writers: Vec<Option<Writer>> = self
+            .reserve(&ids)
+            .await
+            .into_iter()
+            .map(|reservation| match reservation {
+                Reservation::Reserved(writer) => Some(writer),
+                Reservation::Document(_) => Some(Writer::Held),
+            })
+            .chain(std::iter::repeat(None))
+            .take(writes.len())
+            .collect();
+        let outcomes = match writes {
+            [write] if single => vec![Ok(self.inner.store.upsert(write).await?)],
+            _ => self.inner.store.upsert_many(writes).await?,
+        };
         let mut fills = Vec::new();
         let results = outcomes
             .into_iter()
-            .map(|outcome| {
+            .zip(writers)
+            .map(|(outcome, writer)| {
                 outcome.map(|o| {
                     let document = CachedDocument::from_document(&o.document);
-                    fills.push(Entry::Document(Arc::clone(&document)));
+                    // What was written is the truth as of the write: the near
+                    // cache's ticket is taken when the fill begins.
+                    let ticket = self.ticket(&o.document.customer_id);
+                    fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
                     WriteOutcome {
                         document,
                         created: o.created,
@@ -327,54 +370,104 @@ impl TieredStore {
                 })
             })
             .collect();
-        self.warm_many(fills, epoch).await;
+        self.warm(fills).await;
         Ok(results)
     }
 
     /// Deletes from MongoDB and leaves a tombstone at the removed version, so
-    /// no late fill can bring the document back. `false` when it was absent.
+    /// that the invalidator's late replay of an older change cannot bring the
+    /// document back. `false` when it was absent.
     pub async fn delete(&self, id: &CustomerId) -> Result<bool, StoreError> {
         let Some(version) = self.inner.store.delete(id).await? else {
             return Ok(false);
         };
+        let ticket = self.ticket(id.as_str());
         let tombstone = Entry::Tombstone {
             customer_id: id.to_string(),
             version,
         };
-        self.warm(tombstone, self.inner.near.as_deref().map(NearCache::epoch))
+        self.warm(vec![(tombstone, Some(Writer::Ordered), ticket)])
             .await;
         Ok(true)
     }
 
-    /// Offers an entry to Redis and then to the near cache. The near cache
-    /// takes it only if Redis holds it now (stored, or already there) or
-    /// Redis is down: when Redis refuses, it holds something newer, and so
-    /// the near cache must not take this.
-    async fn warm(&self, entry: Entry, epoch: Option<u64>) {
-        self.warm_many(vec![entry], epoch).await;
+    /// The near cache's ticket for a fill of `id` that begins now.
+    fn ticket(&self, customer_id: &str) -> Option<Ticket> {
+        self.inner
+            .near
+            .as_deref()
+            .map(|near| near.ticket(customer_id))
     }
 
-    async fn warm_many(&self, entries: Vec<Entry>, epoch: Option<u64>) {
-        if entries.is_empty() {
+    /// Reserves keys in Redis for fills; when Redis cannot be reached, no
+    /// fill will be accepted there (and the near cache still guards itself).
+    async fn reserve(&self, ids: &[&CustomerId]) -> Vec<Reservation> {
+        let keys: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+        match self.inner.redis.reserve_many(&keys).await {
+            Ok(reservations) => reservations,
+            Err(err) => {
+                tracing::warn!(error = %telemetry_chain(&err), "Redis reservation failed; the fill goes to the near cache only");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Gives up reservations of reads that found nothing (best effort: a
+    /// reservation left behind expires, and refuses nothing it should not).
+    async fn release(&self, reservations: &[(&str, &Writer)]) {
+        if let Err(err) = self.inner.redis.release_many(reservations).await {
+            tracing::debug!(error = %telemetry_chain(&err), "could not release reservations");
+        }
+    }
+
+    /// Offers entries to Redis, each as its writer, and then to the near
+    /// cache. The near cache takes an entry only if Redis holds it now
+    /// (stored, or already there) or Redis could not be asked: a refusal
+    /// means Redis holds something newer, or the key changed since the fill
+    /// began, and so the near cache must not take it either.
+    async fn warm(&self, fills: Vec<(Entry, Option<Writer>, Option<Ticket>)>) {
+        if fills.is_empty() {
             return;
         }
-        let accepted: Vec<bool> = match self.inner.redis.offer_many(&entries).await {
-            Ok(outcomes) => outcomes.into_iter().map(|o| o != Offer::Refused).collect(),
+        // Without a reservation (Redis was unreachable), Redis gets nothing.
+        let to_redis: Vec<(Entry, Writer)> = fills
+            .iter()
+            .filter_map(|(entry, writer, _)| writer.clone().map(|w| (entry.clone(), w)))
+            .collect();
+        let mut offers = match self.inner.redis.fill_many(&to_redis).await {
+            Ok(offers) => offers.into_iter().map(|o| o.accepted()).collect(),
             Err(err) => {
-                tracing::warn!(error = %err, "Redis write failed; the invalidator will repair it");
-                vec![true; entries.len()]
+                tracing::warn!(error = %telemetry_chain(&err), "Redis write failed; the invalidator will repair it");
+                vec![true; to_redis.len()]
             }
-        };
-        for (entry, accepted) in entries.into_iter().zip(accepted) {
+        }
+        .into_iter();
+        for (entry, writer, ticket) in fills {
+            let accepted = match writer {
+                Some(_) => offers.next().unwrap_or(false),
+                None => true,
+            };
             if accepted {
-                self.offer_near(entry, epoch);
+                self.offer_near(entry, ticket);
             }
         }
     }
 
-    fn offer_near(&self, entry: Entry, epoch: Option<u64>) {
-        if let (Some(near), Some(epoch)) = (&self.inner.near, epoch) {
-            near.offer_at(entry, epoch);
+    fn offer_near(&self, entry: Entry, ticket: Option<Ticket>) {
+        if let (Some(near), Some(ticket)) = (&self.inner.near, ticket) {
+            near.offer_with(entry, ticket);
         }
     }
+}
+
+/// An error with its causes, for a log line.
+fn telemetry_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -2,6 +2,7 @@
 //! read/write race through the tiered store against the MongoDB stand-in.
 
 use chrono::{Duration as ChronoDuration, Utc};
+use feature_cache::redis_tier::{Reservation, Writer};
 use feature_cache::{
     CacheTier, CachedDocument, Entry, Fence, FencedWriteError, NearCache, NearCacheConfig, Offer,
     RedisConfig, RedisTier, TieredStore, TtlPolicy,
@@ -10,6 +11,7 @@ use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, Sto
 use serde_json::json;
 use std::time::Duration;
 use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
+use testkit::proxy::GatedProxy;
 use testkit::redis::TestRedis;
 
 fn doc(version: i64, marker: i64) -> Entry {
@@ -113,13 +115,202 @@ async fn redis_keeps_the_guard_contract() {
 }
 
 #[tokio::test]
-async fn a_fill_that_started_before_a_flush_is_refused() {
+async fn a_near_fill_that_started_before_a_flush_or_an_invalidation_is_refused() {
     let near = near_cache();
-    let epoch = near.epoch();
+    let ticket = near.ticket("C1");
     near.flush();
-    assert!(!near.offer_at(doc(1, 1), epoch));
+    assert!(!near.offer_with(doc(1, 1), ticket));
     assert!(near.get("C1").is_none());
-    assert!(near.offer_at(doc(1, 1), near.epoch()));
+    assert!(near.offer_with(doc(1, 1), near.ticket("C1")));
+
+    // An invalidation leaves no marker behind that eviction could take: the
+    // refusal does not depend on the cache remembering anything.
+    let ticket = near.ticket("C1");
+    near.invalidate("C1");
+    assert!(near.get("C1").is_none());
+    assert!(!near.offer_with(doc(1, 1), ticket), "the stale fill lost");
+    assert!(near.offer_with(doc(2, 2), near.ticket("C1")));
+}
+
+#[tokio::test]
+async fn a_redis_fill_lands_only_on_its_own_reservation() {
+    let redis = TestRedis::start().await;
+    let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));
+    let reserved = |r: Reservation| match r {
+        Reservation::Reserved(writer) => writer,
+        Reservation::Document(entry) => panic!("unexpected document v{}", entry.version()),
+    };
+    let fill = |writer: Writer, entry: Entry| {
+        let tier = tier.clone();
+        async move { tier.fill_many(&[(entry, writer)]).await.unwrap().remove(0) }
+    };
+
+    // Reserved, read, filled.
+    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    assert_eq!(fill(writer.clone(), doc(1, 1)).await, Offer::Stored);
+    // The next reader finds the document instead of a reservation.
+    assert!(matches!(
+        tier.reserve_many(&["C1"]).await.unwrap().remove(0),
+        Reservation::Document(_)
+    ));
+
+    // A change after the reservation: the fill's read may be stale.
+    let mut conn = redis.client().await;
+    let del = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let _: () = redis::cmd("DEL")
+            .arg("features:C1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    del(conn.clone()).await;
+    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    assert!(tier.offer(tombstone(3)).await.unwrap());
+    assert!(
+        !fill(writer, doc(2, 2)).await.accepted(),
+        "older than the delete"
+    );
+    // The same after the change's marker is evicted (DEL stands in for eviction).
+    del(conn.clone()).await;
+    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    assert!(tier.offer(tombstone(3)).await.unwrap());
+    del(conn.clone()).await;
+    assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
+    // A flush takes the reservations with it.
+    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    assert!(tier.flush_documents().await.unwrap() >= 1);
+    assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
+    assert!(tier.get("C1").await.unwrap().is_none());
+
+    // Fillers that reserve while a reservation stands share it.
+    let first = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let second = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    assert_eq!(first, second);
+    assert_eq!(fill(second, doc(4, 4)).await, Offer::Stored);
+    assert_eq!(fill(first, doc(4, 4)).await, Offer::AlreadyCurrent);
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+/// A reader whose MongoDB read was answered before a delete, but whose
+/// answer arrives after it: the fill finds its reservation gone, also when
+/// the delete's tombstone has been evicted since (memory pressure).
+#[tokio::test]
+async fn a_slow_reader_never_refills_after_a_delete_or_a_flush() {
+    let redis = TestRedis::start().await;
+    let (writer_tiers, store) = tiered(&redis, false).await;
+    let proxy = GatedProxy::start_holding_answers(testkit::mongo::mongo_addr()).await;
+    let slow = slow_tiers(&redis, &proxy, store.database_name()).await;
+    let id = CustomerId::parse("SLOW").unwrap();
+    // Connected before the gate closes: held answers are then answers to reads.
+    slow.store().ping().await.unwrap();
+    let mut conn = redis.client().await;
+
+    for disturbance in ["delete then eviction", "flush"] {
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+        writer_tiers.upsert(&write(&id, 1)).await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg("features:SLOW")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        proxy.close();
+        let reader = {
+            let (slow, id) = (slow.clone(), id.clone());
+            tokio::spawn(async move { slow.get(&id).await })
+        };
+        // The read has reached MongoDB; its answer is held.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match disturbance {
+            "flush" => {
+                writer_tiers.store().delete(&id).await.unwrap();
+                writer_tiers.redis().flush_documents().await.unwrap();
+            }
+            _ => {
+                assert!(writer_tiers.delete(&id).await.unwrap());
+                let _: () = redis::cmd("DEL")
+                    .arg("features:SLOW")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        proxy.open();
+        let served = reader.await.unwrap().unwrap();
+        assert!(
+            served.is_some(),
+            "{disturbance}: the slow reader itself gets what it read"
+        );
+        assert!(
+            slow.redis().get("SLOW").await.unwrap().is_none(),
+            "{disturbance}: the stale read was cached in Redis"
+        );
+        assert!(
+            slow.near().unwrap().get("SLOW").is_none(),
+            "{disturbance}: the stale read was cached in the near cache"
+        );
+        assert!(slow.get(&id).await.unwrap().is_none(), "{disturbance}");
+    }
+}
+
+/// The only caller of a load goes away (its client disconnected); the load
+/// finishes in the background and leaves nothing behind: a much later reader
+/// gets a load of its own, not the old result.
+#[tokio::test]
+async fn an_abandoned_load_is_never_handed_to_a_later_reader() {
+    let redis = TestRedis::start().await;
+    let (writer_tiers, store) = tiered(&redis, false).await;
+    let proxy = GatedProxy::start_holding_answers(testkit::mongo::mongo_addr()).await;
+    let slow = slow_tiers(&redis, &proxy, store.database_name()).await;
+    let id = CustomerId::parse("GONE").unwrap();
+    slow.store().ping().await.unwrap();
+    writer_tiers.upsert(&write(&id, 1)).await.unwrap();
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("DEL")
+        .arg("features:GONE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    proxy.close();
+    let reader = {
+        let (slow, id) = (slow.clone(), id.clone());
+        tokio::spawn(async move { slow.get(&id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reader.abort();
+    // Another tool deletes the customer; the invalidator removes its entry.
+    store.delete(&id).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("features:GONE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    proxy.open();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(
+        slow.get(&id).await.unwrap().is_none(),
+        "the old document came back"
+    );
+    assert!(slow.redis().get("GONE").await.unwrap().is_none());
+}
+
+/// A tiered store whose MongoDB traffic goes through `proxy`.
+async fn slow_tiers(redis: &TestRedis, proxy: &GatedProxy, database: &str) -> TieredStore {
+    let store = FeatureStore::connect(&StoreConfig {
+        uri: format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
+            proxy.port()
+        ),
+        database: database.to_owned(),
+        collection: DEFAULT_COLLECTION.to_owned(),
+        timeout: Duration::from_secs(10),
+        app_name: "slow".to_owned(),
+    })
+    .await
+    .unwrap();
+    let tier = redis_tier(redis, Duration::from_secs(3600), Duration::from_secs(60));
+    TieredStore::new(Some(near_cache()), tier, store)
 }
 
 #[tokio::test]
@@ -372,7 +563,10 @@ async fn a_fenced_writer_writes_only_while_its_fence_holds() {
         writer.offer(&doc(1, 1)).await.unwrap(),
         Offer::AlreadyCurrent
     );
-    assert_eq!(writer.offer(&floor(0)).await.unwrap(), Offer::Refused);
+    assert!(matches!(
+        writer.offer(&floor(0)).await.unwrap(),
+        Offer::Refused { holds: Some(1) }
+    ));
 
     // A successor took the lease: the old writer is refused, whatever it writes.
     hold("holder:2").await;

@@ -24,8 +24,8 @@ pub mod store;
 pub mod version;
 
 pub use change_feed::{
-    Change, ChangeFeed, ChangeKind, ClusterTime, CollectionEvent, FeedError, FeedPosition,
-    FeedStart, WriteOp,
+    Change, ChangeFeed, ChangeFeeds, ChangeKind, ClusterTime, CollectionEvent, FeedContent,
+    FeedError, FeedPosition, FeedStart, WriteOp,
 };
 pub use error::StoreError;
 pub use model::{CustomerId, FeatureDocument, FeatureWrite, InvalidCustomerId};

@@ -1,4 +1,4 @@
-use feature_cache::{Entry, NearCache};
+use feature_cache::NearCache;
 use serde::{Deserialize, Serialize};
 
 /// What happened to a customer's document (or to the whole collection).
@@ -54,6 +54,12 @@ pub struct Invalidation {
     /// W3C trace context of the write that caused the change, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Whether `version` orders this change: the document's own version,
+    /// advanced by the change itself. Then a replica keeps a copy at that
+    /// version or newer; otherwise (another tool's edit, a restore, a delete)
+    /// it drops whatever it holds for the customer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ordered: bool,
     /// The stream entry id; filled in on publication (the pub/sub copy carries
     /// it so a replica knows where to resume in the stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,29 +67,19 @@ pub struct Invalidation {
 }
 
 impl Invalidation {
-    /// Applies the change to a near cache: a delete leaves a tombstone, any
-    /// other change a floor at the new version (evicting older content while
-    /// letting the new document in), a flush empties it.
+    /// Applies the change to a near cache. An ordered change keeps a copy
+    /// at its version or newer; otherwise the customer's entry is dropped and
+    /// every fill of it that began before is refused (whatever the versions:
+    /// a restored or re-created document may carry a lower one). A flush
+    /// empties the cache.
     pub fn apply_to(&self, near: &NearCache) {
-        let Some(customer_id) = &self.customer_id else {
-            near.flush();
-            return;
-        };
-        let marker = match self.op {
-            Op::Flush => {
-                near.flush();
-                return;
+        match (&self.customer_id, self.op) {
+            (None, _) | (_, Op::Flush) => near.flush(),
+            (Some(customer_id), Op::Insert | Op::Update | Op::Replace) if self.ordered => {
+                near.settle(customer_id, self.version);
             }
-            Op::Delete => Entry::Tombstone {
-                customer_id: customer_id.clone(),
-                version: self.version,
-            },
-            Op::Insert | Op::Update | Op::Replace => Entry::Floor {
-                customer_id: customer_id.clone(),
-                version: self.version,
-            },
-        };
-        near.offer(marker);
+            (Some(customer_id), _) => near.invalidate(customer_id),
+        }
     }
 }
 
@@ -136,6 +132,7 @@ mod tests {
             seq: 7,
             run_id: "run".into(),
             traceparent: None,
+            ordered: false,
             stream_id: None,
         };
         let json = serde_json::to_value(&message).unwrap();
@@ -160,6 +157,7 @@ mod tests {
             seq: 3,
             run_id: "run".into(),
             traceparent: Some("has \u{1}stream-id\u{1} in it".into()),
+            ordered: true,
             stream_id: None,
         };
         let (head, tail) = message.channel_payload_around_stream_id();

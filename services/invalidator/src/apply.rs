@@ -4,8 +4,10 @@
 //! leadership term.
 
 use crate::worker::{Sequence, WorkerStatus};
-use feature_cache::{CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, RedisTier};
-use feature_store::{Change, ChangeKind, FeatureStore, WriteOp};
+use feature_cache::{
+    CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier,
+};
+use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -41,32 +43,57 @@ impl From<feature_cache::TierError> for ApplyError {
 /// The cache work for one change.
 #[derive(Debug)]
 pub enum Plan {
-    /// Offer `entry` to Redis through the guard, then announce `op` at the
-    /// entry's version. With `stamp`, the change came without a new version
-    /// (another tool wrote it): afterwards give the document one, so its new
-    /// content gets a version of its own (that write comes back as a change).
-    Offer {
-        entry: Entry,
+    /// Refresh Redis with the document through the version guard, then
+    /// announce `op`.
+    Refresh {
+        document: Arc<CachedDocument>,
         op: Op,
+        traceparent: Option<String>,
+    },
+    /// Remove the customer's entry from Redis, then announce `op` at
+    /// `version`. With `stamp`, the change came without a new version of its
+    /// own (another tool wrote it): afterwards give the document one, so its
+    /// content gets a version no cached copy can share (that write comes
+    /// back as a change and refreshes every tier).
+    Remove {
+        customer_id: String,
+        op: Op,
+        version: i64,
         traceparent: Option<String>,
         stamp: Option<i64>,
     },
     /// Drop every cached document and tell every replica to do the same.
     /// `reopen`: the feed ended with this change and must be reopened after it.
     Flush { reason: &'static str, reopen: bool },
-    /// Nothing to do for the caches (a document already gone again — its
-    /// delete follows — or a change that touches no cached document).
+    /// Nothing to do for the caches (a change that touches no cached document).
     Skip,
+}
+
+impl Plan {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Refresh { op, .. } | Self::Remove { op, .. } => op.as_str(),
+            Self::Flush { .. } => "flush",
+            Self::Skip => "skip",
+        }
+    }
 }
 
 /// Plans the cache work for a change: a pure function of the change and
 /// the mode, tested without a database.
+///
+/// Only a change that advanced the version itself refreshes Redis; every
+/// other change removes the entry, since its version cannot be trusted to
+/// order it (an edit that kept it, a restore that lowered it, a delete whose
+/// removed version is unknown). Absence is always safe: a reader then reads
+/// MongoDB, and a fill that began before the change finds its reservation
+/// gone.
 pub fn plan(kind: &ChangeKind, mode: InvalidationMode) -> Plan {
     match kind {
         ChangeKind::Written {
             op,
             customer_id,
-            document: Some(document),
+            document,
             version_advanced,
             traceparent,
         } => {
@@ -75,45 +102,57 @@ pub fn plan(kind: &ChangeKind, mode: InvalidationMode) -> Plan {
                 WriteOp::Update => Op::Update,
                 WriteOp::Replace => Op::Replace,
             };
-            if !version_advanced {
-                // Evict every cached copy of the version it had (its content
-                // changed under the same version), then give it a version of
-                // its own.
-                return Plan::Offer {
-                    entry: Entry::Floor {
-                        customer_id: customer_id.clone(),
-                        version: document.version + 1,
-                    },
-                    op,
-                    traceparent: traceparent.clone(),
-                    stamp: Some(document.version),
-                };
+            let remove = |version: i64, stamp: Option<i64>| Plan::Remove {
+                customer_id: customer_id.clone(),
+                op,
+                version,
+                traceparent: traceparent.clone(),
+                stamp,
+            };
+            let Some(document) = document else {
+                // Gone again: its delete follows; drop what is cached now.
+                return remove(0, None);
+            };
+            if document.customer_id != *customer_id {
+                // Never cached under another customer's key.
+                return remove(document.version, None);
             }
-            let entry =
-                if mode == InvalidationMode::Delete || document.is_expired(chrono::Utc::now()) {
-                    Entry::Floor {
-                        customer_id: customer_id.clone(),
-                        version: document.version,
-                    }
-                } else {
-                    Entry::Document(CachedDocument::from_document(document))
-                };
-            Plan::Offer {
-                entry,
+            if !version_advanced {
+                return remove(document.version, Some(document.version));
+            }
+            if mode == InvalidationMode::Delete || document.is_expired(chrono::Utc::now()) {
+                return remove(document.version, None);
+            }
+            Plan::Refresh {
+                document: CachedDocument::from_document(document),
                 op,
                 traceparent: traceparent.clone(),
-                stamp: None,
             }
         }
+        ChangeKind::Unreadable {
+            customer_id: Some(customer_id),
+            ..
+        } => Plan::Remove {
+            customer_id: customer_id.clone(),
+            op: Op::Update,
+            version: 0,
+            traceparent: None,
+            stamp: None,
+        },
+        // Whose change it was cannot be known: every cached document is suspect.
+        ChangeKind::Unreadable {
+            customer_id: None, ..
+        } => Plan::Flush {
+            reason: "poison",
+            reopen: false,
+        },
         ChangeKind::Deleted {
             customer_id,
             version_bound,
-        } => Plan::Offer {
-            entry: Entry::Tombstone {
-                customer_id: customer_id.clone(),
-                version: *version_bound,
-            },
+        } => Plan::Remove {
+            customer_id: customer_id.clone(),
             op: Op::Delete,
+            version: *version_bound,
             traceparent: None,
             stamp: None,
         },
@@ -121,10 +160,18 @@ pub fn plan(kind: &ChangeKind, mode: InvalidationMode) -> Plan {
             reason: event.as_str(),
             reopen: event.ends_feed(),
         },
-        ChangeKind::Written { document: None, .. }
-        | ChangeKind::Unreadable { .. }
-        | ChangeKind::Other => Plan::Skip,
+        ChangeKind::Other => Plan::Skip,
     }
+}
+
+/// Whether a refresh found Redis above the store and removed the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removed {
+    No,
+    /// Removed; `stamp`: the store's version, to be replaced by a new one.
+    Yes {
+        stamp: Option<i64>,
+    },
 }
 
 /// What the feed must do after a change was applied.
@@ -178,13 +225,22 @@ impl Apply {
     /// the change's position.
     pub async fn change(&self, change: &Change) -> Result<Next, ApplyError> {
         let plan = plan(&change.kind, self.mode);
-        let op_label = match &plan {
-            Plan::Offer { op, .. } => op.as_str(),
-            Plan::Flush { .. } => "flush",
-            Plan::Skip => "skip",
-        };
+        let op_label = plan.label();
         metrics::counter!("invalidator_events_total", "op" => op_label).increment(1);
         self.status.events.fetch_add(1, Ordering::Relaxed);
+        if let ChangeKind::Unreadable {
+            customer_id,
+            reason,
+        } = &change.kind
+        {
+            metrics::counter!("invalidator_poison_events_total").increment(1);
+            tracing::error!(
+                customer_id = customer_id.as_deref().unwrap_or("(unknown)"),
+                %reason,
+                position = change.position.as_str(),
+                "a change cannot be read; skipped it, removing its cached entry (every entry when its key is unknown)"
+            );
+        }
         let span = tracing::info_span!(
             "invalidator.change",
             otel.kind = "consumer",
@@ -194,7 +250,11 @@ impl Apply {
             lag_redis_ms = tracing::field::Empty,
             lag_published_ms = tracing::field::Empty,
         );
-        if let Plan::Offer {
+        if let Plan::Refresh {
+            traceparent: Some(parent),
+            ..
+        }
+        | Plan::Remove {
             traceparent: Some(parent),
             ..
         } = &plan
@@ -206,26 +266,83 @@ impl Apply {
             match plan {
                 Plan::Skip => {
                     self.announcer.save_position(position).await?;
-                    Ok(Next::Continue)
                 }
                 Plan::Flush { reason, reopen } => {
                     self.flush(reason).await?;
                     self.announcer.save_position(position).await?;
-                    Ok(if reopen { Next::Reopen } else { Next::Continue })
-                }
-                Plan::Offer {
-                    entry, op, stamp, ..
-                } => {
-                    self.offer(change, &entry, op, position).await?;
-                    if let Some(seen) = stamp {
-                        self.stamp(entry.customer_id(), seen).await;
+                    if reopen {
+                        return Ok(Next::Reopen);
                     }
-                    Ok(Next::Continue)
+                }
+                Plan::Refresh { document, op, .. } => {
+                    let entry = Entry::Document(document);
+                    let (customer_id, version) = (entry.customer_id(), entry.version());
+                    record_target(customer_id, version);
+                    let removed = match self.writer.offer(&entry).await? {
+                        Offer::Refused {
+                            holds: Some(cached),
+                        } => self.above_the_store(customer_id, cached).await?,
+                        _ => Removed::No,
+                    };
+                    let ordered = removed == Removed::No;
+                    self.announce(change, customer_id, op, version, ordered, position)
+                        .await?;
+                    if let Removed::Yes { stamp: Some(seen) } = removed {
+                        self.stamp(customer_id, seen).await;
+                    }
+                }
+                Plan::Remove {
+                    customer_id,
+                    op,
+                    version,
+                    stamp,
+                    ..
+                } => {
+                    record_target(&customer_id, version);
+                    self.writer.remove(&customer_id).await?;
+                    self.announce(change, &customer_id, op, version, false, position)
+                        .await?;
+                    if let Some(seen) = stamp {
+                        self.stamp(&customer_id, seen).await;
+                    }
                 }
             }
+            Ok(Next::Continue)
         }
         .instrument(span)
         .await
+    }
+
+    /// Redis refused a change's document because it holds a higher version.
+    /// Normally a newer write filled it first; but when MongoDB itself now
+    /// holds a lower version than Redis (a restore, a rewrite by another
+    /// tool), Redis is above the truth: remove the entry and return the
+    /// store's version, to be stamped with a new one.
+    async fn above_the_store(&self, customer_id: &str, cached: i64) -> Result<Removed, ApplyError> {
+        let current = match CustomerId::parse(customer_id) {
+            Ok(id) => self.store.get(&id).await,
+            Err(_) => Ok(None),
+        };
+        let stamp = match current {
+            Ok(Some(current)) if current.version >= cached => return Ok(Removed::No),
+            Ok(current) => {
+                tracing::warn!(
+                    customer_id,
+                    cached,
+                    stored = current.as_ref().map(|d| d.version),
+                    "Redis held a version above MongoDB's; removed"
+                );
+                metrics::counter!("invalidator_versions_lowered_total").increment(1);
+                current.map(|d| d.version)
+            }
+            Err(err) => {
+                // Cannot tell: removing is always safe.
+                tracing::warn!(customer_id, error = %telemetry::ErrorChain(&err), "could not read the stored version; removed the cached entry");
+                None
+            }
+        };
+        self.writer.remove(customer_id).await?;
+        Ok(Removed::Yes { stamp })
     }
 
     /// Saves the feed's position alone (no change to announce).
@@ -246,6 +363,7 @@ impl Apply {
             seq: self.sequence.next(),
             run_id: self.sequence.run_id().to_owned(),
             traceparent: None,
+            ordered: false,
             stream_id: None,
         };
         // The flush moves the feed nowhere: it re-saves the saved position.
@@ -259,22 +377,22 @@ impl Apply {
         Ok(())
     }
 
-    async fn offer(
+    /// Announces a change of one customer's entry with the change's position.
+    async fn announce(
         &self,
         change: &Change,
-        entry: &Entry,
+        customer_id: &str,
         op: Op,
+        version: i64,
+        ordered: bool,
         position: &str,
     ) -> Result<(), ApplyError> {
         let span = tracing::Span::current();
-        span.record("customer_id", entry.customer_id());
-        span.record("version", entry.version());
-        self.writer.offer(entry).await?;
         observe_lag("redis", change, &span, "lag_redis_ms");
         let message = Invalidation {
-            customer_id: Some(entry.customer_id().to_owned()),
+            customer_id: Some(customer_id.to_owned()),
             op,
-            version: entry.version(),
+            version,
             cluster_time: change
                 .cluster_time
                 .map_or(ClusterTime { t: 0, i: 0 }, |t| ClusterTime {
@@ -284,16 +402,12 @@ impl Apply {
             seq: self.sequence.next(),
             run_id: self.sequence.run_id().to_owned(),
             traceparent: telemetry::propagation::current_traceparent(),
+            ordered,
             stream_id: None,
         };
         self.announcer.announce(&message, position).await?;
         observe_lag("published", change, &span, "lag_published_ms");
-        tracing::debug!(
-            customer_id = entry.customer_id(),
-            op = op.as_str(),
-            version = entry.version(),
-            "change applied"
-        );
+        tracing::debug!(customer_id, op = op.as_str(), version, "change applied");
         Ok(())
     }
 
@@ -311,6 +425,13 @@ impl Apply {
             ),
         }
     }
+}
+
+/// Names the change's target on the current span.
+fn record_target(customer_id: &str, version: i64) {
+    let span = tracing::Span::current();
+    span.record("customer_id", customer_id);
+    span.record("version", version);
 }
 
 fn observe_lag(stage: &'static str, change: &Change, span: &tracing::Span, field: &'static str) {
@@ -336,11 +457,15 @@ mod tests {
         .unwrap()
     }
 
-    fn written(op: WriteOp, version: i64, version_advanced: bool) -> ChangeKind {
+    fn written(
+        op: WriteOp,
+        document: Option<FeatureDocument>,
+        version_advanced: bool,
+    ) -> ChangeKind {
         ChangeKind::Written {
             op,
             customer_id: "C1".into(),
-            document: Some(stored(version)),
+            document,
             version_advanced,
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         }
@@ -348,58 +473,105 @@ mod tests {
 
     #[test]
     fn a_versioned_update_refreshes_with_the_document_and_its_trace() {
-        let Plan::Offer {
-            entry,
+        let Plan::Refresh {
+            document,
             op,
             traceparent,
-            stamp,
         } = plan(
-            &written(WriteOp::Update, 5, true),
+            &written(WriteOp::Update, Some(stored(5)), true),
             InvalidationMode::Refresh,
         )
         else {
             panic!()
         };
-        assert!(matches!(entry, Entry::Document(ref d) if d.version == 5));
-        assert_eq!(op, Op::Update);
+        assert_eq!((document.version, op), (5, Op::Update));
         assert!(traceparent.is_some());
-        assert_eq!(stamp, None);
     }
 
     #[test]
-    fn delete_mode_puts_a_floor_at_the_new_version() {
-        let Plan::Offer { entry, .. } =
-            plan(&written(WriteOp::Update, 5, true), InvalidationMode::Delete)
-        else {
-            panic!()
-        };
-        assert!(matches!(entry, Entry::Floor { version: 5, .. }));
+    fn delete_mode_removes_the_entry() {
+        assert!(matches!(
+            plan(
+                &written(WriteOp::Update, Some(stored(5)), true),
+                InvalidationMode::Delete
+            ),
+            Plan::Remove {
+                version: 5,
+                stamp: None,
+                ..
+            }
+        ));
     }
 
     #[test]
-    fn unversioned_edits_put_a_floor_past_the_old_version_and_ask_for_a_stamp() {
+    fn changes_that_did_not_advance_the_version_remove_and_ask_for_a_stamp() {
         for op in [WriteOp::Update, WriteOp::Replace, WriteOp::Insert] {
-            let Plan::Offer { entry, stamp, .. } =
-                plan(&written(op, 5, false), InvalidationMode::Refresh)
-            else {
-                panic!()
-            };
-            assert!(matches!(entry, Entry::Floor { version: 6, .. }));
-            assert_eq!(stamp, Some(5));
+            assert!(matches!(
+                plan(
+                    &written(op, Some(stored(5)), false),
+                    InvalidationMode::Refresh
+                ),
+                Plan::Remove { stamp: Some(5), .. }
+            ));
         }
     }
 
     #[test]
-    fn deletes_leave_a_tombstone_at_the_bound() {
+    fn a_document_of_another_customer_is_never_cached_under_this_key() {
+        let mut other = stored(5);
+        other.customer_id = "C2".into();
+        let Plan::Remove {
+            customer_id, stamp, ..
+        } = plan(
+            &written(WriteOp::Insert, Some(other), true),
+            InvalidationMode::Refresh,
+        )
+        else {
+            panic!()
+        };
+        assert_eq!((customer_id.as_str(), stamp), ("C1", None));
+    }
+
+    #[test]
+    fn deletes_vanished_and_unreadable_documents_remove_the_entry() {
         let kind = ChangeKind::Deleted {
             customer_id: "C1".into(),
             version_bound: 77,
         };
-        let Plan::Offer { entry, op, .. } = plan(&kind, InvalidationMode::Refresh) else {
-            panic!()
+        assert!(matches!(
+            plan(&kind, InvalidationMode::Refresh),
+            Plan::Remove {
+                op: Op::Delete,
+                version: 77,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan(
+                &written(WriteOp::Update, None, true),
+                InvalidationMode::Refresh
+            ),
+            Plan::Remove { stamp: None, .. }
+        ));
+        let kind = ChangeKind::Unreadable {
+            customer_id: Some("C1".into()),
+            reason: "invalid UTF-8".into(),
         };
-        assert!(matches!(entry, Entry::Tombstone { version: 77, .. }));
-        assert_eq!(op, Op::Delete);
+        assert!(matches!(
+            plan(&kind, InvalidationMode::Refresh),
+            Plan::Remove { .. }
+        ));
+        let kind = ChangeKind::Unreadable {
+            customer_id: None,
+            reason: "no key".into(),
+        };
+        assert!(matches!(
+            plan(&kind, InvalidationMode::Refresh),
+            Plan::Flush {
+                reason: "poison",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -421,17 +593,9 @@ mod tests {
             ),
             Plan::Flush { reopen: true, .. }
         ));
-    }
-
-    #[test]
-    fn a_vanished_document_is_skipped() {
-        let kind = ChangeKind::Written {
-            op: WriteOp::Update,
-            customer_id: "C1".into(),
-            document: None,
-            version_advanced: true,
-            traceparent: None,
-        };
-        assert!(matches!(plan(&kind, InvalidationMode::Refresh), Plan::Skip));
+        assert!(matches!(
+            plan(&ChangeKind::Other, InvalidationMode::Refresh),
+            Plan::Skip
+        ));
     }
 }

@@ -3,6 +3,7 @@
 //! lost the lease (paused, partitioned) cannot write after its successor
 //! took over.
 
+use crate::worker::Progress;
 use feature_cache::{ControlKeys, Fence};
 use redis::Script;
 use redis::aio::ConnectionManager;
@@ -54,11 +55,12 @@ impl Lease {
     }
 
     /// Stands by until this process holds the lease; `None` on shutdown.
-    pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Term> {
+    /// The term's lease is renewed only while `progress` moves.
+    pub async fn acquire(&self, shutdown: &CancellationToken, progress: &Progress) -> Option<Term> {
         let retry = self.duration / 3;
         loop {
             match self.try_acquire().await {
-                Ok(Some(token)) => return Some(self.begin_term(token, shutdown)),
+                Ok(Some(token)) => return Some(self.begin_term(token, shutdown, progress)),
                 Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot reach Redis for the lease; retrying");
@@ -86,9 +88,14 @@ impl Lease {
         }
     }
 
-    fn begin_term(&self, token: String, shutdown: &CancellationToken) -> Term {
+    fn begin_term(&self, token: String, shutdown: &CancellationToken, progress: &Progress) -> Term {
         let ended = shutdown.child_token();
-        let renewer = tokio::spawn(self.clone().renew(token.clone(), ended.clone()));
+        progress.mark();
+        let renewer = tokio::spawn(self.clone().renew(
+            token.clone(),
+            ended.clone(),
+            progress.clone(),
+        ));
         Term {
             fence: Fence {
                 key: self.keys.lease.clone(),
@@ -99,16 +106,29 @@ impl Lease {
         }
     }
 
-    /// Renews the lease every third of its duration; ends the term when
-    /// Redis says another holder has it, or when it could not be renewed for
-    /// so long that it has expired.
-    async fn renew(self, token: String, term: CancellationToken) {
+    /// Renews the lease every third of its duration while the change feed
+    /// makes progress; ends the term when Redis says another holder has it,
+    /// when it could not be renewed for so long that it has expired, or when
+    /// the feed has made no progress for a whole lease (a leader cut off from
+    /// MongoDB, or stuck, must let a standby take over).
+    async fn renew(self, token: String, term: CancellationToken, progress: Progress) {
         let period = self.duration / 3;
         let mut last_renewed = Instant::now();
         loop {
             tokio::select! {
                 () = term.cancelled() => return,
                 () = tokio::time::sleep(period) => {}
+            }
+            let stalled = progress.since();
+            if stalled >= self.stall_bound() {
+                tracing::error!(
+                    stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX),
+                    "the change feed has made no progress for a whole lease; giving the lease up"
+                );
+                metrics::counter!("invalidator_stalls_total").increment(1);
+                // Let it go now rather than let it expire.
+                let _ = self.call("release", &token).await;
+                break;
             }
             match self.call("renew", &token).await {
                 Ok(true) => last_renewed = Instant::now(),
@@ -149,6 +169,14 @@ impl Lease {
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(held == 1)
+    }
+}
+
+impl Lease {
+    /// How long the feed may go without progress before its leader is
+    /// considered stalled: one lease, and never less than a few polls.
+    pub fn stall_bound(&self) -> Duration {
+        self.duration.max(crate::tail::POLL * 4)
     }
 }
 

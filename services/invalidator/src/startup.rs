@@ -1,7 +1,7 @@
 use crate::apply::ApplyParts;
 use crate::health::{self, HealthState};
 use crate::leadership::Lease;
-use crate::tail::Tail;
+use crate::tail::{self, Tail};
 use crate::worker::{Sequence, Worker, WorkerStatus};
 use anyhow::Context;
 use feature_cache::RedisTier;
@@ -44,9 +44,14 @@ impl Application {
             format!("{}:{run_id}", settings.instance_id),
         );
         let status = Arc::new(WorkerStatus::default());
+        let stall_bound = lease.stall_bound();
         let worker = Worker {
             lease,
-            tail: Tail::new(store.clone(), announcer.clone()),
+            tail: Tail::new(
+                store.change_feeds(tail::POLL),
+                announcer.clone(),
+                status.progress.clone(),
+            ),
             apply: ApplyParts {
                 redis,
                 announcer,
@@ -69,6 +74,7 @@ impl Application {
                 run_id,
                 instance_id: settings.instance_id.clone(),
                 mode: settings.invalidation_mode,
+                stall_bound,
             },
         })
     }

@@ -2,9 +2,17 @@
 //! term left off (or from now, flushing every cache, when that position is
 //! lost), apply each change in order, and save the position — with each
 //! change's announcement, and every second while the feed is idle.
+//!
+//! A feed that fails the same way at the same position again and again is
+//! not retried forever: a position the server keeps refusing is treated as
+//! lost, and a change the server keeps failing to deliver is stepped over
+//! (its cached entry removed) — each after [`MAX_ATTEMPTS`].
 
 use crate::apply::{Apply, ApplyError, Next};
-use feature_store::{ChangeFeed, FeatureStore, FeedError, FeedPosition, FeedStart};
+use crate::worker::Progress;
+use feature_store::{
+    Change, ChangeFeed, ChangeFeeds, ChangeKind, FeedContent, FeedError, FeedPosition, FeedStart,
+};
 use invalidation::Announcer;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -12,12 +20,18 @@ use tokio_util::sync::CancellationToken;
 
 /// How long one poll of the feed waits for changes, so the end of a term is
 /// noticed between polls without cancelling one half-way.
-const POLL: Duration = Duration::from_millis(250);
+pub const POLL: Duration = Duration::from_millis(250);
 /// How often the position is saved while no changes arrive.
 const IDLE_SAVE: Duration = Duration::from_secs(1);
 /// Reopening a failed feed waits this long at first, doubling up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Failures in a row at one position, with an answer that will not change,
+/// before the position is given up (opening) or its change stepped over
+/// (reading).
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Polls of a keys-only feed spent looking for the change to step over.
+const STEP_OVER_POLLS: u32 = 40;
 
 #[derive(Debug, Error)]
 enum TailError {
@@ -38,27 +52,91 @@ pub enum TermEnd {
     Fenced,
 }
 
+/// Where the feed last failed, with an answer that will not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Open,
+    Read,
+}
+
+/// Failures in a row at one saved position.
+#[derive(Debug, Default)]
+struct Trouble {
+    at: Option<(Option<String>, Stage)>,
+    attempts: u32,
+}
+
+/// What to do about the saved position before opening.
+#[derive(Debug, PartialEq, Eq)]
+enum Recovery {
+    Resume,
+    /// The server keeps refusing the position: treat it as lost.
+    StartFresh,
+    /// The server keeps failing to deliver the change after it: step over.
+    StepOver,
+}
+
+impl Trouble {
+    fn failed(&mut self, position: Option<&str>, stage: Stage) {
+        let at = (position.map(str::to_owned), stage);
+        if self.at.as_ref() == Some(&at) {
+            self.attempts += 1;
+        } else {
+            self.at = Some(at);
+            self.attempts = 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The recovery for `saved`, consuming the trouble when it is due.
+    fn recovery(&mut self, saved: Option<&str>) -> Recovery {
+        let due = self.attempts >= MAX_ATTEMPTS
+            && self
+                .at
+                .as_ref()
+                .is_some_and(|(position, _)| position.as_deref() == saved);
+        if !due {
+            return Recovery::Resume;
+        }
+        let stage = self.at.as_ref().map(|(_, stage)| *stage);
+        self.clear();
+        match stage {
+            Some(Stage::Read) => Recovery::StepOver,
+            _ => Recovery::StartFresh,
+        }
+    }
+}
+
 /// The change feed and where its position is saved.
 #[derive(Clone)]
 pub struct Tail {
-    store: FeatureStore,
+    feeds: ChangeFeeds,
     positions: Announcer,
+    progress: Progress,
 }
 
 impl Tail {
-    pub fn new(store: FeatureStore, positions: Announcer) -> Self {
-        Self { store, positions }
+    pub fn new(feeds: ChangeFeeds, positions: Announcer, progress: Progress) -> Self {
+        Self {
+            feeds,
+            positions,
+            progress,
+        }
     }
 
     /// Tails until the term ends; a failing feed is reopened from the saved
     /// position with backoff.
     pub async fn run(&self, apply: &Apply, term: &CancellationToken) -> TermEnd {
         let mut backoff = FIRST_BACKOFF;
+        let mut trouble = Trouble::default();
         loop {
             if term.is_cancelled() {
                 return TermEnd::Ended;
             }
-            match self.follow(apply, term).await {
+            match self.follow(apply, term, &mut trouble).await {
                 Ok(()) => return TermEnd::Ended,
                 Err(TailError::Apply(ApplyError::Fenced)) => return TermEnd::Fenced,
                 Err(err) => {
@@ -66,6 +144,7 @@ impl Tail {
                     tracing::warn!(
                         error = %telemetry::ErrorChain(&err),
                         backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                        attempts_at_this_position = trouble.attempts,
                         "change feed failed; reopening from the saved position"
                     );
                     tokio::select! {
@@ -80,8 +159,28 @@ impl Tail {
 
     /// One feed's life: open, apply changes until the term ends (then save
     /// the position and return) or something fails.
-    async fn follow(&self, apply: &Apply, term: &CancellationToken) -> Result<(), TailError> {
-        let mut feed = self.open(apply).await?;
+    async fn follow(
+        &self,
+        apply: &Apply,
+        term: &CancellationToken,
+        trouble: &mut Trouble,
+    ) -> Result<(), TailError> {
+        let saved = self.positions.saved_position().await?;
+        let mut feed = match trouble.recovery(saved.as_deref()) {
+            Recovery::Resume => self.open(apply, saved.as_deref(), trouble).await?,
+            Recovery::StartFresh => {
+                tracing::error!(
+                    position = saved.as_deref().unwrap_or(""),
+                    attempts = MAX_ATTEMPTS,
+                    "the server keeps refusing to resume from the saved position; treating it as lost"
+                );
+                metrics::counter!("invalidator_history_lost_total", "reason" => "position_refused")
+                    .increment(1);
+                self.open_fresh(apply, "position_refused").await?
+            }
+            Recovery::StepOver => self.step_over(apply, saved.as_deref()).await?,
+        };
+        self.progress.mark();
         // Make the starting point durable at once, so a crash before the
         // first change still resumes from here.
         save(apply, feed.position()).await?;
@@ -93,16 +192,20 @@ impl Tail {
             }
             match feed.next().await {
                 Ok(Some(change)) => {
+                    self.progress.mark();
+                    trouble.clear();
                     if apply.change(&change).await? == Next::Reopen {
                         tracing::info!("change feed ended; reopening after its last change");
                         feed = self
-                            .store
-                            .watch(FeedStart::After(change.position), POLL)
+                            .feeds
+                            .watch(FeedStart::After(change.position), FeedContent::Full)
                             .await?;
                     }
                     last_saved = Instant::now();
                 }
                 Ok(None) => {
+                    self.progress.mark();
+                    trouble.clear();
                     if last_saved.elapsed() >= IDLE_SAVE {
                         save(apply, feed.position()).await?;
                         last_saved = Instant::now();
@@ -110,34 +213,55 @@ impl Tail {
                 }
                 Err(FeedError::HistoryLost(err)) => {
                     tracing::error!(error = %telemetry::ErrorChain(&err), "change history lost while tailing; flushing every cache");
-                    metrics::counter!("invalidator_history_lost_total").increment(1);
+                    metrics::counter!("invalidator_history_lost_total", "reason" => "history_lost")
+                        .increment(1);
                     feed = self.open_fresh(apply, "history_lost").await?;
                     save(apply, feed.position()).await?;
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    if !err.is_transient() {
+                        let at = self.positions.saved_position().await.ok().flatten();
+                        trouble.failed(at.as_deref(), Stage::Read);
+                    }
+                    return Err(err.into());
+                }
             }
         }
     }
 
     /// Opens the feed after the saved position; from now (flushing every
     /// cache) when there is none or the history since it is lost.
-    async fn open(&self, apply: &Apply) -> Result<ChangeFeed, TailError> {
-        let saved = self.positions.saved_position().await?;
-        let Some(position) = saved.as_deref().and_then(FeedPosition::parse) else {
+    async fn open(
+        &self,
+        apply: &Apply,
+        saved: Option<&str>,
+        trouble: &mut Trouble,
+    ) -> Result<ChangeFeed, TailError> {
+        let Some(position) = saved.and_then(FeedPosition::parse) else {
             tracing::info!("no saved position; flushing every cache and starting from now");
             return self.open_fresh(apply, "fresh_start").await;
         };
-        match self.store.watch(FeedStart::After(position), POLL).await {
+        match self
+            .feeds
+            .watch(FeedStart::After(position), FeedContent::Full)
+            .await
+        {
             Ok(feed) => {
                 tracing::info!("resumed the change feed from the saved position");
                 Ok(feed)
             }
             Err(FeedError::HistoryLost(err)) => {
                 tracing::error!(error = %telemetry::ErrorChain(&err), "change history lost; flushing every cache and starting from now");
-                metrics::counter!("invalidator_history_lost_total").increment(1);
+                metrics::counter!("invalidator_history_lost_total", "reason" => "history_lost")
+                    .increment(1);
                 self.open_fresh(apply, "history_lost").await
             }
-            Err(err) => Err(err.into()),
+            Err(err) => {
+                if !err.is_transient() {
+                    trouble.failed(saved, Stage::Open);
+                }
+                Err(err.into())
+            }
         }
     }
 
@@ -148,9 +272,48 @@ impl Tail {
         apply: &Apply,
         reason: &'static str,
     ) -> Result<ChangeFeed, TailError> {
-        let feed = self.store.watch(FeedStart::Now, POLL).await?;
+        let feed = self.feeds.watch(FeedStart::Now, FeedContent::Full).await?;
         apply.flush(reason).await?;
         Ok(feed)
+    }
+
+    /// The server keeps failing to deliver the change after `saved` (too
+    /// large, or otherwise refused): read it again without its content, which
+    /// gives its key and position, remove its cached entry (every entry when
+    /// the key is unknown), and go on after it.
+    async fn step_over(&self, apply: &Apply, saved: Option<&str>) -> Result<ChangeFeed, TailError> {
+        let start = match saved.and_then(FeedPosition::parse) {
+            Some(position) => FeedStart::After(position),
+            None => return self.open_fresh(apply, "fresh_start").await,
+        };
+        let mut keys = self
+            .feeds
+            .watch(start.clone(), FeedContent::KeysOnly)
+            .await?;
+        for _ in 0..STEP_OVER_POLLS {
+            if let Some(change) = keys.next().await? {
+                let undeliverable = Change {
+                    kind: match change.kind {
+                        ChangeKind::Written { customer_id, .. }
+                        | ChangeKind::Deleted { customer_id, .. } => ChangeKind::Unreadable {
+                            customer_id: Some(customer_id),
+                            reason: format!(
+                                "the server failed {MAX_ATTEMPTS} times to deliver this change"
+                            ),
+                        },
+                        other => other,
+                    },
+                    ..change
+                };
+                apply.change(&undeliverable).await?;
+                return Ok(self
+                    .feeds
+                    .watch(FeedStart::After(undeliverable.position), FeedContent::Full)
+                    .await?);
+            }
+        }
+        // Nothing to step over after all: resume where we were.
+        Ok(self.feeds.watch(start, FeedContent::Full).await?)
     }
 }
 
@@ -160,5 +323,44 @@ async fn save(apply: &Apply, position: Option<FeedPosition>) -> Result<(), Apply
     match position {
         Some(position) => apply.save_position(position.as_str()).await,
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_refused_again_and_again_is_given_up_and_a_change_stepped_over() {
+        let mut trouble = Trouble::default();
+        for _ in 1..MAX_ATTEMPTS {
+            trouble.failed(Some("p1"), Stage::Open);
+            assert_eq!(trouble.recovery(Some("p1")), Recovery::Resume);
+        }
+        trouble.failed(Some("p1"), Stage::Open);
+        assert_eq!(
+            trouble.recovery(Some("p2")),
+            Recovery::Resume,
+            "another position"
+        );
+        assert_eq!(trouble.recovery(Some("p1")), Recovery::StartFresh);
+        assert_eq!(trouble.recovery(Some("p1")), Recovery::Resume, "consumed");
+
+        for _ in 0..MAX_ATTEMPTS {
+            trouble.failed(Some("p1"), Stage::Read);
+        }
+        assert_eq!(trouble.recovery(Some("p1")), Recovery::StepOver);
+    }
+
+    #[test]
+    fn failures_elsewhere_start_the_count_again() {
+        let mut trouble = Trouble::default();
+        trouble.failed(Some("p1"), Stage::Read);
+        trouble.failed(Some("p1"), Stage::Read);
+        trouble.failed(Some("p2"), Stage::Read);
+        trouble.failed(Some("p2"), Stage::Open);
+        assert_eq!(trouble.attempts, 1);
+        trouble.clear();
+        assert_eq!(trouble.recovery(Some("p2")), Recovery::Resume);
     }
 }

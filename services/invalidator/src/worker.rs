@@ -7,6 +7,7 @@ use crate::leadership::Lease;
 use crate::tail::{Tail, TermEnd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Observable state, for `/health` and tests.
@@ -14,6 +15,38 @@ use tokio_util::sync::CancellationToken;
 pub struct WorkerStatus {
     pub leading: AtomicBool,
     pub events: AtomicU64,
+    pub progress: Progress,
+}
+
+/// When the change feed last made progress (an answer from MongoDB): the
+/// lease is renewed only while it does, so a leader that cannot tail lets a
+/// standby take over.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    base: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Progress {
+    pub fn mark(&self) {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long ago the feed last made progress.
+    pub fn since(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
 }
 
 /// Numbers the messages of one invalidator run, across its terms: a
@@ -53,7 +86,7 @@ impl Worker {
     /// on until `shutdown`; then saves the position and releases the lease.
     pub async fn run(self, shutdown: CancellationToken) {
         let status = Arc::clone(&self.apply.status);
-        while let Some(term) = self.lease.acquire(&shutdown).await {
+        while let Some(term) = self.lease.acquire(&shutdown, &status.progress).await {
             tracing::info!(holder = %term.fence.token, "became the leader");
             metrics::counter!("invalidator_leadership_changes_total", "role" => "leader")
                 .increment(1);
@@ -70,7 +103,9 @@ impl Worker {
                 return;
             }
             match end {
-                TermEnd::Fenced => tracing::warn!("another invalidator leads now; standing by"),
+                TermEnd::Fenced => {
+                    tracing::warn!("lost the lease: another invalidator leads now; standing by")
+                }
                 TermEnd::Ended => tracing::warn!("lost the lease; standing by"),
             }
         }

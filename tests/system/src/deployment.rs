@@ -457,6 +457,39 @@ impl Deployment {
             .map(|raw| version_of(&raw))
     }
 
+    /// Replaces the whole document with `document` (creating it if absent),
+    /// as a restore or migration tool would: whatever `version` it carries.
+    pub async fn replace_raw(&self, id: &str, document: Document) {
+        self.collection()
+            .replace_one(doc! { "_id": id }, document)
+            .upsert(true)
+            .await
+            .expect("replace_one");
+    }
+
+    /// `$set` of the given fields, as another tool would (touching `version`
+    /// only if `fields` does).
+    pub async fn set_fields(&self, id: &str, fields: Document) {
+        self.collection()
+            .update_one(doc! { "_id": id }, doc! { "$set": fields })
+            .await
+            .expect("update_one");
+    }
+
+    /// A stored document as another tool would write it.
+    pub fn raw_document(id: &str, customer_id: &str, features: Value, version: i64) -> Document {
+        let now = chrono_now();
+        doc! {
+            "_id": id,
+            "customer_id": customer_id,
+            "features": to_bson_doc(&features),
+            "calculated_at": now.0,
+            "model_version": "tool-1",
+            "expires_at": bson::DateTime::from_millis(now.1 + 86_400_000),
+            "version": version,
+        }
+    }
+
     /// Deletes with the driver; returns the removed version.
     pub async fn delete_direct(&self, id: &str) -> Option<i64> {
         self.collection()
@@ -516,6 +549,8 @@ impl Deployment {
             Cached::Tombstone(version)
         } else if value["fence"] == true {
             Cached::Fence(version)
+        } else if value["reserved"].is_string() {
+            Cached::Reserved(version)
         } else {
             match value["features"].as_object() {
                 Some(features) => Cached::Document {
@@ -711,6 +746,9 @@ pub enum Cached {
     },
     Fence(i64),
     Tombstone(i64),
+    /// A fill's reservation (keeping the order of a marker it replaced):
+    /// holds no document.
+    Reserved(i64),
     Unreadable(String),
 }
 

@@ -8,8 +8,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Forwards connections from `127.0.0.1:<port>` to `upstream`. While the gate
-/// is closed, bytes from clients are held (not dropped) and delivered once it
-/// opens; answers from the server always pass. Stops when dropped.
+/// is closed, bytes in the gated direction are held (not dropped) and
+/// delivered once it opens; the other direction always passes. Stops when
+/// dropped.
 pub struct GatedProxy {
     port: u16,
     gate: watch::Sender<bool>,
@@ -17,8 +18,20 @@ pub struct GatedProxy {
 }
 
 impl GatedProxy {
-    /// Listens on a free port of 127.0.0.1, gate open.
+    /// Listens on a free port of 127.0.0.1, gate open; the gate holds what
+    /// clients send (requests never reach the server).
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::start_gating(upstream, Direction::Requests).await
+    }
+
+    /// Like [`GatedProxy::start`], but the gate holds the server's answers:
+    /// requests are executed, their callers just do not hear back (a slow
+    /// network path on the way back, a paused client).
+    pub async fn start_holding_answers(upstream: SocketAddr) -> Self {
+        Self::start_gating(upstream, Direction::Answers).await
+    }
+
+    async fn start_gating(upstream: SocketAddr, gated: Direction) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
@@ -36,9 +49,13 @@ impl GatedProxy {
                     let _ = server.set_nodelay(true);
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
+                    let (requests, answers) = match gated {
+                        Direction::Requests => (Some(opened), None),
+                        Direction::Answers => (None, Some(opened)),
+                    };
                     tokio::select! {
-                        () = pump(client_read, server_write, Some(opened)) => {}
-                        () = pump(server_read, client_write, None) => {}
+                        () = pump(client_read, server_write, requests) => {}
+                        () = pump(server_read, client_write, answers) => {}
                     }
                 });
             }
@@ -59,6 +76,13 @@ impl GatedProxy {
     pub fn open(&self) {
         self.gate.send_replace(true);
     }
+}
+
+/// Which way the gate holds bytes.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Requests,
+    Answers,
 }
 
 impl Drop for GatedProxy {

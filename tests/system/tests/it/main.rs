@@ -4,6 +4,7 @@
 
 mod convergence;
 mod failover;
+mod foreign_writes;
 mod gaps;
 mod propagation;
 mod tracing;
