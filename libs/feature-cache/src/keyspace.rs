@@ -2,10 +2,11 @@
 //! where the system's own (control) keys live, and how long entries live.
 //!
 //! Document keys are `features:{customer_id}`, exactly as operators expect
-//! them. Control keys (the invalidators' lease, fencing counter and saved
-//! change-feed position) live under `cache-invalidator:{db}.{collection}:`,
-//! a namespace no customer id can reach: every document key starts with
-//! [`DOCUMENT_PREFIX`] and no control key does.
+//! them. Control keys (the invalidators' lease, fencing counter, saved
+//! change-feed position and the invalidation stream) live under
+//! `cache-invalidator:{db}.{collection}:`, a namespace no customer id can
+//! reach: every document key starts with [`DOCUMENT_PREFIX`] and no control
+//! key does.
 
 use crate::entry::Entry;
 use chrono::Utc;
@@ -35,6 +36,8 @@ pub struct ControlKeys {
     pub fencing_counter: String,
     /// The change-feed position saved with each announcement.
     pub feed_position: String,
+    /// The invalidation stream's default key: one stream per collection.
+    pub stream: String,
 }
 
 impl ControlKeys {
@@ -44,6 +47,7 @@ impl ControlKeys {
             lease: format!("{base}:leader"),
             fencing_counter: format!("{base}:fence"),
             feed_position: format!("{base}:resume-token"),
+            stream: format!("{base}:changes"),
         }
     }
 }
@@ -91,7 +95,12 @@ mod tests {
     #[test]
     fn control_keys_stay_out_of_the_document_namespace() {
         let keys = ControlKeys::for_collection("db", "features");
-        for key in [&keys.lease, &keys.fencing_counter, &keys.feed_position] {
+        for key in [
+            &keys.lease,
+            &keys.fencing_counter,
+            &keys.feed_position,
+            &keys.stream,
+        ] {
             assert!(!is_document_key(key), "{key}");
         }
         assert!(is_document_key(&document_key("C1")));

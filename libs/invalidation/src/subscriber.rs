@@ -129,10 +129,20 @@ impl Subscriber {
                     self.on_message(&payload).await?;
                 }
                 _ = check.tick() => {
-                    if let Some(tail) = self.tail().await?
-                        && self.position.as_ref().is_none_or(|p| tail > p.stream_id)
-                    {
-                        self.gap("quiet_loss").await?;
+                    let tail = self.tail().await?.unwrap_or(StreamId::ZERO);
+                    match &self.position {
+                        Some(p) if tail < p.stream_id => {
+                            // Applied beyond what the stream holds: a forged
+                            // message, or a stream made again with lower ids
+                            // (a Redis restart, a failover to a replica whose
+                            // clock is behind). Where we stand is unknown.
+                            tracing::warn!(position = %p.stream_id, %tail, "invalidation stream is behind what this replica applied; flushing the near cache");
+                            metrics::counter!("invalidation_gaps_total", "reason" => "stream_behind").increment(1);
+                            self.start_at_tail(Some("stream_behind")).await?;
+                        }
+                        Some(p) if tail > p.stream_id => self.gap("quiet_loss").await?,
+                        None => self.gap("quiet_loss").await?,
+                        Some(_) => {}
                     }
                 }
             }
@@ -157,13 +167,15 @@ impl Subscriber {
             return self.gap("no_stream_id").await;
         };
         match &self.position {
+            // Another run's message: replay from the stream, which also tells
+            // whether the stream is still the one this replica followed.
+            Some(p) if p.run_id != message.run_id => self.gap("new_run").await,
             // Already applied through a catch-up.
             Some(p) if stream_id <= p.stream_id => Ok(()),
-            Some(p) if p.run_id == message.run_id && message.seq == p.seq + 1 => {
+            Some(p) if message.seq == p.seq + 1 => {
                 self.apply(&message, stream_id);
                 Ok(())
             }
-            Some(p) if p.run_id != message.run_id => self.gap("new_run").await,
             _ => self.gap("sequence").await,
         }
     }
@@ -266,6 +278,11 @@ impl Subscriber {
                 _ => None,
             }
         };
+        // A stream that never reached `from` is not the stream `from` was
+        // read from (made again after a restart): what followed is lost.
+        if id_of("last-generated-id").is_some_and(|last| last < from) {
+            return Ok(true);
+        }
         if let Some(max_deleted) = id_of("max-deleted-entry-id") {
             return Ok(max_deleted > from);
         }

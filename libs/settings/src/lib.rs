@@ -153,7 +153,10 @@ impl Settings {
     pub fn channels(&self) -> Channels {
         Channels {
             channel: self.invalidation_channel.clone(),
-            stream: self.invalidation_stream.clone(),
+            stream: self
+                .invalidation_stream
+                .clone()
+                .unwrap_or_else(|| self.control_keys().stream),
             stream_maxlen: self.invalidation_stream_maxlen,
         }
     }
@@ -173,6 +176,19 @@ impl Settings {
 
     /// Checks what no single setting's reader can.
     fn validate(&self) -> Result<(), SettingsError> {
+        if let Some(stream) = &self.invalidation_stream
+            && feature_cache::keyspace::is_document_key(stream)
+        {
+            return Err(SettingsError::invalid(
+                "INVALIDATION_STREAM",
+                format!(
+                    "{stream:?} lies under the document prefix {:?}, where a customer id \
+                     could name the same key; leave it unset (default {:?})",
+                    feature_cache::keyspace::DOCUMENT_PREFIX,
+                    self.control_keys().stream
+                ),
+            ));
+        }
         let url = self.redis_url();
         let parsed = url::Url::parse(&url)
             .map_err(|e| SettingsError::invalid("REDIS_URL", e.to_string()))?;

@@ -77,7 +77,9 @@ settings! { binary =>
 
     invalidation_mode: InvalidationMode = "INVALIDATION_MODE", invalidation_mode, Some("refresh");
     invalidation_channel: String = "INVALIDATION_CHANNEL", non_empty, Some("features:invalidations");
-    invalidation_stream: String = "INVALIDATION_STREAM", non_empty, Some("features:changes");
+    /// Default `cache-invalidator:{MONGO_DB}.{MONGO_COLLECTION}:changes`;
+    /// never under the document prefix `features:`.
+    invalidation_stream: Option<String> = "INVALIDATION_STREAM", opt_string, None;
     invalidation_stream_maxlen: u64 = "INVALIDATION_STREAM_MAXLEN", positive, Some("100000");
     /// How often a replica checks the stream for changes it may have missed.
     invalidation_check_interval: Duration = "INVALIDATION_CHECK_INTERVAL_MS", millis, Some("1000");

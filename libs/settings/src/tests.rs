@@ -113,3 +113,25 @@ fn invalid_values_name_the_setting() {
         );
     }
 }
+
+#[test]
+fn the_stream_lives_beside_the_control_keys_and_never_under_the_document_prefix() {
+    let s = load_from(Defaults::API, env(&[("MONGO_DB", "shop")])).unwrap();
+    assert_eq!(
+        s.channels().stream,
+        "cache-invalidator:shop.customer_features:changes"
+    );
+    assert_eq!(s.channels().channel, "features:invalidations");
+    let err = load_from(
+        Defaults::API,
+        env(&[("INVALIDATION_STREAM", "features:changes")]),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("INVALIDATION_STREAM"), "{err}");
+    let s = load_from(
+        Defaults::API,
+        env(&[("INVALIDATION_STREAM", "ops:changes")]),
+    )
+    .unwrap();
+    assert_eq!(s.channels().stream, "ops:changes");
+}

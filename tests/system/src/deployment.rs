@@ -192,6 +192,11 @@ impl Deployment {
 
     // ----------------------------------------------------------- invalidator
 
+    /// The invalidation stream's key (the default for this collection).
+    pub fn stream_key(&self) -> String {
+        format!("cache-invalidator:{}.{COLLECTION}:changes", self.db_name)
+    }
+
     /// The invalidator's Redis key of the saved resume token.
     pub fn token_key(&self) -> String {
         format!(

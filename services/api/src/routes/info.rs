@@ -55,7 +55,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
                 "applied": f.applied, "gaps": f.gaps, "flushes": f.flushes,
             })),
             "channel": s.invalidation_channel,
-            "stream": s.invalidation_stream,
+            "stream": s.channels().stream,
             "gap_check_interval_ms": s.invalidation_check_interval.as_millis() as u64,
         },
     }))

@@ -253,7 +253,7 @@ async fn standby_takes_over_after_the_leader_is_killed() {
 async fn stream_runs(deployment: &Deployment) -> Vec<(u64, String)> {
     let mut conn = deployment.redis.client().await;
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("features:changes")
+        .arg(deployment.stream_key())
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
