@@ -173,6 +173,7 @@ async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["mongodb"]["available"], false);
     assert!(health["mongodb"]["documents_count"].is_null());
+    assert_eq!(health["mongodb"]["collection"], "customer_features");
     assert_eq!(health["redis"]["available"], true);
 
     // A document that is in Redis is still served.
