@@ -7,6 +7,7 @@ use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, Sto
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use telemetry::Condition;
 use tracing::Instrument;
 
 /// The tier that answered a read.
@@ -59,6 +60,11 @@ struct Inner {
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
     counters: ReadCounters,
+    /// While Redis is down every request fails against it: these log the
+    /// outage once when it starts and once when it ends (each failure is
+    /// still counted, in `redis_errors_total`, and logged at debug).
+    redis_reads: Condition,
+    redis_writes: Condition,
 }
 
 /// The read path's counters, registered once: the hit path then costs an
@@ -93,6 +99,16 @@ impl TieredStore {
                 store,
                 loads: Coalescer::default(),
                 counters: ReadCounters::register(),
+                redis_reads: Condition::new(
+                    "redis_read",
+                    "Redis reads fail; reading through to MongoDB",
+                    "Redis reads work again",
+                ),
+                redis_writes: Condition::new(
+                    "redis_write",
+                    "Redis writes fail; the invalidator will repair Redis",
+                    "Redis writes work again",
+                ),
             }),
         }
     }
@@ -168,7 +184,11 @@ impl TieredStore {
     /// offered to the near cache). `count` records the hit or miss.
     async fn redis_hit(&self, id: &CustomerId, epoch: Option<u64>, count: bool) -> Option<Lookup> {
         let counters = &self.inner.counters;
-        match self.inner.redis.get(id.as_str()).await {
+        let found = self.inner.redis.get(id.as_str()).await;
+        if found.is_ok() {
+            self.inner.redis_reads.recover();
+        }
+        match found {
             Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
                 if count {
                     counters.redis_hit.increment(1);
@@ -187,7 +207,7 @@ impl TieredStore {
                 None
             }
             Err(err) => {
-                tracing::warn!(customer_id = %id, error = %err, "Redis read failed; falling back to MongoDB");
+                self.inner.redis_reads.fail(&err);
                 None
             }
         }
@@ -246,6 +266,10 @@ impl TieredStore {
         let keys: Vec<&str> = pending.iter().map(|id| id.as_str()).collect();
         match self.inner.redis.get_many(&keys).await {
             Ok(entries) => {
+                // No keys: Redis was not asked, so it proved nothing.
+                if !keys.is_empty() {
+                    self.inner.redis_reads.recover();
+                }
                 for (id, entry) in pending.iter().zip(entries) {
                     match entry {
                         Some(Entry::Document(doc)) if !doc.is_expired(now) => {
@@ -260,7 +284,7 @@ impl TieredStore {
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, "Redis MGET failed; falling back to MongoDB");
+                self.inner.redis_reads.fail(&err);
                 from_mongo.extend(pending.iter().map(|id| (*id).clone()));
             }
         }
@@ -359,9 +383,12 @@ impl TieredStore {
             return;
         }
         let accepted: Vec<bool> = match self.inner.redis.offer_many(&entries).await {
-            Ok(outcomes) => outcomes.into_iter().map(|o| o != Offer::Refused).collect(),
+            Ok(outcomes) => {
+                self.inner.redis_writes.recover();
+                outcomes.into_iter().map(|o| o != Offer::Refused).collect()
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "Redis write failed; the invalidator will repair it");
+                self.inner.redis_writes.fail(&err);
                 vec![true; entries.len()]
             }
         };
