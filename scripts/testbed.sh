@@ -2,7 +2,8 @@
 # Local test services for redis-mongo-cache: a private redis-server and a
 # SecantusDB (MongoDB-compatible, one-node replica set "secantus") on free ports.
 #
-#   scripts/testbed.sh install        venv .venv-secantus/ with SecantusDB; check redis-server
+#   scripts/testbed.sh install        venv .venv-secantus/ with SecantusDB; check redis-server,
+#                                     chromium and chromedriver (apt-get installs them as root)
 #   scripts/testbed.sh up     [DIR]   start both (state dir, default target/testbed), write DIR/env
 #   scripts/testbed.sh status [DIR]   show what runs in DIR
 #   scripts/testbed.sh down   [DIR]   stop both (by PID only) and remove their data
@@ -24,7 +25,7 @@ log() { echo "testbed: $*"; }
 die() { echo "testbed: ERROR: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # ---------------------------------------------------------------- helpers
@@ -216,6 +217,23 @@ cmd_install() {
     fi
     log "redis-server: $(command -v redis-server) ($(redis-server --version | awk '{print $3}'))"
     [ -n "$(redis_cli_bin)" ] || log "note: redis-cli not found; pings use a python fallback"
+
+    # The API's documentation pages are tested in a real headless browser
+    # (services/api/tests/it/docs.rs), driven through chromedriver.
+    log "install: checking chromium and chromedriver"
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            log "chromium or chromedriver missing; apt-get install chromium chromium-driver"
+            apt-get update
+            DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+        else
+            log "WARNING: chromium/chromedriver missing and we are not root: the browser test will fail;" \
+                "install Debian's chromium and chromium-driver packages"
+        fi
+    fi
+    if command -v chromedriver >/dev/null; then
+        log "chromedriver: $(command -v chromedriver) ($(chromedriver --version 2>/dev/null | awk '{print $2}'))"
+    fi
     log "install: done"
 }
 

@@ -4,7 +4,7 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Invalidation counters the keys are spread over: enough that an
@@ -22,17 +22,29 @@ pub struct NearCacheConfig {
 /// version like every tier.
 ///
 /// A fill is accepted only if nothing invalidated its key since the fill
-/// began: each key's invalidations advance a counter (one of [`STRIPES`],
-/// by hash), a flush advances the epoch, and a fill carries the [`Ticket`]
-/// it took before it read anything. The counters live outside the cache, so
-/// no eviction can make the cache forget an invalidation a slow fill missed.
+/// began: a flush advances the epoch; each key's invalidations advance a
+/// counter, and each ordered change (one whose version orders it) raises a
+/// version floor, of one of [`STRIPES`] stripes by hash. A fill carries the
+/// [`Ticket`] it took before it read anything, and is refused if the epoch
+/// or its stripe's counter moved, or its stripe's floor rose above the
+/// fill's version. The stripes live outside the cache, so no eviction can
+/// make the cache forget an invalidation a slow fill missed; keys sharing a
+/// stripe only ever cost a refused fill.
 pub struct NearCache {
     // foldhash: keys are hashed on every hit, and SipHash (the default) was a
     // measurable share of a hit; foldhash is seeded per process, too.
     entries: Cache<String, Entry, foldhash::fast::RandomState>,
     hasher: foldhash::fast::RandomState,
     epoch: AtomicU64,
-    stripes: Box<[AtomicU64]>,
+    stripes: Box<[Stripe]>,
+}
+
+#[derive(Default)]
+struct Stripe {
+    /// Invalidations whose version does not order them.
+    unordered: AtomicU64,
+    /// The highest version of an ordered change seen.
+    floor: AtomicI64,
 }
 
 /// Where the near cache stood for one key when a fill began.
@@ -40,7 +52,8 @@ pub struct NearCache {
 pub struct Ticket {
     epoch: u64,
     stripe: usize,
-    invalidations: u64,
+    unordered: u64,
+    floor: i64,
 }
 
 impl NearCache {
@@ -63,7 +76,7 @@ impl NearCache {
             entries,
             hasher,
             epoch: AtomicU64::new(0),
-            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
         }
     }
 
@@ -75,18 +88,21 @@ impl NearCache {
     /// Takes a ticket for a fill of `customer_id` that is about to read the
     /// tiers below.
     pub fn ticket(&self, customer_id: &str) -> Ticket {
-        let stripe = self.stripe_of(customer_id);
+        let index = self.stripe_of(customer_id);
+        let stripe = &self.stripes[index];
         Ticket {
             epoch: self.epoch.load(Ordering::Acquire),
-            stripe,
-            invalidations: self.stripes[stripe].load(Ordering::Acquire),
+            stripe: index,
+            unordered: stripe.unordered.load(Ordering::Acquire),
+            floor: stripe.floor.load(Ordering::Acquire),
         }
     }
 
     /// Offers an entry read under `ticket`: refused if the key was
     /// invalidated or the cache flushed since, or if the guard refuses.
     pub fn offer_with(&self, entry: Entry, ticket: Ticket) -> bool {
-        if !self.still_valid(ticket) {
+        let version = entry.version();
+        if !self.still_valid(ticket, version) {
             return false;
         }
         let key = entry.customer_id().to_owned();
@@ -105,7 +121,7 @@ impl NearCache {
             metrics::counter!("version_guard_rejections_total", "tier" => "local").increment(1);
         }
         // An invalidation that raced the compute above wins: drop what we put.
-        if stored && !self.still_valid(ticket) {
+        if stored && !self.still_valid(ticket, version) {
             self.entries.invalidate(&key);
             return false;
         }
@@ -122,17 +138,22 @@ impl NearCache {
     /// stays; anything else is dropped (and fills that began before are
     /// refused).
     pub fn settle(&self, customer_id: &str, version: i64) {
+        self.stripes[self.stripe_of(customer_id)]
+            .floor
+            .fetch_max(version, Ordering::AcqRel);
         if let Some(Entry::Document(doc)) = self.entries.get(customer_id)
             && doc.version >= version
         {
             return;
         }
-        self.invalidate(customer_id);
+        self.entries.invalidate(customer_id);
     }
 
     /// Drops the key and refuses every fill of it that began before now.
     pub fn invalidate(&self, customer_id: &str) {
-        self.stripes[self.stripe_of(customer_id)].fetch_add(1, Ordering::AcqRel);
+        self.stripes[self.stripe_of(customer_id)]
+            .unordered
+            .fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate(customer_id);
     }
 
@@ -151,9 +172,13 @@ impl NearCache {
         self.len() == 0
     }
 
-    fn still_valid(&self, ticket: Ticket) -> bool {
+    /// Whether a fill of `version` under `ticket` may still be taken.
+    fn still_valid(&self, ticket: Ticket, version: i64) -> bool {
+        let stripe = &self.stripes[ticket.stripe];
+        let floor = stripe.floor.load(Ordering::Acquire);
         self.epoch.load(Ordering::Acquire) == ticket.epoch
-            && self.stripes[ticket.stripe].load(Ordering::Acquire) == ticket.invalidations
+            && stripe.unordered.load(Ordering::Acquire) == ticket.unordered
+            && (floor == ticket.floor || floor <= version)
     }
 
     fn stripe_of(&self, customer_id: &str) -> usize {

@@ -7,6 +7,7 @@ use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, Sto
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use telemetry::Condition;
 use tracing::Instrument;
 
 /// The tier that answered a read.
@@ -59,6 +60,11 @@ struct Inner {
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
     counters: ReadCounters,
+    /// While Redis is down every request fails against it: these log the
+    /// outage once when it starts and once when it ends (each failure is
+    /// still counted, in `redis_errors_total`, and logged at debug).
+    redis_reads: Condition,
+    redis_writes: Condition,
 }
 
 /// The read path's counters, registered once: the hit path then costs an
@@ -93,6 +99,16 @@ impl TieredStore {
                 store,
                 loads: Coalescer::default(),
                 counters: ReadCounters::register(),
+                redis_reads: Condition::new(
+                    "redis_read",
+                    "Redis reads fail; reading through to MongoDB",
+                    "Redis reads work again",
+                ),
+                redis_writes: Condition::new(
+                    "redis_write",
+                    "Redis writes fail; the invalidator will repair Redis",
+                    "Redis writes work again",
+                ),
             }),
         }
     }
@@ -170,7 +186,11 @@ impl TieredStore {
     /// offered to the near cache).
     async fn redis_hit(&self, id: &CustomerId, ticket: Option<Ticket>) -> Option<Lookup> {
         let counters = &self.inner.counters;
-        match self.inner.redis.get(id.as_str()).await {
+        let found = self.inner.redis.get(id.as_str()).await;
+        if found.is_ok() {
+            self.inner.redis_reads.recover();
+        }
+        match found {
             Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
                 counters.redis_hit.increment(1);
                 Some(self.served_from_redis(doc, ticket))
@@ -180,7 +200,7 @@ impl TieredStore {
                 None
             }
             Err(err) => {
-                tracing::warn!(customer_id = %id, error = %telemetry_chain(&err), "Redis read failed; falling back to MongoDB");
+                self.inner.redis_reads.fail(&err);
                 None
             }
         }
@@ -200,7 +220,7 @@ impl TieredStore {
     /// and fill onto the reservation — refused if anything changed the key
     /// since.
     async fn load_from_store(&self, id: &CustomerId, ticket: Option<Ticket>) -> LoadResult {
-        let writer = match self.reserve(&[id]).await.pop() {
+        let writer = match self.reserve(&[id], false).await.pop() {
             Some(Reservation::Document(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
                 return Ok(Some(self.served_from_redis(doc, ticket)));
             }
@@ -262,7 +282,7 @@ impl TieredStore {
         }
 
         let keys: Vec<&CustomerId> = pending.iter().map(|(id, _)| *id).collect();
-        let reservations = self.reserve(&keys).await;
+        let reservations = self.reserve(&keys, false).await;
         let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<Ticket>)> = Vec::new();
         let mut reservations = reservations.into_iter();
         for (id, ticket) in pending {
@@ -338,7 +358,7 @@ impl TieredStore {
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
         let ids: Vec<&CustomerId> = writes.iter().map(|w| &w.customer_id).collect();
         let writers: Vec<Option<Writer>> = self
-            .reserve(&ids)
+            .reserve(&ids, true)
             .await
             .into_iter()
             .map(|reservation| match reservation {
@@ -401,12 +421,26 @@ impl TieredStore {
 
     /// Reserves keys in Redis for fills; when Redis cannot be reached, no
     /// fill will be accepted there (and the near cache still guards itself).
-    async fn reserve(&self, ids: &[&CustomerId]) -> Vec<Reservation> {
+    /// `for_write`: a write's reservation, whose failure counts as a failed
+    /// Redis write.
+    async fn reserve(&self, ids: &[&CustomerId], for_write: bool) -> Vec<Reservation> {
+        let condition = if for_write {
+            &self.inner.redis_writes
+        } else {
+            &self.inner.redis_reads
+        };
         let keys: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+        if keys.is_empty() {
+            return Vec::new();
+        }
         match self.inner.redis.reserve_many(&keys).await {
-            Ok(reservations) => reservations,
+            Ok(reservations) => {
+                condition.recover();
+                reservations
+            }
             Err(err) => {
-                tracing::warn!(error = %telemetry_chain(&err), "Redis reservation failed; the fill goes to the near cache only");
+                // No reservation: the fill goes to the near cache only.
+                condition.fail(&err);
                 Vec::new()
             }
         }
@@ -416,7 +450,7 @@ impl TieredStore {
     /// reservation left behind expires, and refuses nothing it should not).
     async fn release(&self, reservations: &[(&str, &Writer)]) {
         if let Err(err) = self.inner.redis.release_many(reservations).await {
-            tracing::debug!(error = %telemetry_chain(&err), "could not release reservations");
+            tracing::debug!(error = %telemetry::ErrorChain(&err), "could not release reservations");
         }
     }
 
@@ -435,9 +469,15 @@ impl TieredStore {
             .filter_map(|(entry, writer, _)| writer.clone().map(|w| (entry.clone(), w)))
             .collect();
         let mut offers = match self.inner.redis.fill_many(&to_redis).await {
-            Ok(offers) => offers.into_iter().map(|o| o.accepted()).collect(),
+            Ok(offers) => {
+                if !to_redis.is_empty() {
+                    self.inner.redis_writes.recover();
+                }
+                offers.into_iter().map(|o| o.accepted()).collect()
+            }
             Err(err) => {
-                tracing::warn!(error = %telemetry_chain(&err), "Redis write failed; the invalidator will repair it");
+                // The invalidator repairs Redis from the change feed.
+                self.inner.redis_writes.fail(&err);
                 vec![true; to_redis.len()]
             }
         }
@@ -458,16 +498,4 @@ impl TieredStore {
             near.offer_with(entry, ticket);
         }
     }
-}
-
-/// An error with its causes, for a log line.
-fn telemetry_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

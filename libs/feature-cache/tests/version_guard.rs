@@ -133,6 +133,23 @@ async fn a_near_fill_that_started_before_a_flush_or_an_invalidation_is_refused()
 }
 
 #[tokio::test]
+async fn an_ordered_change_refuses_older_fills_in_flight_but_not_its_own_version() {
+    let near = near_cache();
+    let ticket = near.ticket("C1");
+    near.settle("C1", 5);
+    assert!(!near.offer_with(doc(4, 4), ticket), "older than the change");
+    assert!(
+        near.offer_with(doc(5, 5), ticket),
+        "the change's own version"
+    );
+    // A copy at the change's version (or newer) stays when the change arrives.
+    near.settle("C1", 5);
+    assert_eq!(near.get("C1").map(|e| e.version()), Some(5));
+    near.settle("C1", 6);
+    assert!(near.get("C1").is_none(), "older than the change: dropped");
+}
+
+#[tokio::test]
 async fn a_redis_fill_lands_only_on_its_own_reservation() {
     let redis = TestRedis::start().await;
     let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));

@@ -5,6 +5,7 @@ use crate::error::StoreError;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use telemetry::Condition;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -18,12 +19,20 @@ pub(crate) struct CallLimiter {
     /// One permit per pool connection: a call is sent only once it holds
     /// one, so a call still waiting when its deadline passes is never sent.
     permits: Arc<Semaphore>,
+    /// MongoDB not answering: logged when it starts and when it ends, not
+    /// for each of the calls that fail meanwhile.
+    reachable: Arc<Condition>,
 }
 
 impl CallLimiter {
     pub(crate) fn new(max_in_flight: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            reachable: Arc::new(Condition::new(
+                "mongodb",
+                "MongoDB does not answer; what needs it fails until it does",
+                "MongoDB answers again",
+            )),
         }
     }
 
@@ -55,10 +64,20 @@ impl CallLimiter {
             }
             .in_current_span(),
         );
-        match tokio::time::timeout_at(deadline, task).await {
+        let result = match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(Some(result))) => result.map_err(StoreError::from_driver),
             Ok(Ok(None)) | Err(_) => Err(StoreError::Timeout(limit)),
             Ok(Err(failed)) => Err(StoreError::Lost(failed.to_string())),
+        };
+        match &result {
+            Err(err) if err.is_unavailable() => {
+                self.reachable.fail(err);
+            }
+            // Any answer, also a refusal, shows that MongoDB is there.
+            _ => {
+                self.reachable.recover();
+            }
         }
+        result
     }
 }

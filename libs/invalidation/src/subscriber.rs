@@ -8,6 +8,7 @@ use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use telemetry::Condition;
 use tokio_util::sync::CancellationToken;
 
 /// Entries read from the stream per round trip while catching up.
@@ -56,6 +57,10 @@ pub struct Subscriber {
     redis: ConnectionManager,
     position: Option<Position>,
     status: Arc<Mutex<SubscriberStatus>>,
+    /// The subscription being down: while Redis is, every reconnect attempt
+    /// fails, and only the first failure and the recovery are worth a
+    /// warning and an info line.
+    connection: Condition,
 }
 
 impl Subscriber {
@@ -66,6 +71,11 @@ impl Subscriber {
             redis,
             position: None,
             status: Arc::default(),
+            connection: Condition::new(
+                "invalidation_subscription",
+                "invalidation subscription lost; reconnecting (the near cache is caught up or flushed on return)",
+                "invalidation subscription restored",
+            ),
         }
     }
 
@@ -87,9 +97,12 @@ impl Subscriber {
                     }
                     self.set_status(|s| s.subscribed = false);
                     match result {
-                        Ok(()) => tracing::warn!("invalidation subscription ended; reconnecting"),
-                        Err(err) => tracing::warn!(error = %err, "invalidation subscription failed; reconnecting"),
-                    }
+                        Ok(()) => self.connection.fail(&std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the subscription's connection closed",
+                        )),
+                        Err(err) => self.connection.fail(&err),
+                    };
                 }
             }
             tokio::select! {
@@ -106,7 +119,9 @@ impl Subscriber {
         let client = redis::Client::open(self.config.redis_url.as_str())?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&self.config.channels.channel).await?;
-        tracing::info!(channel = %self.config.channels.channel, "subscribed to invalidations");
+        if self.position.is_none() {
+            tracing::info!(channel = %self.config.channels.channel, "subscribed to invalidations");
+        }
         // Anything published while we were not subscribed is in the stream.
         if self.position.is_some() {
             self.gap("reconnect").await?;
@@ -118,6 +133,7 @@ impl Subscriber {
             self.start_at_tail(Some("start")).await?;
         }
         self.set_status(|s| s.subscribed = true);
+        self.connection.recover();
         let mut messages = pubsub.into_on_message();
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

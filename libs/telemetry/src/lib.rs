@@ -8,12 +8,16 @@
 //! - [`propagation`]: W3C `traceparent` in and out of HTTP headers and messages.
 //! - [`shutdown`]: the cancellation token every service stops on.
 //! - [`errors`]: [`ErrorChain`], an error with its causes, for logs.
+//! - [`condition`]: [`Condition`], a state that goes bad and recovers (a store
+//!   down, a subscription lost), logged on its changes only.
 
+pub mod condition;
 pub mod errors;
 pub mod metrics;
 pub mod propagation;
 pub mod shutdown;
 
+pub use condition::Condition;
 pub use errors::ErrorChain;
 
 use opentelemetry::KeyValue;

@@ -117,10 +117,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let Self::Internal(_) = &self {
-            tracing::error!(error = %telemetry::ErrorChain(&self), "request failed");
-        } else if status.is_server_error() {
-            tracing::warn!(error = %telemetry::ErrorChain(&self), "request failed");
+        match &self {
+            Self::Internal(_) => {
+                tracing::error!(error = %telemetry::ErrorChain(&self), "request failed");
+            }
+            // The store logs an outage when it starts and when it ends; one
+            // warning per request would bury both under load.
+            _ if status.is_server_error() => {
+                tracing::debug!(error = %telemetry::ErrorChain(&self), "request failed");
+            }
+            _ => {}
         }
         let details = match &self {
             Self::Validation(details) => Some(details.clone()),

@@ -8,6 +8,7 @@ use feature_cache::{ControlKeys, Fence};
 use redis::Script;
 use redis::aio::ConnectionManager;
 use std::time::{Duration, Instant};
+use telemetry::Condition;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -58,12 +59,22 @@ impl Lease {
     /// The term's lease is renewed only while `progress` moves.
     pub async fn acquire(&self, shutdown: &CancellationToken, progress: &Progress) -> Option<Term> {
         let retry = self.duration / 3;
+        // Retried every third of the lease while Redis is down: warn once.
+        let reachable = Condition::new(
+            "leader_lease",
+            "cannot reach Redis for the lease; retrying",
+            "Redis answers for the lease again",
+        );
         loop {
-            match self.try_acquire().await {
+            let attempt = self.try_acquire().await;
+            if attempt.is_ok() {
+                reachable.recover();
+            }
+            match attempt {
                 Ok(Some(token)) => return Some(self.begin_term(token, shutdown, progress)),
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot reach Redis for the lease; retrying");
+                    reachable.fail(&err);
                 }
             }
             tokio::select! {

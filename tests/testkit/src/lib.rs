@@ -15,12 +15,14 @@
 //! - [`proxy`]: [`proxy::GatedProxy`], a TCP proxy a test can hold and release.
 //! - [`otlp`]: [`otlp::OtlpReceiver`], an OTLP/HTTP receiver that decodes spans.
 //! - [`prometheus`]: reading values out of the Prometheus text format.
+//! - [`logs`]: [`CapturedLogs`], what `tracing` wrote during a test.
 //!
 //! The services come from the test bed: run the tests through
 //! `scripts/test.sh`, or `scripts/testbed.sh up DIR` and source `DIR/env`
 //! (it exports `MONGO_URI`, `REDIS_SERVER`, …). The system Redis on port 6379
 //! is never used.
 
+pub mod logs;
 pub mod mongo;
 pub mod otlp;
 pub mod process;
@@ -31,6 +33,7 @@ pub mod secantus;
 pub mod services;
 pub mod wait;
 
+pub use logs::CapturedLogs;
 pub use mongo::{TestDb, mongo_uri, unique_db};
 pub use process::{ChildGuard, cargo_bin, free_port, wait_for_port, wait_http_ok};
 pub use redis::TestRedis;

@@ -66,11 +66,9 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
             latency_ms: None,
         },
     };
-    let collection = format!(
-        "{}.{}",
-        tiers.store().database_name(),
-        tiers.store().collection_name()
-    );
+    // The bare name, as the Django service reports it (the database is in
+    // `/api/info/`).
+    let collection = tiers.store().collection_name().to_owned();
     let mongodb = match (ping, count) {
         (Ok(latency), Ok(count)) => MongoStatus {
             available: true,

@@ -6,6 +6,7 @@ mod support;
 mod bulk_batch;
 mod coalescing;
 mod contract;
+mod docs;
 mod errors;
 mod resilience;
 mod tiers;

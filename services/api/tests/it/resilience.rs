@@ -9,7 +9,7 @@ use feature_cache::{CacheTier, CachedDocument, Entry};
 use feature_store::FeatureDocument;
 use serde_json::json;
 use std::time::{Duration, Instant};
-use testkit::{TestRedis, eventually, free_port, unique_db};
+use testkit::{CapturedLogs, TestRedis, eventually, free_port, unique_db};
 
 #[tokio::test]
 async fn redis_down_degrades_to_mongodb_and_recovers() {
@@ -120,6 +120,108 @@ async fn redis_down_degrades_to_mongodb_and_recovers() {
     stack.finish().await;
 }
 
+/// An outage is logged when it starts and when it ends, not per request:
+/// 50 reads and 5 writes with Redis down give one warning per condition
+/// (each failure is still there at debug), and one info line each once
+/// Redis is back.
+#[tokio::test]
+async fn a_redis_outage_is_logged_once_per_change_of_state() {
+    let (logs, _guard) = CapturedLogs::capture("info,telemetry::condition=debug");
+    let mut stack =
+        crate::support::TestStack::start("resilience_outage_logs", &[("REDIS_TIMEOUT_MS", "300")])
+            .await;
+    let reads_fail = "Redis reads fail";
+    let writes_fail = "Redis writes fail";
+    let subscription_lost = "invalidation subscription lost";
+
+    stack.redis.stop();
+    let api = &stack.api;
+    for i in 0..50 {
+        // Ids nobody wrote: every read asks Redis, then MongoDB.
+        let reply = api.get(&format!("/api/features/ABSENT{i}/")).await;
+        assert_eq!(reply.status, 404, "{}", reply.text());
+    }
+    for i in 0..5 {
+        let reply = api
+            .post(
+                "/api/features/",
+                &json!({"customer_id": format!("W{i}"), "features": {"i": i}}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    // Let the subscriber fail a few reconnects (backoff 0.1 s, doubling).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = logs.lines();
+    assert_eq!(logs.count("WARN", reads_fail), 1, "{lines:#?}");
+    assert_eq!(logs.count("WARN", writes_fail), 1, "{lines:#?}");
+    assert_eq!(logs.count("WARN", subscription_lost), 1, "{lines:#?}");
+    assert!(logs.count("DEBUG", reads_fail) >= 99, "{lines:#?}");
+    assert!(logs.count("DEBUG", subscription_lost) >= 2, "{lines:#?}");
+    let warnings = lines.iter().filter(|l| l.contains("WARN")).count();
+    assert_eq!(warnings, 3, "only the three state changes warn: {lines:#?}");
+    let warning = lines
+        .iter()
+        .find(|l| l.contains("WARN") && l.contains(reads_fail))
+        .unwrap();
+    assert!(
+        warning.contains("error="),
+        "the warning carries the error: {warning}"
+    );
+
+    stack.redis.restart().await;
+    let api = &stack.api;
+    eventually(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async {
+            // An id no tier holds, so the read asks Redis.
+            let read = api.get("/api/features/ABSENT0/").await;
+            let write = api
+                .post(
+                    "/api/features/",
+                    &json!({"customer_id": "W1", "features": {"again": true}}),
+                )
+                .await;
+            assert_eq!((read.status, write.status), (404, 200));
+            for text in [
+                "Redis reads work again",
+                "Redis writes work again",
+                "invalidation subscription restored",
+            ] {
+                if logs.count("INFO", text) == 0 {
+                    return Err(format!("no {text:?} yet"));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err}: {:#?}", logs.lines()));
+    for i in 0..20 {
+        let reply = api.get(&format!("/api/features/ABSENT{i}/")).await;
+        assert_eq!(reply.status, 404);
+    }
+    let lines = logs.lines();
+    assert_eq!(
+        logs.count("INFO", "Redis reads work again"),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        logs.count("INFO", "Redis writes work again"),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        logs.count("INFO", "invalidation subscription restored"),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(logs.count("WARN", reads_fail), 1, "{lines:#?}");
+    stack.finish().await;
+}
+
 #[tokio::test]
 async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
     let redis = TestRedis::start().await;
@@ -128,6 +230,7 @@ async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
         "mongodb://127.0.0.1:{}/?replicaSet=secantus&retryWrites=false",
         free_port()
     );
+    let (logs, _guard) = CapturedLogs::capture("info");
     let api = TestApi::start(
         &redis.url(),
         &unique_db("resilience_mongo"),
@@ -173,7 +276,17 @@ async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["mongodb"]["available"], false);
     assert!(health["mongodb"]["documents_count"].is_null());
+    assert_eq!(health["mongodb"]["collection"], "customer_features");
     assert_eq!(health["redis"]["available"], true);
+    // Six failed requests and a failed health check: one warning, for the
+    // outage (and none per request).
+    let lines = logs.lines();
+    assert_eq!(
+        logs.count("WARN", "MongoDB does not answer"),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(logs.count("WARN", "request failed"), 0, "{lines:#?}");
 
     // A document that is in Redis is still served.
     let doc = FeatureDocument {

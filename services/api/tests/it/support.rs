@@ -24,8 +24,9 @@ pub fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 /// built from `settings::load_from` with an explicit environment (the process
 /// environment is not read, except `MONGO_URI` of the test bed as a default).
 ///
-/// There is no telemetry subscriber in-process: logs go nowhere and no
-/// `traceparent` is produced. The Prometheus recorder is process-global, so
+/// There is no telemetry subscriber in-process: logs go nowhere unless the
+/// test captures them (`testkit::CapturedLogs`), and no `traceparent` is
+/// produced. The Prometheus recorder is process-global, so
 /// tests that compare metric values need a test binary of their own.
 pub struct TestApi {
     addr: SocketAddr,
