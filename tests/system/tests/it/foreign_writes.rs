@@ -15,32 +15,44 @@ fn version_at(shift: chrono::Duration) -> i64 {
 #[tokio::test]
 async fn a_restore_that_lowers_the_version_reaches_every_tier() {
     let deployment = Deployment::start("restore", Options::default()).await;
-    let id = "RESTORED";
-    deployment
-        .post(&deployment.a, id, json!({"state": "newest"}))
-        .await;
-    for replica in deployment.replicas() {
-        deployment.warm(replica, id).await;
-    }
-    let cached = deployment.truth(id).await.expect("written").version;
+    // Restored by an update that sets the old fields (the version among
+    // them), and by a whole-document replace.
+    for (id, by_update) in [("RESTORED-SET", true), ("RESTORED-REPLACE", false)] {
+        deployment
+            .post(&deployment.a, id, json!({"state": "newest"}))
+            .await;
+        for replica in deployment.replicas() {
+            deployment.warm(replica, id).await;
+        }
+        let cached = deployment.truth(id).await.expect("written").version;
 
-    // A backup from an hour ago comes back, with the version it had then.
-    let restored = Deployment::raw_document(
-        id,
-        id,
-        json!({"state": "restored"}),
-        version_at(chrono::Duration::hours(-1)),
-    );
-    deployment.replace_raw(id, restored).await;
-    deployment
-        .wait_consistent(&[id.to_owned()], LAG_BOUND)
-        .await;
-    for replica in deployment.replicas() {
-        let served = deployment.get(replica, id).await;
-        assert_eq!(served.body["features"]["state"], "restored", "{served:?}");
+        // A backup from an hour ago comes back, with the version it had then.
+        let old_version = version_at(chrono::Duration::hours(-1));
+        if by_update {
+            deployment
+                .set_fields(
+                    id,
+                    bson::doc! { "features": { "state": "restored" }, "version": old_version },
+                )
+                .await;
+        } else {
+            let restored =
+                Deployment::raw_document(id, id, json!({"state": "restored"}), old_version);
+            deployment.replace_raw(id, restored).await;
+        }
+        deployment
+            .wait_consistent(&[id.to_owned()], LAG_BOUND)
+            .await;
+        for replica in deployment.replicas() {
+            let served = deployment.get(replica, id).await;
+            assert_eq!(
+                served.body["features"]["state"], "restored",
+                "{id}: {served:?}"
+            );
+        }
+        // It got a version of its own above everything cached before.
+        assert!(deployment.truth(id).await.expect("restored").version > cached);
     }
-    // It got a version of its own above everything cached before.
-    assert!(deployment.truth(id).await.expect("restored").version > cached);
     deployment.finish().await;
 }
 
