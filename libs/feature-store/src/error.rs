@@ -1,3 +1,4 @@
+use crate::codec::Unstorable;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -18,6 +19,9 @@ pub enum StoreError {
     /// A write kept colliding with concurrent writes of the same document.
     #[error("concurrent writes to the same customer kept conflicting; retry")]
     Conflict,
+    /// The write cannot be stored exactly as sent; nothing was sent.
+    #[error(transparent)]
+    Unstorable(#[from] Unstorable),
     /// The database refused one item of a bulk write.
     #[error("MongoDB refused the write (code {code}): {message}")]
     Refused { code: i32, message: String },

@@ -19,6 +19,11 @@ const MAX_IN_FLIGHT: u32 = 10;
 const BULK_ITEMS_PER_TIMEOUT: usize = 100;
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
 const UPSERT_ATTEMPTS: usize = 5;
+/// Room a bulk statement takes beyond the document it stores (its filter,
+/// the pipeline's operators), generously.
+const STATEMENT_OVERHEAD: usize = 1024;
+/// The most statements MongoDB takes in one write command (`maxWriteBatchSize`).
+const MAX_WRITE_BATCH: usize = 100_000;
 
 /// Where the store lives and how long a call may take.
 #[derive(Debug, Clone)]
@@ -176,13 +181,16 @@ impl FeatureStore {
     }
 
     /// One atomic upsert: sets the fields, advances the version, returns the
-    /// stored document and whether it was created.
+    /// stored document and whether it was created. Features that cannot be
+    /// stored exactly are refused before anything is sent
+    /// ([`StoreError::Unstorable`]).
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "findAndModify", customer_id = %write.customer_id))]
     pub async fn upsert(&self, write: &FeatureWrite) -> Result<UpsertOutcome, StoreError> {
+        let update = codec::update_pipeline(write, Utc::now())?;
         let command = doc! {
             "findAndModify": self.collection.name(),
             "query": { field::ID: write.customer_id.as_str() },
-            "update": codec::update_pipeline(write, Utc::now()),
+            "update": update.pipeline,
             "upsert": true,
             "new": true,
             "maxTimeMS": millis(self.timeout),
@@ -228,8 +236,11 @@ impl FeatureStore {
         Err(StoreError::Conflict)
     }
 
-    /// Many upserts in one unordered bulk `update` command, then one `$in`
-    /// read of the stored documents. Each item succeeds or fails alone.
+    /// Many upserts in unordered bulk `update` commands (one, unless the
+    /// documents together pass MongoDB's command size), then one `$in`
+    /// read of the stored documents. Each item succeeds or fails alone: an
+    /// item whose features cannot be stored exactly fails without being
+    /// sent, and the others are written.
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "update", count = writes.len()))]
     pub async fn upsert_many(
         &self,
@@ -239,53 +250,66 @@ impl FeatureStore {
             return Ok(Vec::new());
         }
         let now = Utc::now();
-        let updates: Vec<Document> = writes
-            .iter()
-            .map(|w| {
-                doc! {
-                    "q": { field::ID: w.customer_id.as_str() },
-                    "u": codec::update_pipeline(w, now),
-                    "upsert": true,
+        // Per item: Ok(created) or why not.
+        let mut outcomes: Vec<Result<bool, StoreError>> = Vec::with_capacity(writes.len());
+        // The statements to send: (item index, statement, its size).
+        let mut statements = Vec::with_capacity(writes.len());
+        for (index, w) in writes.iter().enumerate() {
+            match codec::update_pipeline(w, now) {
+                Ok(update) => {
+                    statements.push((
+                        index,
+                        doc! {
+                            "q": { field::ID: w.customer_id.as_str() },
+                            "u": update.pipeline,
+                            "upsert": true,
+                        },
+                        update.stored_bytes + STATEMENT_OVERHEAD,
+                    ));
+                    outcomes.push(Ok(false));
                 }
-            })
-            .collect();
-        let allowance = self.allowance(writes.len());
-        let command = doc! {
-            "update": self.collection.name(),
-            "updates": updates,
-            "ordered": false,
-            "maxTimeMS": millis(allowance),
-        };
-        let database = self.database.clone();
-        let reply = self
-            .calls
-            .run(
-                allowance,
-                async move { database.run_command(command).await },
-            )
-            .await?;
-
-        // Per item: Ok(created) or the database's refusal.
-        let mut outcomes: Vec<Result<bool, StoreError>> =
-            writes.iter().map(|_| Ok(false)).collect();
-        if let Ok(upserted) = reply.get_array("upserted") {
-            for entry in upserted {
-                if let Some(slot) = entry
-                    .as_document()
-                    .and_then(index_of)
-                    .and_then(|index| outcomes.get_mut(index))
-                {
-                    *slot = Ok(true);
-                }
+                Err(unstorable) => outcomes.push(Err(unstorable.into())),
             }
         }
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for entry in errors.iter().filter_map(Bson::as_document) {
-                if let Some(slot) = index_of(entry).and_then(|index| outcomes.get_mut(index)) {
-                    *slot = Err(StoreError::Refused {
-                        code: entry.get_i32("code").unwrap_or(0),
-                        message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
-                    });
+
+        for chunk in command_chunks(&statements) {
+            let allowance = self.allowance(chunk.len());
+            let updates: Vec<Document> = chunk.iter().map(|(_, s, _)| s.clone()).collect();
+            let command = doc! {
+                "update": self.collection.name(),
+                "updates": updates,
+                "ordered": false,
+                "maxTimeMS": millis(allowance),
+            };
+            let database = self.database.clone();
+            let reply = self
+                .calls
+                .run(
+                    allowance,
+                    async move { database.run_command(command).await },
+                )
+                .await?;
+            // The reply's indexes are positions in this command.
+            let item = |entry: &Document| {
+                index_of(entry)
+                    .and_then(|position| chunk.get(position))
+                    .map(|(index, _, _)| *index)
+            };
+            if let Ok(upserted) = reply.get_array("upserted") {
+                for entry in upserted.iter().filter_map(Bson::as_document) {
+                    if let Some(slot) = item(entry).and_then(|index| outcomes.get_mut(index)) {
+                        *slot = Ok(true);
+                    }
+                }
+            }
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for entry in errors.iter().filter_map(Bson::as_document) {
+                    if let Some(slot) = item(entry).and_then(|index| outcomes.get_mut(index)) {
+                        *slot = Err(StoreError::Refused {
+                            code: entry.get_i32("code").unwrap_or(0),
+                            message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
+                        });
+                    }
                 }
             }
         }
@@ -379,6 +403,26 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Splits bulk statements into commands that stay within MongoDB's command
+/// size (a single statement larger than that still goes alone: MongoDB
+/// allows a command 16 KiB over the document limit) and batch size.
+fn command_chunks<T>(statements: &[(usize, T, usize)]) -> Vec<&[(usize, T, usize)]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, _, size)) in statements.iter().enumerate() {
+        let full = bytes + size > codec::MAX_BSON_DOCUMENT_BYTES || i - start == MAX_WRITE_BATCH;
+        if full && i > start {
+            chunks.push(&statements[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < statements.len() {
+        chunks.push(&statements[start..]);
+    }
+    chunks
+}
+
 fn index_of(entry: &Document) -> Option<usize> {
     match entry.get("index")? {
         Bson::Int32(i) => usize::try_from(*i).ok(),
@@ -389,4 +433,34 @@ fn index_of(entry: &Document) -> Option<usize> {
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     server_code(err) == Some(DUPLICATE_KEY) || err.to_string().contains("E11000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_commands_stay_within_mongodbs_command_size() {
+        let mib = 1024 * 1024;
+        let sizes = |sizes: &[usize]| -> Vec<(usize, (), usize)> {
+            sizes.iter().enumerate().map(|(i, s)| (i, (), *s)).collect()
+        };
+        let lengths = |statements: &[(usize, (), usize)]| -> Vec<usize> {
+            command_chunks(statements).iter().map(|c| c.len()).collect()
+        };
+        assert_eq!(lengths(&sizes(&[])), Vec::<usize>::new());
+        assert_eq!(lengths(&sizes(&[100; 1000])), vec![1000]);
+        assert_eq!(lengths(&sizes(&[8 * mib, 8 * mib, 1])), vec![2, 1]);
+        // One statement as large as a document may be still goes, alone.
+        assert_eq!(lengths(&sizes(&[1, 16 * mib + 1024, 1])), vec![1, 1, 1]);
+        let many = sizes(&vec![1; MAX_WRITE_BATCH + 1]);
+        assert_eq!(lengths(&many), vec![MAX_WRITE_BATCH, 1]);
+        // Every statement is in exactly one command, in order.
+        let statements = sizes(&[6 * mib, 6 * mib, 6 * mib, 1, 1, 16 * mib]);
+        let order: Vec<usize> = command_chunks(&statements)
+            .iter()
+            .flat_map(|c| c.iter().map(|(i, _, _)| *i))
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
+    }
 }

@@ -2,6 +2,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use feature_store::StoreError;
+use feature_store::codec::Unstorable;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -18,6 +19,12 @@ impl FieldError {
             field: field.into(),
             message: message.into(),
         }
+    }
+
+    /// A value that cannot be stored exactly, named by its path
+    /// (`features.a[0]`).
+    pub fn unstorable(err: &Unstorable) -> Self {
+        Self::new(err.path.to_string(), err.problem.to_string())
     }
 }
 
@@ -97,6 +104,7 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Conflict => Self::Conflict,
+            StoreError::Unstorable(err) => Self::Validation(vec![FieldError::unstorable(&err)]),
             err if err.is_unavailable() => Self::Unavailable(err),
             err => Self::Internal(err),
         }

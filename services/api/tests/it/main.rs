@@ -7,5 +7,6 @@ mod bulk_batch;
 mod coalescing;
 mod contract;
 mod errors;
+mod exact;
 mod resilience;
 mod tiers;
