@@ -1,6 +1,6 @@
 use crate::calls::CallLimiter;
 use crate::codec::{self, field};
-use crate::error::{StoreError, server_code};
+use crate::error::{self, FailedAttempt, StoreError, server_code};
 use crate::model::{CustomerId, FeatureDocument, FeatureWrite};
 use crate::monitor;
 use bson::{Bson, Document, doc};
@@ -54,6 +54,10 @@ pub struct FeatureStore {
     pub(crate) collection: Collection<Document>,
     timeout: Duration,
     calls: CallLimiter,
+    /// The write concern configured in the URI (`w`, `wtimeoutMS`,
+    /// `journal`), sent with every write command: `run_command` does not
+    /// add it by itself.
+    write_concern: Option<Document>,
 }
 
 impl FeatureStore {
@@ -68,6 +72,14 @@ impl FeatureStore {
         options.connect_timeout = Some(config.timeout);
         options.max_pool_size = Some(MAX_IN_FLIGHT);
         monitor::install(&mut options);
+        let write_concern = match &options.write_concern {
+            Some(concern) => Some(
+                bson::to_document(concern)
+                    .map_err(|err| StoreError::Malformed(format!("write concern: {err}")))?,
+            )
+            .filter(|concern| !concern.is_empty()),
+            None => None,
+        };
         let client = Client::with_options(options)?;
         let database = client.database(&config.database);
         let collection = database.collection(&config.collection);
@@ -77,6 +89,7 @@ impl FeatureStore {
             collection,
             timeout: config.timeout,
             calls: CallLimiter::new(MAX_IN_FLIGHT as usize),
+            write_concern,
         })
     }
 
@@ -104,8 +117,8 @@ impl FeatureStore {
                     .build(),
             )
             .build();
-        let collection = self.collection.clone();
-        self.bounded(async move { collection.create_index(index).await })
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        self.bounded(async move { collection.create_index(index).max_time(timeout).await })
             .await
             .map(|_| ())
     }
@@ -114,7 +127,8 @@ impl FeatureStore {
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         let database = self.database.clone();
-        self.bounded(async move { database.run_command(doc! { "ping": 1 }).await })
+        let command = doc! { "ping": 1, "maxTimeMS": millis(self.timeout) };
+        self.bounded(async move { database.run_command(command).await })
             .await?;
         Ok(started.elapsed())
     }
@@ -181,27 +195,29 @@ impl FeatureStore {
     }
 
     /// One atomic upsert: sets the fields, advances the version, returns the
-    /// stored document and whether it was created. Features that cannot be
-    /// stored exactly are refused before anything is sent
-    /// ([`StoreError::Unstorable`]).
+    /// stored document and whether it was created.
+    ///
+    /// Features that cannot be stored exactly are refused before anything is
+    /// sent ([`StoreError::Unstorable`]). A write the server applied but did
+    /// not confirm (`writeConcernError`) is an error, never a success. After
+    /// a failover or a broken connection the upsert is sent once more: it
+    /// sets the same content, so a second application changes nothing but
+    /// the version, which then advances twice (and `created` may say
+    /// "updated" for a document the first attempt created).
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "findAndModify", customer_id = %write.customer_id))]
     pub async fn upsert(&self, write: &FeatureWrite) -> Result<UpsertOutcome, StoreError> {
         let update = codec::update_pipeline(write, Utc::now())?;
-        let command = doc! {
+        let command = self.with_write_concern(doc! {
             "findAndModify": self.collection.name(),
             "query": { field::ID: write.customer_id.as_str() },
             "update": update.pipeline,
             "upsert": true,
             "new": true,
             "maxTimeMS": millis(self.timeout),
-        };
+        });
         for attempt in 1..=UPSERT_ATTEMPTS {
-            let (database, command) = (self.database.clone(), command.clone());
-            let reply = match self
-                .bounded(async move { database.run_command(command).await })
-                .await
-            {
-                Ok(reply) => reply,
+            let reply = match self.send_write(self.timeout, &command).await {
+                Ok(reply) => reply.body,
                 // Two upserts of a new id can race on the unique index; MongoDB
                 // retries most of these itself, the rest are safe to retry
                 // because the failed one wrote nothing.
@@ -240,7 +256,9 @@ impl FeatureStore {
     /// documents together pass MongoDB's command size), then one `$in`
     /// read of the stored documents. Each item succeeds or fails alone: an
     /// item whose features cannot be stored exactly fails without being
-    /// sent, and the others are written.
+    /// sent, and the others are written. A command that fails as a whole
+    /// (unavailable, or not confirmed) fails the call, and is sent once more
+    /// after a failover or a broken connection like [`Self::upsert`].
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "update", count = writes.len()))]
     pub async fn upsert_many(
         &self,
@@ -275,20 +293,13 @@ impl FeatureStore {
         for chunk in command_chunks(&statements) {
             let allowance = self.allowance(chunk.len());
             let updates: Vec<Document> = chunk.iter().map(|(_, s, _)| s.clone()).collect();
-            let command = doc! {
+            let command = self.with_write_concern(doc! {
                 "update": self.collection.name(),
                 "updates": updates,
                 "ordered": false,
                 "maxTimeMS": millis(allowance),
-            };
-            let database = self.database.clone();
-            let reply = self
-                .calls
-                .run(
-                    allowance,
-                    async move { database.run_command(command).await },
-                )
-                .await?;
+            });
+            let reply = self.send_write(allowance, &command).await?.body;
             // The reply's indexes are positions in this command.
             let item = |entry: &Document| {
                 index_of(entry)
@@ -305,10 +316,7 @@ impl FeatureStore {
             if let Ok(errors) = reply.get_array("writeErrors") {
                 for entry in errors.iter().filter_map(Bson::as_document) {
                     if let Some(slot) = item(entry).and_then(|index| outcomes.get_mut(index)) {
-                        *slot = Err(StoreError::Refused {
-                            code: entry.get_i32("code").unwrap_or(0),
-                            message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
-                        });
+                        *slot = Err(refusal(entry));
                     }
                 }
             }
@@ -342,25 +350,35 @@ impl FeatureStore {
     }
 
     /// Deletes one customer's document; returns the version it had.
+    ///
+    /// Sent once more after a failover or a broken connection (deleting is
+    /// idempotent). When the first attempt may have been applied and the
+    /// second finds nothing, whether this call deleted the document is
+    /// unknown: that is the first attempt's error, not "absent".
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "findAndModify"))]
     pub async fn delete(&self, id: &CustomerId) -> Result<Option<i64>, StoreError> {
-        let (collection, timeout) = (self.collection.clone(), self.timeout);
-        let filter = doc! { field::ID: id.as_str() };
-        let removed = self
-            .bounded(async move {
-                collection
-                    .find_one_and_delete(filter)
-                    .projection(doc! { field::VERSION: 1 })
-                    .max_time(timeout)
-                    .await
-            })
-            .await?;
-        Ok(removed.map(|d| codec::version_of(&d)))
+        let command = self.with_write_concern(doc! {
+            "findAndModify": self.collection.name(),
+            "query": { field::ID: id.as_str() },
+            "remove": true,
+            "fields": { field::VERSION: 1 },
+            "maxTimeMS": millis(self.timeout),
+        });
+        let reply = self.send_write(self.timeout, &command).await?;
+        match reply.body.get("value") {
+            Some(Bson::Document(removed)) => Ok(Some(codec::version_of(removed))),
+            _ => match reply.first_attempt {
+                Some((FailedAttempt::MaybeApplied, first)) => Err(first),
+                _ => Ok(None),
+            },
+        }
     }
 
     /// Gives a version to a document that was changed without one (by another
     /// tool), so every content a cache can hold has a version of its own. Only
-    /// applies while the document still has `seen_version`.
+    /// applies while the document still has `seen_version` (so sending it
+    /// once more after a failover is safe: a second application matches
+    /// nothing, and reports `false`).
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "update"))]
     pub async fn stamp_version(&self, id: &str, seen_version: i64) -> Result<bool, StoreError> {
         let seen = if seen_version == 0 {
@@ -368,12 +386,23 @@ impl FeatureStore {
         } else {
             doc! { "$eq": seen_version }
         };
-        let collection = self.collection.clone();
-        let filter = doc! { field::ID: id, field::VERSION: seen };
-        let result = self
-            .bounded(async move { collection.update_one(filter, codec::stamp_update()).await })
-            .await?;
-        Ok(result.modified_count == 1)
+        let command = self.with_write_concern(doc! {
+            "update": self.collection.name(),
+            "updates": [{
+                "q": { field::ID: id, field::VERSION: seen },
+                "u": codec::stamp_update(),
+            }],
+            "maxTimeMS": millis(self.timeout),
+        });
+        let reply = self.send_write(self.timeout, &command).await?.body;
+        if let Some(entry) = reply
+            .get_array("writeErrors")
+            .ok()
+            .and_then(|errors| errors.iter().find_map(Bson::as_document))
+        {
+            return Err(refusal(entry));
+        }
+        Ok(reply_count(&reply, "nModified") == 1)
     }
 
     /// Closes the driver's connections; call before the process exits.
@@ -390,6 +419,56 @@ impl FeatureStore {
         )
     }
 
+    /// Adds the configured write concern to a write command.
+    fn with_write_concern(&self, mut command: Document) -> Document {
+        if let Some(concern) = &self.write_concern {
+            command.insert("writeConcern", concern.clone());
+        }
+        command
+    }
+
+    /// Sends a write command within `limit`; a reply that reports a write
+    /// concern failure is an error. Sends it once more when the first
+    /// attempt failed in a failover or on a broken connection
+    /// ([`StoreError::failed_attempt`]); each attempt has its own deadline,
+    /// so a retried write can take up to twice `limit`.
+    async fn send_write(&self, limit: Duration, command: &Document) -> Result<Written, StoreError> {
+        let first = match self.send_write_once(limit, command).await {
+            Ok(body) => {
+                return Ok(Written {
+                    body,
+                    first_attempt: None,
+                });
+            }
+            Err(err) => err,
+        };
+        let Some(attempt) = first.failed_attempt() else {
+            return Err(first);
+        };
+        tracing::warn!(error = %first, cause = ?std::error::Error::source(&first), ?attempt, "write failed in a failover or on a broken connection; sending it once more");
+        let body = self.send_write_once(limit, command).await?;
+        Ok(Written {
+            body,
+            first_attempt: Some((attempt, first)),
+        })
+    }
+
+    async fn send_write_once(
+        &self,
+        limit: Duration,
+        command: &Document,
+    ) -> Result<Document, StoreError> {
+        let (database, command) = (self.database.clone(), command.clone());
+        let reply = self
+            .calls
+            .run(limit, async move { database.run_command(command).await })
+            .await?;
+        match error::write_concern_failure(&reply) {
+            Some(err) => Err(err),
+            None => Ok(reply),
+        }
+    }
+
     /// Bounds a database call by the configured timeout.
     async fn bounded<T: Send + 'static>(
         &self,
@@ -401,6 +480,13 @@ impl FeatureStore {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The reply to a write command, and how its first attempt failed when it
+/// took a second.
+struct Written {
+    body: Document,
+    first_attempt: Option<(FailedAttempt, StoreError)>,
 }
 
 /// Splits bulk statements into commands that stay within MongoDB's command
@@ -421,6 +507,23 @@ fn command_chunks<T>(statements: &[(usize, T, usize)]) -> Vec<&[(usize, T, usize
         chunks.push(&statements[start..]);
     }
     chunks
+}
+
+/// One entry of a reply's `writeErrors`.
+fn refusal(entry: &Document) -> StoreError {
+    StoreError::Refused {
+        code: entry.get_i32("code").unwrap_or(0),
+        message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
+    }
+}
+
+/// A count in a write reply (Int32 from MongoDB, sometimes Int64).
+fn reply_count(reply: &Document, name: &str) -> i64 {
+    match reply.get(name) {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        _ => 0,
+    }
 }
 
 fn index_of(entry: &Document) -> Option<usize> {

@@ -1,5 +1,5 @@
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use feature_store::StoreError;
 use feature_store::codec::Unstorable;
@@ -36,6 +36,13 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldError>>,
 }
+
+/// What a 503 asks clients to wait before retrying, in seconds. What is
+/// behind a 503 (an election, a broken connection, an overloaded database)
+/// mostly passes within seconds, and the store has already retried a failed
+/// write once: a client that comes back soon learns cheaply whether it is
+/// over.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// Every way a request can fail, each with its status and machine code.
 #[derive(Debug, Error)]
@@ -139,6 +146,13 @@ impl IntoResponse for ApiError {
             code: self.code(),
             details,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::Unavailable(_) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }

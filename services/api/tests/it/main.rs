@@ -8,5 +8,6 @@ mod coalescing;
 mod contract;
 mod errors;
 mod exact;
+mod outcomes;
 mod resilience;
 mod tiers;
