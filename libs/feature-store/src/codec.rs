@@ -92,13 +92,8 @@ pub(crate) fn update_pipeline(
     let expires_at = now + chrono::Duration::days(i64::from(write.ttl_days));
     let features = encode_features(&write.features)?;
     let calculated_at = format_time(now);
-    let stored_bytes = stored_size(write, &calculated_at, features.bson_bytes);
-    if stored_bytes > MAX_BSON_DOCUMENT_BYTES {
-        return Err(Unstorable {
-            path: ValuePath::root(),
-            problem: Problem::TooLarge(stored_bytes),
-        });
-    }
+    let stored_bytes = stored_size(write, calculated_at.len(), features.bson_bytes);
+    check_size(stored_bytes)?;
     let mut set = doc! {
         field::CUSTOMER_ID: write.customer_id.as_str(),
         field::FEATURES: { "$literal": features.document },
@@ -122,9 +117,23 @@ pub(crate) fn update_pipeline(
     })
 }
 
+/// The length of `calculated_at` as [`format_time`] writes it (years 0–9999).
+const CALCULATED_AT_LEN: usize = "2026-01-02T03:04:05.678Z".len();
+
+/// Refuses a document larger than MongoDB stores.
+fn check_size(stored_bytes: usize) -> Result<(), Unstorable> {
+    if stored_bytes > MAX_BSON_DOCUMENT_BYTES {
+        return Err(Unstorable {
+            path: ValuePath::root(),
+            problem: Problem::TooLarge(stored_bytes),
+        });
+    }
+    Ok(())
+}
+
 /// The BSON size of the document one write stores: `_id` and every field
 /// [`update_pipeline`] sets, computed rather than encoded.
-fn stored_size(write: &FeatureWrite, calculated_at: &str, features_bytes: usize) -> usize {
+fn stored_size(write: &FeatureWrite, calculated_at_len: usize, features_bytes: usize) -> usize {
     let id = write.customer_id.as_str().len();
     let trace = write
         .traceparent
@@ -134,7 +143,7 @@ fn stored_size(write: &FeatureWrite, calculated_at: &str, features_bytes: usize)
         + element_size(field::ID, string_size(id))
         + element_size(field::CUSTOMER_ID, string_size(id))
         + element_size(field::FEATURES, features_bytes)
-        + element_size(field::CALCULATED_AT, string_size(calculated_at.len()))
+        + element_size(field::CALCULATED_AT, string_size(calculated_at_len))
         + element_size(field::MODEL_VERSION, string_size(write.model_version.len()))
         + element_size(field::EXPIRES_AT, 8)
         + element_size(field::VERSION, 8)
@@ -286,12 +295,29 @@ pub struct EncodedFeatures {
 pub fn encode_features(
     features: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<EncodedFeatures, Unstorable> {
-    encode_object(features, FEATURES_LEVEL)
+    encode_object(features, FEATURES_LEVEL, Mode::Build)
         .map(|(document, bson_bytes)| EncodedFeatures {
             document,
             bson_bytes,
         })
         .map_err(Failure::into_unstorable)
+}
+
+/// Whether a write can be stored exactly: what [`update_pipeline`] checks
+/// (the same walk as [`encode_features`] and the document's size), without
+/// building anything. For callers that must refuse before touching anything
+/// else (a cache reservation, say); the store checks again.
+pub fn check_write(write: &FeatureWrite) -> Result<(), Unstorable> {
+    let (_, features_bytes) = encode_object(&write.features, FEATURES_LEVEL, Mode::Check)
+        .map_err(Failure::into_unstorable)?;
+    check_size(stored_size(write, CALCULATED_AT_LEN, features_bytes))
+}
+
+/// Whether a walk builds the BSON or only checks and measures it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Build,
+    Check,
 }
 
 /// A problem found deep inside; the path is collected on the way out, so
@@ -328,6 +354,7 @@ impl Failure {
 fn encode_object(
     map: &serde_json::Map<String, serde_json::Value>,
     level: usize,
+    mode: Mode,
 ) -> Result<(Document, usize), Failure> {
     if level > MAX_NESTING {
         return Err(Failure::new(Problem::TooDeep));
@@ -337,19 +364,26 @@ fn encode_object(
     for (key, value) in map {
         let at = || Step::Key(key.clone());
         check_key(key).map_err(|problem| Failure::new(problem).at(at()))?;
-        let (bson, value_size) = encode_value(value, level).map_err(|f| f.at(at()))?;
+        let (bson, value_size) = encode_value(value, level, mode).map_err(|f| f.at(at()))?;
         size += element_size(key, value_size);
-        document.insert(key.clone(), bson);
+        if mode == Mode::Build {
+            document.insert(key.clone(), bson);
+        }
     }
     Ok((document, size))
 }
 
 /// A value inside a container at `level`, and its encoded size.
-fn encode_value(value: &serde_json::Value, level: usize) -> Result<(Bson, usize), Failure> {
+fn encode_value(
+    value: &serde_json::Value,
+    level: usize,
+    mode: Mode,
+) -> Result<(Bson, usize), Failure> {
     use serde_json::Value;
     Ok(match value {
         Value::Null => (Bson::Null, 0),
         Value::Bool(b) => (Bson::Boolean(*b), 1),
+        Value::String(s) if mode == Mode::Check => (Bson::Null, string_size(s.len())),
         Value::String(s) => (Bson::String(s.clone()), string_size(s.len())),
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => (Bson::Int64(i), 8),
@@ -363,18 +397,20 @@ fn encode_value(value: &serde_json::Value, level: usize) -> Result<(Bson, usize)
             if level > MAX_NESTING {
                 return Err(Failure::new(Problem::TooDeep));
             }
-            let mut array = Vec::with_capacity(items.len());
+            let mut array = Vec::new();
             let mut size = DOCUMENT_OVERHEAD;
             for (index, item) in items.iter().enumerate() {
                 let (bson, item_size) =
-                    encode_value(item, level).map_err(|f| f.at(Step::Index(index)))?;
+                    encode_value(item, level, mode).map_err(|f| f.at(Step::Index(index)))?;
                 size += 1 + decimal_digits(index) + 1 + item_size;
-                array.push(bson);
+                if mode == Mode::Build {
+                    array.push(bson);
+                }
             }
             (Bson::Array(array), size)
         }
         Value::Object(map) => {
-            let (document, size) = encode_object(map, level + 1)?;
+            let (document, size) = encode_object(map, level + 1, mode)?;
             (Bson::Document(document), size)
         }
     })
@@ -668,6 +704,7 @@ mod tests {
             "deep empty": nested(99, serde_json::json!([])),
         });
         let write = write_of(features.clone());
+        assert_eq!(check_write(&write), Ok(()));
         let update = update_pipeline(&write, Utc::now()).unwrap();
         let stored = stored_by(&update);
         assert_eq!(bson::to_vec(&stored).unwrap().len(), update.stored_bytes);
@@ -684,8 +721,11 @@ mod tests {
         );
     }
 
+    /// What `encode_features` refuses, and that `check_write` refuses the
+    /// same.
     fn refused(features: serde_json::Value) -> (String, Problem) {
         let err = encode_features(features.as_object().unwrap()).unwrap_err();
+        assert_eq!(check_write(&write_of(features)), Err(err.clone()));
         (err.path.to_string(), err.problem)
     }
 
@@ -754,21 +794,18 @@ mod tests {
         let now = Utc::now();
         let base = update_pipeline(&write, now).unwrap().stored_bytes;
         let fill = MAX_BSON_DOCUMENT_BYTES - base;
-        let exact = update_pipeline(
-            &write_of(serde_json::json!({"blob": "x".repeat(fill)})),
-            now,
-        )
-        .unwrap();
+        let exact_write = write_of(serde_json::json!({"blob": "x".repeat(fill)}));
+        assert_eq!(check_write(&exact_write), Ok(()));
+        let exact = update_pipeline(&exact_write, now).unwrap();
         assert_eq!(exact.stored_bytes, MAX_BSON_DOCUMENT_BYTES);
         assert_eq!(
             bson::to_vec(&stored_by(&exact)).unwrap().len(),
             MAX_BSON_DOCUMENT_BYTES
         );
-        let over = update_pipeline(
-            &write_of(serde_json::json!({"blob": "x".repeat(fill + 1)})),
-            now,
-        )
-        .unwrap_err();
+        let over_write = write_of(serde_json::json!({"blob": "x".repeat(fill + 1)}));
+        let over = update_pipeline(&over_write, now).unwrap_err();
+        assert_eq!(check_write(&over_write), Err(over.clone()));
+        assert_eq!(CALCULATED_AT_LEN, format_time(now).len());
         assert_eq!(over.path.to_string(), "features");
         assert_eq!(over.problem, Problem::TooLarge(MAX_BSON_DOCUMENT_BYTES + 1));
     }

@@ -388,10 +388,9 @@ impl WriteOptions {
     }
 }
 
-/// Validates one customer's write. The features' values are checked for
-/// exact storage by the store, which refuses what it cannot store exactly
-/// before sending anything ([`feature_store::StoreError::Unstorable`]);
-/// here only what the JSON text shows and a parsed value would hide.
+/// Validates one customer's write, down to every value of its features:
+/// one that cannot be stored exactly is refused here, before the write
+/// touches any tier (the store checks again before sending).
 fn validate_item(
     customer_id: &str,
     features: &RawValue,
@@ -404,16 +403,18 @@ fn validate_item(
     let features = parse_features(features)
         .map_err(|err| errors.push(err))
         .ok();
-    match (id, features) {
-        (Some(customer_id), Some(features)) if errors.is_empty() => Ok(FeatureWrite {
-            customer_id,
-            features,
-            model_version: options.model_version.clone(),
-            ttl_days: options.ttl_days,
-            traceparent: telemetry::propagation::current_traceparent(),
-        }),
-        _ => Err(errors),
-    }
+    let (Some(customer_id), Some(features)) = (id, features) else {
+        return Err(errors);
+    };
+    let write = FeatureWrite {
+        customer_id,
+        features,
+        model_version: options.model_version.clone(),
+        ttl_days: options.ttl_days,
+        traceparent: telemetry::propagation::current_traceparent(),
+    };
+    codec::check_write(&write).map_err(|err| vec![FieldError::unstorable(&err)])?;
+    Ok(write)
 }
 
 /// The features object as sent, or why it cannot be taken exactly.

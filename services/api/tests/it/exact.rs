@@ -197,8 +197,10 @@ async fn values_that_cannot_be_stored_exactly_are_400_naming_their_path() {
             format!(r#"features["{}…"]"#, ".".repeat(100)),
         ),
     ];
-    for (what, features, field) in &cases {
-        let body = format!(r#"{{"customer_id":"KEEP","features":{features}}}"#);
+    // Aimed at a new customer too: a refused write must not even reserve
+    // its key in Redis.
+    for ((what, features, field), id) in cases.iter().zip(["KEEP", "FRESH"].iter().cycle()) {
+        let body = format!(r#"{{"customer_id":"{id}","features":{features}}}"#);
         let reply = post_text(&stack, "/api/features/", &body).await;
         let body = reply.expect_error(400, "validation_error");
         assert_eq!(
