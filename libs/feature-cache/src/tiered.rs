@@ -368,28 +368,50 @@ impl TieredStore {
             .chain(std::iter::repeat(None))
             .take(writes.len())
             .collect();
-        let outcomes = match writes {
-            [write] if single => vec![Ok(self.inner.store.upsert(write).await?)],
-            _ => self.inner.store.upsert_many(writes).await?,
+        let stored = match writes {
+            [write] if single => self.inner.store.upsert(write).await.map(|o| vec![Ok(o)]),
+            _ => self.inner.store.upsert_many(writes).await,
+        };
+        let outcomes = match stored {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                let reserved: Vec<(&str, &Writer)> = ids
+                    .iter()
+                    .zip(&writers)
+                    .filter_map(|(id, w)| w.as_ref().map(|w| (id.as_str(), w)))
+                    .collect();
+                self.release(&reserved).await;
+                return Err(err);
+            }
         };
         let mut fills = Vec::new();
+        let mut unfilled = Vec::new();
         let results = outcomes
             .into_iter()
-            .zip(writers)
-            .map(|(outcome, writer)| {
-                outcome.map(|o| {
+            .zip(ids.iter().zip(writers))
+            .map(|(outcome, (id, writer))| match outcome {
+                Ok(o) => {
                     let document = CachedDocument::from_document(&o.document);
                     // What was written is the truth as of the write: the near
                     // cache's ticket is taken when the fill begins.
                     let ticket = self.ticket(&o.document.customer_id);
                     fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
-                    WriteOutcome {
+                    Ok(WriteOutcome {
                         document,
                         created: o.created,
+                    })
+                }
+                Err(err) => {
+                    // Not written (or not known to be): nothing to fill.
+                    if let Some(writer) = writer {
+                        unfilled.push((id.as_str(), writer));
                     }
-                })
+                    Err(err)
+                }
             })
             .collect();
+        let unfilled: Vec<(&str, &Writer)> = unfilled.iter().map(|(id, w)| (*id, w)).collect();
+        self.release(&unfilled).await;
         self.warm(fills).await;
         Ok(results)
     }

@@ -4,7 +4,8 @@
 //! - [`model`]: a customer's feature document, the id rules and the write request.
 //! - [`version`]: how document versions are made so that ordering never goes backwards.
 //! - [`codec`]: the stored document's schema — field names, reading a
-//!   document (leniently) and the update that writes one.
+//!   document (leniently) and the update that writes one; features are
+//!   converted to BSON exactly or refused ([`codec::Unstorable`]).
 //! - [`store`]: [`FeatureStore`], the collection behind everything: atomic
 //!   versioned upserts, deletes that report the version they removed, reads
 //!   that never return an expired document; configured by [`StoreConfig`].

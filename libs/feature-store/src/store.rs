@@ -1,6 +1,6 @@
 use crate::calls::CallLimiter;
 use crate::codec::{self, field};
-use crate::error::{StoreError, server_code};
+use crate::error::{self, FailedAttempt, StoreError, server_code};
 use crate::model::{CustomerId, FeatureDocument, FeatureWrite};
 use crate::monitor;
 use bson::{Bson, Document, doc};
@@ -19,6 +19,11 @@ const MAX_IN_FLIGHT: u32 = 10;
 const BULK_ITEMS_PER_TIMEOUT: usize = 100;
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
 const UPSERT_ATTEMPTS: usize = 5;
+/// Room a bulk statement takes beyond the document it stores (its filter,
+/// the pipeline's operators), generously.
+const STATEMENT_OVERHEAD: usize = 1024;
+/// The most statements MongoDB takes in one write command (`maxWriteBatchSize`).
+const MAX_WRITE_BATCH: usize = 100_000;
 
 /// Where the store lives and how long a call may take.
 #[derive(Debug, Clone)]
@@ -49,6 +54,10 @@ pub struct FeatureStore {
     pub(crate) collection: Collection<Document>,
     timeout: Duration,
     calls: CallLimiter,
+    /// The write concern configured in the URI (`w`, `wtimeoutMS`,
+    /// `journal`), sent with every write command: `run_command` does not
+    /// add it by itself.
+    write_concern: Option<Document>,
 }
 
 impl FeatureStore {
@@ -63,6 +72,14 @@ impl FeatureStore {
         options.connect_timeout = Some(config.timeout);
         options.max_pool_size = Some(MAX_IN_FLIGHT);
         monitor::install(&mut options);
+        let write_concern = match &options.write_concern {
+            Some(concern) => Some(
+                bson::to_document(concern)
+                    .map_err(|err| StoreError::Malformed(format!("write concern: {err}")))?,
+            )
+            .filter(|concern| !concern.is_empty()),
+            None => None,
+        };
         let client = Client::with_options(options)?;
         let database = client.database(&config.database);
         let collection = database.collection(&config.collection);
@@ -72,6 +89,7 @@ impl FeatureStore {
             collection,
             timeout: config.timeout,
             calls: CallLimiter::new(MAX_IN_FLIGHT as usize),
+            write_concern,
         })
     }
 
@@ -99,8 +117,8 @@ impl FeatureStore {
                     .build(),
             )
             .build();
-        let collection = self.collection.clone();
-        self.bounded(async move { collection.create_index(index).await })
+        let (collection, timeout) = (self.collection.clone(), self.timeout);
+        self.bounded(async move { collection.create_index(index).max_time(timeout).await })
             .await
             .map(|_| ())
     }
@@ -109,7 +127,8 @@ impl FeatureStore {
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         let database = self.database.clone();
-        self.bounded(async move { database.run_command(doc! { "ping": 1 }).await })
+        let command = doc! { "ping": 1, "maxTimeMS": millis(self.timeout) };
+        self.bounded(async move { database.run_command(command).await })
             .await?;
         Ok(started.elapsed())
     }
@@ -177,23 +196,28 @@ impl FeatureStore {
 
     /// One atomic upsert: sets the fields, advances the version, returns the
     /// stored document and whether it was created.
+    ///
+    /// Features that cannot be stored exactly are refused before anything is
+    /// sent ([`StoreError::Unstorable`]). A write the server applied but did
+    /// not confirm (`writeConcernError`) is an error, never a success. After
+    /// a failover or a broken connection the upsert is sent once more: it
+    /// sets the same content, so a second application changes nothing but
+    /// the version, which then advances twice (and `created` may say
+    /// "updated" for a document the first attempt created).
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "findAndModify", customer_id = %write.customer_id))]
     pub async fn upsert(&self, write: &FeatureWrite) -> Result<UpsertOutcome, StoreError> {
-        let command = doc! {
+        let update = codec::update_pipeline(write, Utc::now())?;
+        let command = self.with_write_concern(doc! {
             "findAndModify": self.collection.name(),
             "query": { field::ID: write.customer_id.as_str() },
-            "update": codec::update_pipeline(write, Utc::now()),
+            "update": update.pipeline,
             "upsert": true,
             "new": true,
             "maxTimeMS": millis(self.timeout),
-        };
+        });
         for attempt in 1..=UPSERT_ATTEMPTS {
-            let (database, command) = (self.database.clone(), command.clone());
-            let reply = match self
-                .bounded(async move { database.run_command(command).await })
-                .await
-            {
-                Ok(reply) => reply,
+            let reply = match self.send_write(self.timeout, &command).await {
+                Ok(reply) => reply.body,
                 // Two upserts of a new id can race on the unique index; MongoDB
                 // retries most of these itself, the rest are safe to retry
                 // because the failed one wrote nothing.
@@ -228,8 +252,13 @@ impl FeatureStore {
         Err(StoreError::Conflict)
     }
 
-    /// Many upserts in one unordered bulk `update` command, then one `$in`
-    /// read of the stored documents. Each item succeeds or fails alone.
+    /// Many upserts in unordered bulk `update` commands (one, unless the
+    /// documents together pass MongoDB's command size), then one `$in`
+    /// read of the stored documents. Each item succeeds or fails alone: an
+    /// item whose features cannot be stored exactly fails without being
+    /// sent, and the others are written. A command that fails as a whole
+    /// (unavailable, or not confirmed) fails the call, and is sent once more
+    /// after a failover or a broken connection like [`Self::upsert`].
     #[tracing::instrument(skip_all, fields(db.system = "mongodb", db.operation = "update", count = writes.len()))]
     pub async fn upsert_many(
         &self,
@@ -239,53 +268,56 @@ impl FeatureStore {
             return Ok(Vec::new());
         }
         let now = Utc::now();
-        let updates: Vec<Document> = writes
-            .iter()
-            .map(|w| {
-                doc! {
-                    "q": { field::ID: w.customer_id.as_str() },
-                    "u": codec::update_pipeline(w, now),
-                    "upsert": true,
+        // Per item: Ok(created) or why not.
+        let mut outcomes: Vec<Result<bool, StoreError>> = Vec::with_capacity(writes.len());
+        // The statements to send: (item index, statement, its size).
+        let mut statements = Vec::with_capacity(writes.len());
+        for (index, w) in writes.iter().enumerate() {
+            match codec::update_pipeline(w, now) {
+                Ok(update) => {
+                    statements.push((
+                        index,
+                        doc! {
+                            "q": { field::ID: w.customer_id.as_str() },
+                            "u": update.pipeline,
+                            "upsert": true,
+                        },
+                        update.stored_bytes + STATEMENT_OVERHEAD,
+                    ));
+                    outcomes.push(Ok(false));
                 }
-            })
-            .collect();
-        let allowance = self.allowance(writes.len());
-        let command = doc! {
-            "update": self.collection.name(),
-            "updates": updates,
-            "ordered": false,
-            "maxTimeMS": millis(allowance),
-        };
-        let database = self.database.clone();
-        let reply = self
-            .calls
-            .run(
-                allowance,
-                async move { database.run_command(command).await },
-            )
-            .await?;
-
-        // Per item: Ok(created) or the database's refusal.
-        let mut outcomes: Vec<Result<bool, StoreError>> =
-            writes.iter().map(|_| Ok(false)).collect();
-        if let Ok(upserted) = reply.get_array("upserted") {
-            for entry in upserted {
-                if let Some(slot) = entry
-                    .as_document()
-                    .and_then(index_of)
-                    .and_then(|index| outcomes.get_mut(index))
-                {
-                    *slot = Ok(true);
-                }
+                Err(unstorable) => outcomes.push(Err(unstorable.into())),
             }
         }
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for entry in errors.iter().filter_map(Bson::as_document) {
-                if let Some(slot) = index_of(entry).and_then(|index| outcomes.get_mut(index)) {
-                    *slot = Err(StoreError::Refused {
-                        code: entry.get_i32("code").unwrap_or(0),
-                        message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
-                    });
+
+        for chunk in command_chunks(&statements) {
+            let allowance = self.allowance(chunk.len());
+            let updates: Vec<Document> = chunk.iter().map(|(_, s, _)| s.clone()).collect();
+            let command = self.with_write_concern(doc! {
+                "update": self.collection.name(),
+                "updates": updates,
+                "ordered": false,
+                "maxTimeMS": millis(allowance),
+            });
+            let reply = self.send_write(allowance, &command).await?.body;
+            // The reply's indexes are positions in this command.
+            let item = |entry: &Document| {
+                index_of(entry)
+                    .and_then(|position| chunk.get(position))
+                    .map(|(index, _, _)| *index)
+            };
+            if let Ok(upserted) = reply.get_array("upserted") {
+                for entry in upserted.iter().filter_map(Bson::as_document) {
+                    if let Some(slot) = item(entry).and_then(|index| outcomes.get_mut(index)) {
+                        *slot = Ok(true);
+                    }
+                }
+            }
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for entry in errors.iter().filter_map(Bson::as_document) {
+                    if let Some(slot) = item(entry).and_then(|index| outcomes.get_mut(index)) {
+                        *slot = Err(refusal(entry));
+                    }
                 }
             }
         }
@@ -318,25 +350,35 @@ impl FeatureStore {
     }
 
     /// Deletes one customer's document; returns the version it had.
+    ///
+    /// Sent once more after a failover or a broken connection (deleting is
+    /// idempotent). When the first attempt may have been applied and the
+    /// second finds nothing, whether this call deleted the document is
+    /// unknown: that is the first attempt's error, not "absent".
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "findAndModify"))]
     pub async fn delete(&self, id: &CustomerId) -> Result<Option<i64>, StoreError> {
-        let (collection, timeout) = (self.collection.clone(), self.timeout);
-        let filter = doc! { field::ID: id.as_str() };
-        let removed = self
-            .bounded(async move {
-                collection
-                    .find_one_and_delete(filter)
-                    .projection(doc! { field::VERSION: 1 })
-                    .max_time(timeout)
-                    .await
-            })
-            .await?;
-        Ok(removed.map(|d| codec::version_of(&d)))
+        let command = self.with_write_concern(doc! {
+            "findAndModify": self.collection.name(),
+            "query": { field::ID: id.as_str() },
+            "remove": true,
+            "fields": { field::VERSION: 1 },
+            "maxTimeMS": millis(self.timeout),
+        });
+        let reply = self.send_write(self.timeout, &command).await?;
+        match reply.body.get("value") {
+            Some(Bson::Document(removed)) => Ok(Some(codec::version_of(removed))),
+            _ => match reply.first_attempt {
+                Some((FailedAttempt::MaybeApplied, first)) => Err(first),
+                _ => Ok(None),
+            },
+        }
     }
 
     /// Gives a version to a document that was changed without one (by another
     /// tool), so every content a cache can hold has a version of its own. Only
-    /// applies while the document still has `seen_version`.
+    /// applies while the document still has `seen_version` (so sending it
+    /// once more after a failover is safe: a second application matches
+    /// nothing, and reports `false`).
     #[tracing::instrument(skip(self), fields(db.system = "mongodb", db.operation = "update"))]
     pub async fn stamp_version(&self, id: &str, seen_version: i64) -> Result<bool, StoreError> {
         let seen = if seen_version == 0 {
@@ -344,12 +386,23 @@ impl FeatureStore {
         } else {
             doc! { "$eq": seen_version }
         };
-        let collection = self.collection.clone();
-        let filter = doc! { field::ID: id, field::VERSION: seen };
-        let result = self
-            .bounded(async move { collection.update_one(filter, codec::stamp_update()).await })
-            .await?;
-        Ok(result.modified_count == 1)
+        let command = self.with_write_concern(doc! {
+            "update": self.collection.name(),
+            "updates": [{
+                "q": { field::ID: id, field::VERSION: seen },
+                "u": codec::stamp_update(),
+            }],
+            "maxTimeMS": millis(self.timeout),
+        });
+        let reply = self.send_write(self.timeout, &command).await?.body;
+        if let Some(entry) = reply
+            .get_array("writeErrors")
+            .ok()
+            .and_then(|errors| errors.iter().find_map(Bson::as_document))
+        {
+            return Err(refusal(entry));
+        }
+        Ok(reply_count(&reply, "nModified") == 1)
     }
 
     /// Closes the driver's connections; call before the process exits.
@@ -366,6 +419,56 @@ impl FeatureStore {
         )
     }
 
+    /// Adds the configured write concern to a write command.
+    fn with_write_concern(&self, mut command: Document) -> Document {
+        if let Some(concern) = &self.write_concern {
+            command.insert("writeConcern", concern.clone());
+        }
+        command
+    }
+
+    /// Sends a write command within `limit`; a reply that reports a write
+    /// concern failure is an error. Sends it once more when the first
+    /// attempt failed in a failover or on a broken connection
+    /// ([`StoreError::failed_attempt`]); each attempt has its own deadline,
+    /// so a retried write can take up to twice `limit`.
+    async fn send_write(&self, limit: Duration, command: &Document) -> Result<Written, StoreError> {
+        let first = match self.send_write_once(limit, command).await {
+            Ok(body) => {
+                return Ok(Written {
+                    body,
+                    first_attempt: None,
+                });
+            }
+            Err(err) => err,
+        };
+        let Some(attempt) = first.failed_attempt() else {
+            return Err(first);
+        };
+        tracing::warn!(error = %first, cause = ?std::error::Error::source(&first), ?attempt, "write failed in a failover or on a broken connection; sending it once more");
+        let body = self.send_write_once(limit, command).await?;
+        Ok(Written {
+            body,
+            first_attempt: Some((attempt, first)),
+        })
+    }
+
+    async fn send_write_once(
+        &self,
+        limit: Duration,
+        command: &Document,
+    ) -> Result<Document, StoreError> {
+        let (database, command) = (self.database.clone(), command.clone());
+        let reply = self
+            .calls
+            .run(limit, async move { database.run_command(command).await })
+            .await?;
+        match error::write_concern_failure(&reply) {
+            Some(err) => Err(err),
+            None => Ok(reply),
+        }
+    }
+
     /// Bounds a database call by the configured timeout.
     async fn bounded<T: Send + 'static>(
         &self,
@@ -379,6 +482,50 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The reply to a write command, and how its first attempt failed when it
+/// took a second.
+struct Written {
+    body: Document,
+    first_attempt: Option<(FailedAttempt, StoreError)>,
+}
+
+/// Splits bulk statements into commands that stay within MongoDB's command
+/// size (a single statement larger than that still goes alone: MongoDB
+/// allows a command 16 KiB over the document limit) and batch size.
+fn command_chunks<T>(statements: &[(usize, T, usize)]) -> Vec<&[(usize, T, usize)]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, _, size)) in statements.iter().enumerate() {
+        let full = bytes + size > codec::MAX_BSON_DOCUMENT_BYTES || i - start == MAX_WRITE_BATCH;
+        if full && i > start {
+            chunks.push(&statements[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < statements.len() {
+        chunks.push(&statements[start..]);
+    }
+    chunks
+}
+
+/// One entry of a reply's `writeErrors`.
+fn refusal(entry: &Document) -> StoreError {
+    StoreError::Refused {
+        code: entry.get_i32("code").unwrap_or(0),
+        message: entry.get_str("errmsg").unwrap_or("write error").to_owned(),
+    }
+}
+
+/// A count in a write reply (Int32 from MongoDB, sometimes Int64).
+fn reply_count(reply: &Document, name: &str) -> i64 {
+    match reply.get(name) {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        _ => 0,
+    }
+}
+
 fn index_of(entry: &Document) -> Option<usize> {
     match entry.get("index")? {
         Bson::Int32(i) => usize::try_from(*i).ok(),
@@ -389,4 +536,34 @@ fn index_of(entry: &Document) -> Option<usize> {
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     server_code(err) == Some(DUPLICATE_KEY) || err.to_string().contains("E11000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_commands_stay_within_mongodbs_command_size() {
+        let mib = 1024 * 1024;
+        let sizes = |sizes: &[usize]| -> Vec<(usize, (), usize)> {
+            sizes.iter().enumerate().map(|(i, s)| (i, (), *s)).collect()
+        };
+        let lengths = |statements: &[(usize, (), usize)]| -> Vec<usize> {
+            command_chunks(statements).iter().map(|c| c.len()).collect()
+        };
+        assert_eq!(lengths(&sizes(&[])), Vec::<usize>::new());
+        assert_eq!(lengths(&sizes(&[100; 1000])), vec![1000]);
+        assert_eq!(lengths(&sizes(&[8 * mib, 8 * mib, 1])), vec![2, 1]);
+        // One statement as large as a document may be still goes, alone.
+        assert_eq!(lengths(&sizes(&[1, 16 * mib + 1024, 1])), vec![1, 1, 1]);
+        let many = sizes(&vec![1; MAX_WRITE_BATCH + 1]);
+        assert_eq!(lengths(&many), vec![MAX_WRITE_BATCH, 1]);
+        // Every statement is in exactly one command, in order.
+        let statements = sizes(&[6 * mib, 6 * mib, 6 * mib, 1, 1, 16 * mib]);
+        let order: Vec<usize> = command_chunks(&statements)
+            .iter()
+            .flat_map(|c| c.iter().map(|(i, _, _)| *i))
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
+    }
 }

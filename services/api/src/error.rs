@@ -1,7 +1,8 @@
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use feature_store::StoreError;
+use feature_store::codec::Unstorable;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -19,6 +20,12 @@ impl FieldError {
             message: message.into(),
         }
     }
+
+    /// A value that cannot be stored exactly, named by its path
+    /// (`features.a[0]`).
+    pub fn unstorable(err: &Unstorable) -> Self {
+        Self::new(err.path.to_string(), err.problem.to_string())
+    }
 }
 
 /// The JSON body of every error.
@@ -29,6 +36,13 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Vec<FieldError>>,
 }
+
+/// What a 503 asks clients to wait before retrying, in seconds. What is
+/// behind a 503 (an election, a broken connection, an overloaded database)
+/// mostly passes within seconds, and the store has already retried a failed
+/// write once: a client that comes back soon learns cheaply whether it is
+/// over.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// Every way a request can fail, each with its status and machine code.
 #[derive(Debug, Error)]
@@ -97,6 +111,7 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Conflict => Self::Conflict,
+            StoreError::Unstorable(err) => Self::Validation(vec![FieldError::unstorable(&err)]),
             err if err.is_unavailable() => Self::Unavailable(err),
             err => Self::Internal(err),
         }
@@ -137,6 +152,13 @@ impl IntoResponse for ApiError {
             code: self.code(),
             details,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::Unavailable(_) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }

@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use feature_cache::{CachedDocument, WriteOutcome};
+use feature_store::codec;
 use feature_store::{CustomerId, FeatureDocument, FeatureWrite};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -47,8 +48,10 @@ pub(super) fn routes(router: Router<AppState>, max_body_bytes: usize) -> Router<
 pub struct CreateFeatures {
     #[schema(example = "CUST00001")]
     pub customer_id: String,
+    /// Kept as sent: what parsing would change silently (integers beyond
+    /// 64 bits, repeated keys) is checked on the text.
     #[schema(value_type = Object)]
-    pub features: Value,
+    pub features: Box<RawValue>,
     #[schema(example = "v1.0.0")]
     pub model_version: Option<String>,
     /// 1–30, default 7.
@@ -116,8 +119,8 @@ pub async fn create_features(
 ) -> Result<Response, ApiError> {
     let options = WriteOptions::validate(body.model_version.as_deref(), body.ttl_days)
         .map_err(ApiError::Validation)?;
-    let write = validate_item(&body.customer_id, &body.features, &options, "")
-        .map_err(ApiError::Validation)?;
+    let write =
+        validate_item(&body.customer_id, &body.features, &options).map_err(ApiError::Validation)?;
     let WriteOutcome { document, created } = state.tiers.upsert(&write).await?;
     let status = if created {
         StatusCode::CREATED
@@ -151,7 +154,7 @@ pub async fn delete_features(
 pub struct BulkItem {
     pub customer_id: Value,
     #[schema(value_type = Object)]
-    pub features: Value,
+    pub features: Box<RawValue>,
 }
 
 /// Body of `POST /api/features/bulk/`.
@@ -209,12 +212,7 @@ pub async fn bulk_create(
     let mut write_slots = Vec::new();
     for (index, item) in body.features_list.iter().enumerate() {
         let id = item.customer_id.as_str().unwrap_or_default();
-        match validate_item(
-            id,
-            &item.features,
-            &options,
-            &format!("features_list[{index}]."),
-        ) {
+        match validate_item(id, &item.features, &options) {
             Ok(write) => {
                 writes.push(write);
                 write_slots.push(index);
@@ -227,7 +225,7 @@ pub async fn bulk_create(
                 error: Some(
                     details
                         .into_iter()
-                        .map(|d| d.message)
+                        .map(|d| format!("{}: {}", d.field, d.message))
                         .collect::<Vec<_>>()
                         .join("; "),
                 ),
@@ -345,14 +343,23 @@ struct WriteOptions {
 }
 
 impl WriteOptions {
+    /// The longest `model_version`, in characters.
+    const MODEL_VERSION_CHARS: usize = 128;
+
     fn validate(
         model_version: Option<&str>,
         ttl_days: Option<i64>,
     ) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
         let model_version = model_version.unwrap_or(FeatureWrite::DEFAULT_MODEL_VERSION);
-        if model_version.trim().is_empty() || model_version.len() > 128 {
-            errors.push(FieldError::new("model_version", "must be 1-128 characters"));
+        if model_version.trim().is_empty()
+            || model_version.chars().count() > Self::MODEL_VERSION_CHARS
+            || model_version.chars().any(char::is_control)
+        {
+            errors.push(FieldError::new(
+                "model_version",
+                "must be 1-128 characters, not only spaces, without control characters",
+            ));
         }
         let ttl_days = ttl_days.unwrap_or(i64::from(FeatureWrite::DEFAULT_TTL_DAYS));
         let range = FeatureWrite::TTL_DAYS_RANGE;
@@ -381,71 +388,41 @@ impl WriteOptions {
     }
 }
 
-/// Validates one customer's write; `prefix` locates it in the body.
+/// Validates one customer's write, down to every value of its features:
+/// one that cannot be stored exactly is refused here, before the write
+/// touches any tier (the store checks again before sending).
 fn validate_item(
     customer_id: &str,
-    features: &Value,
+    features: &RawValue,
     options: &WriteOptions,
-    prefix: &str,
 ) -> Result<FeatureWrite, Vec<FieldError>> {
     let mut errors = Vec::new();
     let id = CustomerId::parse(customer_id)
-        .map_err(|err| {
-            errors.push(FieldError::new(
-                format!("{prefix}customer_id"),
-                err.to_string(),
-            ))
-        })
+        .map_err(|err| errors.push(FieldError::new("customer_id", err.to_string())))
         .ok();
-    let features = match features {
-        Value::Object(map) => {
-            if let Some(path) = dollar_key(map, "features") {
-                errors.push(FieldError::new(
-                    format!("{prefix}features"),
-                    format!("keys must not start with '$' ({path})"),
-                ));
-            }
-            Some(map.clone())
-        }
-        _ => {
-            errors.push(FieldError::new(
-                format!("{prefix}features"),
-                "must be a JSON object",
-            ));
-            None
-        }
+    let features = parse_features(features)
+        .map_err(|err| errors.push(err))
+        .ok();
+    let (Some(customer_id), Some(features)) = (id, features) else {
+        return Err(errors);
     };
-    match (id, features) {
-        (Some(customer_id), Some(features)) if errors.is_empty() => Ok(FeatureWrite {
-            customer_id,
-            features,
-            model_version: options.model_version.clone(),
-            ttl_days: options.ttl_days,
-            traceparent: telemetry::propagation::current_traceparent(),
-        }),
-        _ => Err(errors),
-    }
+    let write = FeatureWrite {
+        customer_id,
+        features,
+        model_version: options.model_version.clone(),
+        ttl_days: options.ttl_days,
+        traceparent: telemetry::propagation::current_traceparent(),
+    };
+    codec::check_write(&write).map_err(|err| vec![FieldError::unstorable(&err)])?;
+    Ok(write)
 }
 
-/// The path of the first key (at any depth) that starts with `$`, which
-/// MongoDB would read as an operator.
-fn dollar_key(map: &Map<String, Value>, path: &str) -> Option<String> {
-    for (key, value) in map {
-        let here = format!("{path}.{key}");
-        if key.starts_with('$') {
-            return Some(here);
-        }
-        let nested = match value {
-            Value::Object(inner) => dollar_key(inner, &here),
-            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
-                Value::Object(inner) => dollar_key(inner, &format!("{here}[{i}]")),
-                _ => None,
-            }),
-            _ => None,
-        };
-        if nested.is_some() {
-            return nested;
-        }
+/// The features object as sent, or why it cannot be taken exactly.
+fn parse_features(raw: &RawValue) -> Result<Map<String, Value>, FieldError> {
+    let text = raw.get().trim_start();
+    if !text.starts_with('{') {
+        return Err(FieldError::new("features", "must be a JSON object"));
     }
-    None
+    codec::check_features_json(text).map_err(|err| FieldError::unstorable(&err))?;
+    serde_json::from_str(text).map_err(|err| FieldError::new("features", err.to_string()))
 }

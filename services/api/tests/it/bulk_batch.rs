@@ -130,14 +130,7 @@ async fn bulk_writes_the_valid_items_and_reports_each() {
         );
     }
     // Only the good items reached MongoDB.
-    let ids: Vec<String> = stack
-        .db
-        .all_features()
-        .await
-        .iter()
-        .map(|d| d.get_str("_id").unwrap().to_owned())
-        .collect();
-    assert_eq!(ids, ["A", "D", "OLD"]);
+    assert_eq!(stack.stored_ids().await, ["A", "D", "OLD"]);
 
     // Without the trailing slash, and with defaults.
     let reply = stack

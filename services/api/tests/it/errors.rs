@@ -67,7 +67,9 @@ async fn send(stack: &TestStack, bad: &Bad) -> Reply {
 
 /// Everything stored about `KEEP` and the rest: MongoDB's documents and
 /// Redis' keys with their values.
-async fn snapshot(stack: &TestStack) -> (Vec<bson::Document>, Vec<(String, Option<String>)>) {
+pub(crate) async fn snapshot(
+    stack: &TestStack,
+) -> (Vec<bson::Document>, Vec<(String, Option<String>)>) {
     let mongo = stack.db.all_features().await;
     let mut redis = stack.redis_conn().await;
     let mut keys: Vec<String> = redis.keys("*").await.unwrap();
@@ -223,9 +225,9 @@ async fn bad_bodies_are_refused_and_change_nothing() {
         bad_post("customer_id with a space", json!({"customer_id": "KE EP", "features": {}}), "customer_id"),
         bad_post("customer_id empty", json!({"customer_id": "", "features": {}}), "customer_id"),
         bad_post("customer_id 129 chars", json!({"customer_id": "x".repeat(129), "features": {}}), "customer_id"),
-        bad_post("$set at the top", json!({"customer_id": KEEP, "features": {"$set": {"score": 2}}}), "features"),
-        bad_post("$inc nested", json!({"customer_id": KEEP, "features": {"a": {"b": {"$inc": 1}}}}), "features"),
-        bad_post("$ key inside an array", json!({"customer_id": KEEP, "features": {"a": [1, {"$x": 1}]}}), "features"),
+        bad_post("$set at the top", json!({"customer_id": KEEP, "features": {"$set": {"score": 2}}}), r#"features["$set"]"#),
+        bad_post("$inc nested", json!({"customer_id": KEEP, "features": {"a": {"b": {"$inc": 1}}}}), r#"features.a.b["$inc"]"#),
+        bad_post("$ key inside an array", json!({"customer_id": KEEP, "features": {"a": [1, {"$x": 1}]}}), r#"features.a[1]["$x"]"#),
         post("no content type", None, r#"{"customer_id": "KEEP", "features": {"score": 2}}"#, 415, "unsupported_media_type"),
         post("text/plain", Some("text/plain"), r#"{"customer_id": "KEEP", "features": {"score": 2}}"#, 415, "unsupported_media_type"),
         post("form", Some("application/x-www-form-urlencoded"), "customer_id=KEEP", 415, "unsupported_media_type"),

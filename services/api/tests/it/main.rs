@@ -8,5 +8,7 @@ mod coalescing;
 mod contract;
 mod docs;
 mod errors;
+mod exact;
+mod outcomes;
 mod resilience;
 mod tiers;

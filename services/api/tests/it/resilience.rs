@@ -265,6 +265,7 @@ async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
         let reply = api.send(request).await;
         let took = started.elapsed();
         reply.expect_error(503, "service_unavailable");
+        assert_eq!(reply.header("retry-after"), Some("1"), "{what}");
         assert!(took < bound, "{what} took {took:?}");
     }
 

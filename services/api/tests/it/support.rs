@@ -251,6 +251,16 @@ impl TestStack {
         Self { redis, db, api }
     }
 
+    /// The `_id`s of the stored documents, sorted.
+    pub async fn stored_ids(&self) -> Vec<String> {
+        self.db
+            .all_features()
+            .await
+            .iter()
+            .map(|d| d.get_str("_id").expect("a string _id").to_owned())
+            .collect()
+    }
+
     /// A connection to this test's Redis.
     pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
         self.redis.client().await
