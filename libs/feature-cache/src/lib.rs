@@ -12,12 +12,14 @@
 //! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set, the
 //!   fenced writer the invalidator writes through, and flushes.
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
+//! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
 //! - [`tiered`]: [`TieredStore`], the tiered read path (near → Redis →
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
 pub mod coalesce;
 pub mod entry;
+pub mod eviction;
 pub mod fence;
 pub mod keyspace;
 pub mod near;

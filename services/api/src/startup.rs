@@ -93,6 +93,10 @@ impl Application {
         if let Some(subscriber) = subscriber {
             tokio::spawn(subscriber.run(shutdown.child_token()));
         }
+        tokio::spawn(feature_cache::eviction::report_eviction_policy(
+            state.tiers.redis().clone(),
+            shutdown.child_token(),
+        ));
         let stopping = shutdown.clone();
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {

@@ -278,11 +278,22 @@ impl Apply {
                     let entry = Entry::Document(document);
                     let (customer_id, version) = (entry.customer_id(), entry.version());
                     record_target(customer_id, version);
-                    let removed = match self.writer.offer(&entry).await? {
-                        Offer::Refused {
+                    let removed = match self.writer.offer(&entry).await {
+                        Ok(Offer::Refused {
                             holds: Some(cached),
-                        } => self.above_the_store(customer_id, cached).await?,
-                        _ => Removed::No,
+                        }) => self.above_the_store(customer_id, cached).await?,
+                        Ok(_) => Removed::No,
+                        // Full, and not allowed to evict: removing still works
+                        // (it frees memory), and absence is always safe.
+                        Err(FencedWriteError::Redis(err)) if err.code() == Some("OOM") => {
+                            tracing::warn!(
+                                customer_id,
+                                "Redis is full; removed the entry instead of refreshing it"
+                            );
+                            self.writer.remove(customer_id).await?;
+                            Removed::Yes { stamp: None }
+                        }
+                        Err(err) => return Err(err.into()),
                     };
                     let ordered = removed == Removed::No;
                     self.announce(change, customer_id, op, version, ordered, position)

@@ -134,7 +134,7 @@ impl Lease {
             if stalled >= self.stall_bound() {
                 tracing::error!(
                     stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX),
-                    "the change feed has made no progress for a whole lease; giving the lease up"
+                    "the change feed has made no progress for too long; giving the lease up"
                 );
                 metrics::counter!("invalidator_stalls_total").increment(1);
                 // Let it go now rather than let it expire.
@@ -185,9 +185,10 @@ impl Lease {
 
 impl Lease {
     /// How long the feed may go without progress before its leader is
-    /// considered stalled: one lease, and never less than a few polls.
+    /// considered stalled: three leases, and at least five seconds (reading
+    /// and applying one change of a 16 MB document takes a while).
     pub fn stall_bound(&self) -> Duration {
-        self.duration.max(crate::tail::POLL * 4)
+        self.duration.saturating_mul(3).max(Duration::from_secs(5))
     }
 }
 

@@ -18,6 +18,7 @@ pub struct Application {
     listener: TcpListener,
     worker: Worker,
     store: FeatureStore,
+    redis: RedisTier,
     health: HealthState,
 }
 
@@ -53,7 +54,7 @@ impl Application {
                 status.progress.clone(),
             ),
             apply: ApplyParts {
-                redis,
+                redis: redis.clone(),
                 announcer,
                 store: store.clone(),
                 mode: settings.invalidation_mode,
@@ -68,6 +69,7 @@ impl Application {
             listener,
             worker,
             store,
+            redis,
             health: HealthState {
                 status,
                 redis: connection,
@@ -92,10 +94,15 @@ impl Application {
             listener,
             worker,
             store,
+            redis,
             health,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, run_id = %health.run_id, mode = health.mode.as_str(), "cache-invalidator started");
         let worker = tokio::spawn(worker.run(shutdown.clone()));
+        tokio::spawn(feature_cache::eviction::report_eviction_policy(
+            redis,
+            shutdown.child_token(),
+        ));
         let stopping = shutdown.clone();
         axum::serve(listener, health::router(health))
             .with_graceful_shutdown(async move {

@@ -57,6 +57,9 @@ pub enum TermEnd {
 enum Stage {
     Open,
     Read,
+    /// Applying the change at that position (retried, never stepped over:
+    /// its cache work must happen).
+    Apply,
 }
 
 /// Failures in a row at one saved position.
@@ -91,6 +94,12 @@ impl Trouble {
         *self = Self::default();
     }
 
+    /// Whether applying the change at `position` has failed too often.
+    fn stuck_at(&self, position: &str) -> bool {
+        self.attempts >= MAX_ATTEMPTS
+            && matches!(&self.at, Some((Some(at), Stage::Apply)) if at == position)
+    }
+
     /// The recovery for `saved`, consuming the trouble when it is due.
     fn recovery(&mut self, saved: Option<&str>) -> Recovery {
         let due = self.attempts >= MAX_ATTEMPTS
@@ -101,11 +110,16 @@ impl Trouble {
         if !due {
             return Recovery::Resume;
         }
-        let stage = self.at.as_ref().map(|(_, stage)| *stage);
-        self.clear();
-        match stage {
-            Some(Stage::Read) => Recovery::StepOver,
-            _ => Recovery::StartFresh,
+        match self.at.as_ref().map(|(_, stage)| *stage) {
+            Some(Stage::Read) => {
+                self.clear();
+                Recovery::StepOver
+            }
+            Some(Stage::Open) => {
+                self.clear();
+                Recovery::StartFresh
+            }
+            _ => Recovery::Resume,
         }
     }
 }
@@ -180,7 +194,8 @@ impl Tail {
             }
             Recovery::StepOver => self.step_over(apply, saved.as_deref()).await?,
         };
-        self.progress.mark();
+        // Opening is not progress: a change that cannot be applied would
+        // otherwise look like a live feed on every reopen.
         // Make the starting point durable at once, so a crash before the
         // first change still resumes from here.
         save(apply, feed.position()).await?;
@@ -192,9 +207,21 @@ impl Tail {
             }
             match feed.next().await {
                 Ok(Some(change)) => {
-                    self.progress.mark();
+                    // A change read is progress, unless applying it has
+                    // failed again and again: then the lease goes to a
+                    // standby and `/health` says the feed is stalled.
+                    if !trouble.stuck_at(change.position.as_str()) {
+                        self.progress.mark();
+                    }
+                    let next = match apply.change(&change).await {
+                        Ok(next) => next,
+                        Err(err) => {
+                            trouble.failed(Some(change.position.as_str()), Stage::Apply);
+                            return Err(err.into());
+                        }
+                    };
                     trouble.clear();
-                    if apply.change(&change).await? == Next::Reopen {
+                    if next == Next::Reopen {
                         tracing::info!("change feed ended; reopening after its last change");
                         feed = self
                             .feeds
@@ -350,6 +377,19 @@ mod tests {
             trouble.failed(Some("p1"), Stage::Read);
         }
         assert_eq!(trouble.recovery(Some("p1")), Recovery::StepOver);
+    }
+
+    #[test]
+    fn a_change_that_keeps_failing_to_apply_is_retried_but_stops_counting_as_progress() {
+        let mut trouble = Trouble::default();
+        for _ in 0..MAX_ATTEMPTS {
+            assert!(!trouble.stuck_at("p1"));
+            trouble.failed(Some("p1"), Stage::Apply);
+        }
+        assert!(trouble.stuck_at("p1"));
+        assert!(!trouble.stuck_at("p2"));
+        assert_eq!(trouble.recovery(Some("p1")), Recovery::Resume);
+        assert!(trouble.stuck_at("p1"), "retried, never stepped over");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra settings of the invalidators only (win over `env`).
     pub invalidator_env: Vec<(String, String)>,
+    /// Extra flags of the deployment's `redis-server`.
+    pub redis_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             mongo_uri: None,
             env: Vec::new(),
             invalidator_env: Vec::new(),
+            redis_args: Vec::new(),
         }
     }
 }
@@ -76,7 +79,8 @@ impl Deployment {
     /// the invalidation channel.
     pub async fn start(prefix: &str, options: Options) -> Self {
         let api_bin = workspace_bin("cache-api");
-        let redis = TestRedis::start().await;
+        let redis_args: Vec<&str> = options.redis_args.iter().map(String::as_str).collect();
+        let redis = TestRedis::start_with(&redis_args).await;
         let mongo_uri = options.mongo_uri.clone().unwrap_or_else(testkit::mongo_uri);
         let db_name = testkit::unique_db(prefix);
         let mongo = mongodb::Client::with_uri_str(&mongo_uri)
@@ -182,6 +186,22 @@ impl Deployment {
         start_service(name, &self.api_bin, &env, "/api/info/").await
     }
 
+    /// Starts one more invalidator (it stands by while another leads) and
+    /// returns its index in `invalidators`. `extra` settings win over the
+    /// deployment's.
+    pub async fn start_invalidator(&mut self, name: &str, extra: &[(&str, &str)]) -> usize {
+        let mut env = self.base_env.clone();
+        env.push(("INSTANCE_ID".into(), name.to_owned()));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let invalidator = start_service(name, &invalidator_bin(), &env, "/livez").await;
+        self.invalidators.push(invalidator);
+        self.invalidators.len() - 1
+    }
+
     pub fn replicas(&self) -> [&ServiceProcess; 2] {
         [&self.a, &self.b]
     }
@@ -191,6 +211,28 @@ impl Deployment {
     }
 
     // ----------------------------------------------------------- invalidator
+
+    /// Sets a Redis key (to plant a state the test needs).
+    pub async fn redis_set(&self, key: &str, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut self.redis_conn.clone())
+            .await
+            .expect("SET");
+    }
+
+    /// A numeric field of Redis's `INFO` (e.g. `evicted_keys`); 0 if absent.
+    pub async fn redis_info_field(&self, name: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .query_async(&mut self.redis_conn.clone())
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
 
     /// The invalidation stream's key (the default for this collection).
     pub fn stream_key(&self) -> String {

@@ -17,6 +17,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TestRedis {
     port: u16,
     server: PathBuf,
+    args: Vec<String>,
     child: Option<ChildGuard>,
 }
 
@@ -25,6 +26,13 @@ impl TestRedis {
     /// port if the chosen one was taken in the meantime. Panics if no server
     /// starts.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`TestRedis::start`], with extra server flags (e.g.
+    /// `["--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru"]`); a
+    /// restart keeps them.
+    pub async fn start_with(args: &[&str]) -> Self {
         let server = std::env::var_os("REDIS_SERVER")
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
@@ -34,6 +42,7 @@ impl TestRedis {
             let mut redis = Self {
                 port: free_port(),
                 server: server.clone(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
                 child: None,
             };
             match redis.spawn().await {
@@ -96,6 +105,7 @@ impl TestRedis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(std::env::temp_dir())
             .stdin(Stdio::null())

@@ -319,3 +319,44 @@ async fn mongodb_down_fails_fast_and_serves_what_is_cached() {
         .await
         .expect("clean shutdown without MongoDB");
 }
+
+/// A Redis that refuses writes once full (`noeviction` with a memory limit)
+/// would stop changes from reaching the caches: the replica says so once,
+/// at error level, as soon as it can ask Redis; a policy that evicts only
+/// keys with a TTL is reported as safe.
+#[tokio::test]
+async fn the_eviction_policy_is_judged_at_start() {
+    for (policy, level, text) in [
+        ("noeviction", "ERROR", "refuses writes when full"),
+        ("allkeys-lru", "WARN", "may evict the invalidators' keys"),
+        ("volatile-lru", "INFO", "keeps the cache's guarantees"),
+    ] {
+        let (logs, _guard) = CapturedLogs::capture("info");
+        let redis =
+            TestRedis::start_with(&["--maxmemory", "8mb", "--maxmemory-policy", policy]).await;
+        let api = TestApi::start(&redis.url(), &unique_db("eviction_policy"), env(&[])).await;
+        eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || async {
+                if logs.count(level, text) == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{policy}: {:#?}", logs.lines()))
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+        let metrics = api.get("/metrics").await.text();
+        let safe = policy.starts_with("volatile");
+        assert!(
+            metrics.contains(&format!(
+                "redis_eviction_policy_safe {}",
+                if safe { 1 } else { 0 }
+            )),
+            "{policy}: {metrics}"
+        );
+        api.shutdown().await.expect("shutdown");
+    }
+}

@@ -4,7 +4,9 @@
 
 mod convergence;
 mod failover;
+mod feed;
 mod foreign_writes;
 mod gaps;
+mod memory_pressure;
 mod propagation;
 mod tracing;

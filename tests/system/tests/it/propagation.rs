@@ -229,3 +229,34 @@ async fn unversioned_edit_gets_a_new_version_everywhere() {
         .await;
     deployment.finish().await;
 }
+
+/// A customer whose id is a control key's suffix (`changes`, the old
+/// stream's name under `features:`) is an ordinary customer: written while
+/// the stream does not exist (a Redis restart), it does not stall
+/// invalidation.
+#[tokio::test]
+async fn a_customer_named_like_a_control_key_is_just_a_customer() {
+    let mut deployment = Deployment::start("names", Options::default()).await;
+    deployment.inv().terminate(Duration::from_secs(10)).await;
+    deployment.redis.restart().await;
+    for id in ["changes", "invalidations", "leader", "resume-token"] {
+        deployment.post(&deployment.a, id, json!({"who": id})).await;
+    }
+    deployment.inv().restart().await;
+    deployment.wait_leading(Duration::from_secs(20)).await;
+    deployment.wait_subscribed(&deployment.b).await;
+
+    deployment
+        .post(&deployment.a, "OTHER", json!({"n": 1}))
+        .await;
+    deployment.warm(&deployment.b, "OTHER").await;
+    let version = deployment.write_versioned("OTHER", json!({"n": 2})).await;
+    let started = Instant::now();
+    while deployment.get(&deployment.b, "OTHER").await.version() != Some(version) {
+        assert!(started.elapsed() < LAG_BOUND, "invalidation stalled");
+        tokio::time::sleep(POLL).await;
+    }
+    let served = deployment.get(&deployment.b, "changes").await;
+    assert_eq!(served.body["features"]["who"], "changes");
+    deployment.finish().await;
+}
