@@ -107,7 +107,10 @@ mod tests {
 
     #[test]
     fn policies_are_judged_by_what_they_may_evict() {
-        assert_eq!(EvictionVerdict::of(0, "noeviction"), EvictionVerdict::Unbounded);
+        assert_eq!(
+            EvictionVerdict::of(0, "noeviction"),
+            EvictionVerdict::Unbounded
+        );
         assert!(matches!(
             EvictionVerdict::of(1 << 20, "noeviction"),
             EvictionVerdict::RefusesWritesWhenFull { .. }

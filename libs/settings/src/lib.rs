@@ -25,6 +25,10 @@ use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
 use std::collections::HashMap;
 
+/// How much longer than `MONGO_TIMEOUT_MS` a read may take (the store's
+/// client-side grace beyond the server's deadline).
+const READ_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Defaults that differ between binaries.
 #[derive(Debug, Clone, Copy)]
 pub struct Defaults {
@@ -186,6 +190,34 @@ impl Settings {
                      could name the same key; leave it unset (default {:?})",
                     feature_cache::keyspace::DOCUMENT_PREFIX,
                     self.control_keys().stream
+                ),
+            ));
+        }
+        // Reservations and tombstones guard a read until it ends; expiring
+        // sooner only wastes fills, but a setting that always does is a
+        // mistake.
+        let longest_read = self.mongo_timeout.saturating_add(READ_GRACE);
+        if self.tombstone_ttl < longest_read {
+            return Err(SettingsError::contradiction(
+                "TOMBSTONE_TTL_MS",
+                "MONGO_TIMEOUT_MS",
+                format!(
+                    "{} ms is shorter than the longest read ({} ms): fills would outlive their guard",
+                    self.tombstone_ttl.as_millis(),
+                    longest_read.as_millis()
+                ),
+            ));
+        }
+        // The lease is renewed every third of it; with two Redis timeouts in
+        // a lease a single slow renewal does not lose it.
+        if self.leader_lease < self.redis_timeout.saturating_mul(2) {
+            return Err(SettingsError::contradiction(
+                "LEADER_LEASE_MS",
+                "REDIS_TIMEOUT_MS",
+                format!(
+                    "a lease of {} ms is shorter than two Redis timeouts ({} ms each): one slow renewal would lose it",
+                    self.leader_lease.as_millis(),
+                    self.redis_timeout.as_millis()
                 ),
             ));
         }

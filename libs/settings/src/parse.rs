@@ -30,12 +30,28 @@ pub(crate) fn positive_usize(raw: Option<&str>) -> Read<usize> {
     usize::try_from(positive(raw)?).map_err(|_| "too large".into())
 }
 
+/// The longest duration any setting takes: longer ones are surely typos,
+/// and libraries below refuse (or panic on) durations of centuries.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+fn at_most_a_year(duration: Duration) -> Read<Duration> {
+    if duration > MAX_DURATION {
+        Err("must be at most a year".into())
+    } else {
+        Ok(duration)
+    }
+}
+
 pub(crate) fn millis(raw: Option<&str>) -> Read<Duration> {
-    positive(raw).map(Duration::from_millis)
+    at_most_a_year(Duration::from_millis(positive(raw)?))
 }
 
 pub(crate) fn seconds(raw: Option<&str>) -> Read<Duration> {
-    positive(raw).map(Duration::from_secs)
+    let secs = positive(raw)?;
+    if secs > MAX_DURATION.as_secs() {
+        return Err("must be at most a year".into());
+    }
+    at_most_a_year(Duration::from_secs(secs))
 }
 
 pub(crate) fn non_empty(raw: Option<&str>) -> Read<String> {

@@ -135,3 +135,74 @@ fn the_stream_lives_beside_the_control_keys_and_never_under_the_document_prefix(
     .unwrap();
     assert_eq!(s.channels().stream, "ops:changes");
 }
+
+#[test]
+fn settings_that_contradict_each_other_are_refused_naming_both() {
+    for (pairs, names) in [
+        (
+            vec![("TOMBSTONE_TTL_MS", "1000"), ("MONGO_TIMEOUT_MS", "2000")],
+            ["TOMBSTONE_TTL_MS", "MONGO_TIMEOUT_MS"],
+        ),
+        (
+            vec![("LEADER_LEASE_MS", "900"), ("REDIS_TIMEOUT_MS", "500")],
+            ["LEADER_LEASE_MS", "REDIS_TIMEOUT_MS"],
+        ),
+    ] {
+        let err = load_from(Defaults::API, env(&pairs))
+            .unwrap_err()
+            .to_string();
+        for name in names {
+            assert!(err.contains(name), "{err}");
+        }
+    }
+}
+
+/// Whatever an operator types, loading never panics, and what loads can
+/// be used: every duration is at most a year, so no arithmetic on it
+/// overflows and no library refuses it.
+#[test]
+fn hostile_values_are_errors_not_panics() {
+    let hostile = [
+        "0",
+        "-1",
+        "1",
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775807",
+        "1e9",
+        "abc",
+        "true",
+        " ",
+        "\u{0}",
+        "😀",
+        "redis://:@:0/99999999999",
+        "mongodb://",
+        "0.0.0.0:99999",
+    ];
+    for name in NAMES {
+        for value in hostile {
+            let result =
+                std::panic::catch_unwind(|| load_from(Defaults::API, env(&[(name, value)])));
+            let Ok(loaded) = result else {
+                panic!("{name}={value:?} panicked");
+            };
+            if let Ok(s) = loaded {
+                for duration in [
+                    s.redis_ttl,
+                    s.redis_timeout,
+                    s.tombstone_ttl,
+                    s.mongo_timeout,
+                    s.local_cache_ttl,
+                    s.invalidation_check_interval,
+                    s.leader_lease,
+                ] {
+                    assert!(
+                        duration <= Duration::from_secs(366 * 24 * 3600),
+                        "{name}={value:?}"
+                    );
+                    let _ = duration.saturating_mul(1001) / 3;
+                }
+            }
+        }
+    }
+}

@@ -29,9 +29,6 @@ impl Application {
         let store = FeatureStore::connect(&settings.store_config("cache-api"))
             .await
             .context("MONGO_URI")?;
-        if let Err(err) = store.ensure_indexes().await {
-            tracing::warn!(error = %telemetry::ErrorChain(&err), "could not ensure the TTL index now; MongoDB may be down");
-        }
         let redis = RedisTier::connect(&settings.redis_config()).context("REDIS_URL")?;
         let near = settings
             .near_cache_config()
@@ -93,6 +90,10 @@ impl Application {
         if let Some(subscriber) = subscriber {
             tokio::spawn(subscriber.run(shutdown.child_token()));
         }
+        tokio::spawn(ensure_ttl_index(
+            state.tiers.store().clone(),
+            shutdown.child_token(),
+        ));
         tokio::spawn(feature_cache::eviction::report_eviction_policy(
             state.tiers.redis().clone(),
             shutdown.child_token(),
@@ -107,5 +108,33 @@ impl Application {
         state.tiers.store().clone().shutdown().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Ensures the TTL index on `expires_at` (expired documents are removed by
+/// MongoDB), retrying in the background until it succeeds: MongoDB may be
+/// down when a replica starts, and a collection without the index keeps
+/// expired documents forever.
+async fn ensure_ttl_index(store: FeatureStore, shutdown: CancellationToken) {
+    let mut backoff = std::time::Duration::from_secs(1);
+    let mut warned = false;
+    loop {
+        match store.ensure_indexes().await {
+            Ok(()) => {
+                tracing::info!("the TTL index on expires_at is in place");
+                return;
+            }
+            Err(err) => {
+                if !warned {
+                    tracing::warn!(error = %telemetry::ErrorChain(&err), "could not ensure the TTL index; retrying in the background");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
     }
 }

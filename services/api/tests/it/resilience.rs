@@ -360,3 +360,41 @@ async fn the_eviction_policy_is_judged_at_start() {
         api.shutdown().await.expect("shutdown");
     }
 }
+
+/// A replica started while MongoDB cannot be reached still gets the TTL
+/// index in place once MongoDB answers: it keeps trying in the background.
+#[tokio::test]
+async fn the_ttl_index_is_ensured_once_mongodb_answers() {
+    let redis = TestRedis::start().await;
+    let proxy = testkit::proxy::GatedProxy::start(testkit::mongo::mongo_addr()).await;
+    proxy.close();
+    let db = testkit::TestDb::new("ttl_index").await;
+    let uri = format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
+        proxy.port()
+    );
+    let api = TestApi::start(
+        &redis.url(),
+        db.name(),
+        env(&[("MONGO_URI", &uri), ("MONGO_TIMEOUT_MS", "300")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.open();
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let names = db.features().list_index_names().await.unwrap_or_default();
+            if names.iter().any(|n| n == "expires_at_ttl") {
+                Ok(())
+            } else {
+                Err(format!("indexes: {names:?}"))
+            }
+        },
+    )
+    .await
+    .expect("the TTL index was never created");
+    api.shutdown().await.expect("shutdown");
+    db.drop_db().await;
+}
