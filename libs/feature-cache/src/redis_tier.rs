@@ -42,11 +42,48 @@ pub struct RedisConfig {
     pub ttl: TtlPolicy,
 }
 
-/// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..5]` the
-/// entry's version, rank, value, TTL in ms, and who writes ([`Writer`]).
+/// How an entry's order is read and compared; the scripts below build on it.
+const ORDER: &str = include_str!("lua/order.lua");
+/// The version guard in Lua: `KEYS[1]` the customer key; `ARGV[1..6]` the
+/// entry's version, rank, value, TTL in ms, who writes ([`Writer`]) and the
+/// horizon.
 const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
-/// Reserves a key for a fill: `KEYS[1]`; `ARGV[1..2]` token and TTL in ms.
+/// Reserves a key for a fill: `KEYS[1]`; `ARGV[1..3]` token, TTL in ms and
+/// the horizon.
 const RESERVE_SCRIPT: &str = include_str!("lua/reserve.lua");
+/// How far ahead of now a version may be before it is taken for forged: no
+/// version MongoDB gives (its clock × 1000) can be further ahead than clock
+/// skew, and a forged entry can pin a document no longer than this.
+const VERSION_HORIZON: chrono::Duration = chrono::Duration::minutes(10);
+
+/// The highest version a tier believes: now plus [`VERSION_HORIZON`], in
+/// version units.
+fn horizon() -> i64 {
+    (chrono::Utc::now() + VERSION_HORIZON)
+        .timestamp_millis()
+        .saturating_mul(feature_store::version::UNITS_PER_MS)
+}
+
+/// `entry`, unless its version is beyond the horizon (then it counts as
+/// absent, and the next fill replaces it).
+fn believable(entry: Option<Entry>) -> Option<Entry> {
+    match entry {
+        Some(entry) if entry.version() > horizon() => {
+            metrics::counter!("redis_implausible_versions_total").increment(1);
+            tracing::warn!(
+                customer_id = entry.customer_id(),
+                version = entry.version(),
+                "Redis holds a version further ahead than MongoDB could give; ignored and replaced"
+            );
+            None
+        }
+        other => other,
+    }
+}
+
+fn with_order(body: &str) -> String {
+    format!("{ORDER}\n{body}")
+}
 /// Gives a reservation up: `KEYS[1]`; `ARGV[1]` its token.
 const RELEASE_SCRIPT: &str = include_str!("lua/release.lua");
 /// Deletes a key (behind a fence).
@@ -164,8 +201,8 @@ impl RedisTier {
         let conn = ConnectionManager::new_lazy_with_config(client, options)?;
         Ok(Self {
             conn,
-            guard: Script::new(GUARD_SCRIPT),
-            reserve: Script::new(RESERVE_SCRIPT),
+            guard: Script::new(&with_order(GUARD_SCRIPT)),
+            reserve: Script::new(&with_order(RESERVE_SCRIPT)),
             release: Script::new(RELEASE_SCRIPT),
             ttl: config.ttl,
         })
@@ -185,7 +222,9 @@ impl RedisTier {
             .get(document_key(customer_id))
             .await
             .inspect_err(|_| count_error("GET"))?;
-        Ok(raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)))
+        Ok(believable(
+            raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)),
+        ))
     }
 
     /// One MGET for many customers.
@@ -203,7 +242,7 @@ impl RedisTier {
         Ok(customer_ids
             .iter()
             .zip(raw)
-            .map(|(id, raw)| raw.and_then(|raw| Entry::from_redis_value(id, raw)))
+            .map(|(id, raw)| believable(raw.and_then(|raw| Entry::from_redis_value(id, raw))))
             .collect())
     }
 
@@ -231,7 +270,8 @@ impl RedisTier {
             invocation
                 .key(document_key(id))
                 .arg(new_token())
-                .arg(ttl_ms);
+                .arg(ttl_ms)
+                .arg(horizon());
             pipe.invoke_script(&invocation);
         }
         let replies: Vec<(String, String)> = self.query_scripts(&pipe, &self.reserve).await?;
@@ -239,7 +279,7 @@ impl RedisTier {
             .iter()
             .zip(replies)
             .map(|(id, (kind, payload))| match kind.as_str() {
-                "document" => match Entry::from_redis_value(id, payload) {
+                "document" => match believable(Entry::from_redis_value(id, payload)) {
                     Some(entry @ Entry::Document(_)) => Reservation::Document(entry),
                     // Not a document we can read: fill as if it held one.
                     _ => Reservation::Reserved(Writer::Held),
@@ -325,7 +365,7 @@ impl RedisTier {
     pub fn fenced(&self, fence: Fence) -> FencedWriter {
         FencedWriter {
             conn: self.conn.clone(),
-            guard: Fence::script(GUARD_SCRIPT),
+            guard: Fence::script(&with_order(GUARD_SCRIPT)),
             remove: Fence::script(REMOVE_SCRIPT),
             fence,
             ttl: self.ttl,
@@ -449,7 +489,8 @@ fn guard_args(
         .arg(entry.rank())
         .arg(entry.to_redis_value())
         .arg(ttl_ms)
-        .arg(writer.as_arg());
+        .arg(writer.as_arg())
+        .arg(horizon());
 }
 
 /// A reservation's token: random, so no two fills share one by accident.

@@ -7,24 +7,16 @@
 -- reservation, and a fill is accepted only onto its own reservation
 -- (guarded_set.lua), so a fill never lands after a change it did not see.
 -- A reservation keeps the order of a marker it replaces, so ordered writers
--- are still compared with it. ARGV[2]: its TTL in ms.
-local current = redis.call('GET', KEYS[1])
-local version, rank = '-1', 0
-if current then
-  local v, rest = string.match(current, '^{"version":(%-?%d+)(.*)$')
-  if v then
-    local token = string.match(rest, '^,"rank":%d,"reserved":"([^"]*)"}$')
-    if token then return {'reserved', token} end
-    if rest == ',"deleted":true}' then
-      version, rank = v, 2
-    elseif rest == ',"fence":true}' then
-      version, rank = v, 0
-    else
-      return {'document', current}
-    end
-  end
+-- are still compared with it; an entry beyond the horizon ARGV[3] (forged)
+-- is replaced like an absent key. ARGV[2]: the reservation's TTL in ms.
+local current, version, rank, token = held(KEYS[1], ARGV[3])
+local keep_version, keep_rank = '-1', 0
+if current and version then
+  if token then return {'reserved', token} end
+  if rank == 1 then return {'document', current} end
+  keep_version, keep_rank = version, rank
 end
 redis.call('SET', KEYS[1],
-  '{"version":' .. version .. ',"rank":' .. rank .. ',"reserved":"' .. ARGV[1] .. '"}',
+  '{"version":' .. keep_version .. ',"rank":' .. keep_rank .. ',"reserved":"' .. ARGV[1] .. '"}',
   'PX', ARGV[2])
 return {'reserved', ARGV[1]}

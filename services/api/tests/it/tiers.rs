@@ -267,3 +267,38 @@ async fn expired_documents_are_never_served() {
     assert_eq!(missing, ["EXP_BOTH", "EXP_MONGO", "EXP_REDIS"]);
     stack.finish().await;
 }
+
+/// An entry planted in Redis with a version far ahead of anything MongoDB
+/// could give (someone with write access to Redis) does not pin the
+/// document: it counts as absent, is served from MongoDB and replaced.
+#[tokio::test]
+async fn a_forged_entry_from_the_future_is_replaced() {
+    let stack = TestStack::start("tiers_forged", &[("LOCAL_CACHE_ENABLED", "false")]).await;
+    let real = write(&stack, "FORGED", json!({"who": "real"})).await;
+    let forged = document(
+        "FORGED",
+        (Utc::now() + Duration::days(1)).timestamp_millis() * 1000,
+        Utc::now() + Duration::days(1),
+        "forged",
+    );
+    let raw = Entry::Document(CachedDocument::from_document(&forged)).to_redis_value();
+    let mut conn = stack.redis_conn().await;
+    let _: () = conn.set("features:FORGED", raw).await.unwrap();
+
+    let reply = stack.api.get("/api/features/FORGED/").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.json()["features"],
+        json!({"who": "real"}),
+        "the forged entry was served"
+    );
+    assert_eq!(reply.header("x-cache-source"), Some("mongodb"));
+    let held: Value = serde_json::from_str(&redis_value(&stack, "FORGED").await.unwrap()).unwrap();
+    assert_eq!(
+        held["version"], real["version"],
+        "the forged entry was not replaced"
+    );
+    let reply = stack.api.get("/api/features/FORGED/").await;
+    assert_eq!(reply.header("x-cache-source"), Some("redis"));
+    stack.finish().await;
+}
