@@ -6,8 +6,17 @@
 //!   port, which can be stopped and restarted on the same port.
 //! - [`mongo`]: the testbed's MongoDB ([`mongo_uri`]) and a database of the
 //!   test's own ([`TestDb`], [`unique_db`]).
-//! - [`process`]: [`ChildGuard`] (a child process killed on drop), free ports,
-//!   waiting for ports and HTTP endpoints, locating workspace binaries.
+//! - [`process`]: [`ChildGuard`] (a child process killed on drop), the one
+//!   SIGTERM-then-SIGKILL routine ([`process::terminate`]), process start
+//!   times, free ports, waiting for ports and HTTP endpoints, locating
+//!   workspace binaries.
+//! - [`launch`]: [`launch::Launch`], starting a process and waiting until it
+//!   is ready, attached (killed on drop, for tests) or detached (outlives the
+//!   command, for `cargo xtask`); one code path for both.
+//! - [`ready`]: [`ready::Ready`], readiness and health probes (HTTP, Redis
+//!   PING, MongoDB ping, TCP).
+//! - [`state`]: [`state::StateDir`], where detached processes are recorded
+//!   (pid, start time, port, log) and stopped by PID again.
 //! - [`wait`]: [`eventually`], polling until a condition holds.
 //! - [`services`]: [`services::ServiceProcess`], a workspace binary run as a
 //!   child process with its own environment and log file.
@@ -18,19 +27,22 @@
 //! - [`logs`]: [`CapturedLogs`], what `tracing` wrote during a test.
 //!
 //! The services come from the test bed: run the tests through
-//! `scripts/test.sh`, or `scripts/testbed.sh up DIR` and source `DIR/env`
+//! `scripts/test.sh`, or `cargo xtask testbed up DIR` and source `DIR/env`
 //! (it exports `MONGO_URI`, `REDIS_SERVER`, …). The system Redis on port 6379
 //! is never used.
 
+pub mod launch;
 pub mod logs;
 pub mod mongo;
 pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod ready;
 pub mod redis;
 pub mod secantus;
 pub mod services;
+pub mod state;
 pub mod wait;
 
 pub use logs::CapturedLogs;

@@ -13,7 +13,7 @@ pub fn mongo_uri() -> String {
         Ok(uri) if !uri.is_empty() => uri,
         _ => panic!(
             "MONGO_URI is not set: these tests need the test bed. Run them with \
-             `scripts/test.sh`, or `scripts/testbed.sh up DIR` and then \
+             `scripts/test.sh`, or `cargo xtask testbed up DIR` and then \
              `set -a; . DIR/env; set +a` before `cargo test`."
         ),
     }

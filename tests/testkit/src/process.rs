@@ -1,10 +1,14 @@
-//! Child processes that never outlive their test, and small helpers around
-//! ports, HTTP readiness and workspace binaries.
+//! Child processes that never outlive their test, stopping a process (ours or
+//! one recorded by PID), and small helpers around ports, HTTP readiness and
+//! workspace binaries.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
+
+/// How long a process may take to go after SIGKILL before we give up on it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 enum Child {
     Std(std::process::Child),
@@ -19,6 +23,8 @@ pub struct ChildGuard {
     child: Child,
     pid: u32,
     status: Option<ExitStatus>,
+    /// Released: the process outlives the guard (see [`ChildGuard::release`]).
+    released: bool,
 }
 
 impl From<std::process::Child> for ChildGuard {
@@ -27,6 +33,7 @@ impl From<std::process::Child> for ChildGuard {
             pid: child.id(),
             child: Child::Std(child),
             status: None,
+            released: false,
         }
     }
 }
@@ -38,6 +45,7 @@ impl From<tokio::process::Child> for ChildGuard {
             pid: child.id().unwrap_or(0),
             child: Child::Tokio(child),
             status: None,
+            released: false,
         }
     }
 }
@@ -96,32 +104,136 @@ impl ChildGuard {
     /// SIGTERM, then waits up to `grace` for the process to exit; SIGKILL
     /// after that. Returns its exit status.
     pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        terminate(self, grace).await;
         self.kill9()
+    }
+
+    /// Lets the process outlive the guard: dropping it no longer kills it
+    /// (a detached process, recorded in a state dir instead).
+    pub fn release(mut self) -> u32 {
+        self.released = true;
+        self.pid
     }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        self.kill9();
+        if !self.released {
+            self.kill9();
+        }
     }
+}
+
+/// A process that can be asked whether it still runs and be signalled: a
+/// child of ours ([`ChildGuard`]) or one recorded by PID and start time
+/// ([`crate::state::Record`]). Both are stopped by [`terminate`].
+pub trait Signal {
+    fn is_running(&mut self) -> bool;
+    /// Sends `signal` if the process still runs (never to a recycled PID).
+    fn signal(&mut self, signal: libc::c_int);
+}
+
+impl Signal for ChildGuard {
+    fn is_running(&mut self) -> bool {
+        ChildGuard::is_running(self)
+    }
+    fn signal(&mut self, signal: libc::c_int) {
+        ChildGuard::signal(self, signal);
+    }
+}
+
+/// How [`terminate`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It was not running.
+    NotRunning,
+    /// It exited after SIGTERM within the grace period.
+    Exited,
+    /// It needed SIGKILL.
+    Killed,
+    /// It still ran after SIGKILL (a process stuck in the kernel).
+    Survived,
+}
+
+/// SIGTERM, up to `grace` for the process to exit, then SIGKILL and up to a
+/// few seconds more. The one stop routine for attached and detached processes.
+pub async fn terminate<P: Signal>(process: &mut P, grace: Duration) -> Ended {
+    if !process.is_running() {
+        return Ended::NotRunning;
+    }
+    process.signal(libc::SIGTERM);
+    if gone_within(process, grace).await {
+        return Ended::Exited;
+    }
+    process.signal(libc::SIGKILL);
+    if gone_within(process, KILL_WAIT).await {
+        Ended::Killed
+    } else {
+        Ended::Survived
+    }
+}
+
+async fn gone_within<P: Signal>(process: &mut P, time: Duration) -> bool {
+    let deadline = Instant::now() + time;
+    loop {
+        if !process.is_running() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`); `None` when there is no such process or it is a zombie
+/// (exited, not yet reaped). With the PID it names one process for good: a
+/// recycled PID has another start time.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // `rest` starts at field 3 (state); field 22 is 19 further on.
+    fields.nth(18)?.parse().ok()
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
 /// released). Another process may take it before the caller binds it; callers
 /// that start servers retry with a new port when that happens.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind a free port on 127.0.0.1")
+    match free_ports(1) {
+        Ok(ports) => ports[0],
+        Err(err) => panic!("{err}"),
+    }
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1 (all bound at once, then released).
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("cannot bind a free port on 127.0.0.1: {err}"),
+            )
+        })?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// Whether something is bound to 127.0.0.1:`port` (or to every address):
+/// binding it fails.
+pub fn port_busy(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.

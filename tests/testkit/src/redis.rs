@@ -1,13 +1,37 @@
-//! A private `redis-server` per test.
+//! A private `redis-server` per test, and how every private Redis of the
+//! project is started (the test bed's and quickstart's too).
 
+use crate::launch::{Launch, Owner};
 use crate::process::{ChildGuard, free_port};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use crate::ready::Ready;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a fresh `redis-server` may take to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `redis-server` on 127.0.0.1:`port`, without persistence (`--save ""
+/// --appendonly no`), working dir `dir` (created); ready when it answers PING.
+pub fn launch(server: &Path, port: u16, dir: &Path) -> std::io::Result<Launch> {
+    std::fs::create_dir_all(dir)?;
+    Ok(Launch::new("redis-server", server)
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .port(port)
+        .ready(Ready::redis_port(port))
+        .timeout(START_TIMEOUT))
+}
+
+/// `$REDIS_SERVER` (set by the test bed), else `redis-server` from `PATH`.
+pub fn server_path() -> PathBuf {
+    std::env::var_os("REDIS_SERVER")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
 
 /// A `redis-server` of the test's own on a free port of 127.0.0.1, without
 /// persistence (`--save "" --appendonly no`). Killed when dropped.
@@ -33,10 +57,7 @@ impl TestRedis {
     /// `["--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru"]`); a
     /// restart keeps them.
     pub async fn start_with(args: &[&str]) -> Self {
-        let server = std::env::var_os("REDIS_SERVER")
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let server = server_path();
         let mut last = String::new();
         for _ in 0..5 {
             let mut redis = Self {
@@ -101,55 +122,14 @@ impl TestRedis {
     }
 
     async fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new(&self.server)
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no"])
+        let started = launch(&self.server, self.port, &std::env::temp_dir())
+            .map_err(|err| err.to_string())?
             .args(&self.args)
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|err| format!("cannot run {}: {err}", self.server.display()))?;
-        let mut child = ChildGuard::from(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait() {
-                return Err(format!(
-                    "redis-server on port {} exited at start-up ({status})",
-                    self.port
-                ));
-            }
-            if ping(self.port).await {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "redis-server on port {} did not answer PING within {START_TIMEOUT:?}",
-                    self.port
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            .start(Owner::Attached)
+            .await?;
+        self.child = started.into_child();
+        Ok(())
     }
-}
-
-/// Whether 127.0.0.1:`port` answers `PING` with `+PONG`.
-async fn ping(port: u16) -> bool {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(b"PING\r\n").await?;
-        let mut reply = [0_u8; 16];
-        let n = stream.read(&mut reply).await?;
-        Ok::<bool, std::io::Error>(reply[..n].starts_with(b"+PONG"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Ok(true))
-    )
 }
 
 #[cfg(test)]
@@ -171,7 +151,7 @@ mod tests {
 
         redis.stop();
         assert!(!redis.is_running());
-        assert!(!ping(port).await);
+        assert!(Ready::redis_port(port).probe().await.is_err());
 
         redis.restart().await;
         assert_eq!(redis.port(), port);

@@ -1,14 +1,44 @@
 //! A SecantusDB (the MongoDB stand-in) of the test's own, for tests that need
 //! server flags the shared test bed does not have (a tiny oplog) or that
-//! disturb every client of the server (pruning the oplog).
+//! disturb every client of the server (pruning the oplog); and how every
+//! SecantusDB of the project is started (the test bed's and quickstart's too).
 
+use crate::launch::{Launch, Owner};
 use crate::process::{ChildGuard, free_port};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use crate::ready::Ready;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// How long a fresh SecantusDB may take to answer `ping` (about 1 s usually).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The replica set SecantusDB reports; clients name it in their URI.
+pub const REPLICA_SET: &str = "secantus";
+
+/// `secantusd` on 127.0.0.1:`port` storing in `data`, `--sync-on-commit`,
+/// settings only from the command line (`config` is written empty: an
+/// explicit `--config` stops it from reading `./secantusd.toml` or
+/// `~/.secantus/secantusd.toml`). Ready when it answers `ping`.
+pub fn launch(bin: &Path, port: u16, config: &Path, data: &Path) -> std::io::Result<Launch> {
+    std::fs::create_dir_all(data)?;
+    std::fs::write(config, "# settings come from command-line flags\n")?;
+    Ok(Launch::new("secantusd", bin)
+        .arg("--config")
+        .arg(config)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--storage-path")
+        .arg(data)
+        .arg("--sync-on-commit")
+        .port(port)
+        .ready(Ready::mongo_port(port))
+        .timeout(START_TIMEOUT))
+}
+
+/// `mongodb://127.0.0.1:PORT/?replicaSet=secantus&retryWrites=false`: how
+/// clients reach a SecantusDB on `port`.
+pub fn uri(port: u16) -> String {
+    format!("mongodb://127.0.0.1:{port}/?replicaSet={REPLICA_SET}&retryWrites=false")
+}
 
 /// `$SECANTUSD` on a free port of 127.0.0.1 with `--sync-on-commit` and
 /// `extra_args`, storing under `target/service-logs/secantusd-<port>-data`.
@@ -31,7 +61,7 @@ impl TestMongo {
             .unwrap_or_else(|| {
                 panic!(
                     "SECANTUSD is not set: these tests need the test bed. Run them with \
-                     `scripts/test.sh`, or `scripts/testbed.sh up DIR` and then \
+                     `scripts/test.sh`, or `cargo xtask testbed up DIR` and then \
                      `set -a; . DIR/env; set +a` before `cargo test`."
                 )
             });
@@ -41,38 +71,25 @@ impl TestMongo {
         for _ in 0..3 {
             let port = free_port();
             let log = dir.join(format!("secantusd-{port}.log"));
-            // An explicit (empty) config file stops secantusd-py from picking up
-            // a ./secantusd.toml or ~/.secantus/secantusd.toml.
             let config = dir.join(format!("secantusd-{port}.toml"));
             let data = dir.join(format!("secantusd-{port}-data"));
             let _ = std::fs::remove_dir_all(&data);
-            let _ = std::fs::write(&config, "# written by testkit\n");
-            let out = match std::fs::File::create(&log) {
-                Ok(file) => file,
-                Err(err) => panic!("cannot create {}: {err}", log.display()),
+            let _ = std::fs::remove_file(&log);
+            let launch = match launch(&bin, port, &config, &data) {
+                Ok(launch) => launch.args(extra_args).log(&log),
+                Err(err) => panic!("cannot prepare {}: {err}", data.display()),
             };
-            let err = out.try_clone().expect("clone log handle");
-            let child = Command::new(&bin)
-                .arg("--config")
-                .arg(&config)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .arg("--storage-path")
-                .arg(&data)
-                .arg("--sync-on-commit")
-                .args(extra_args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out))
-                .stderr(Stdio::from(err))
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot run {}: {err}", bin.display()));
             let mut mongo = Self {
                 port,
-                child: Some(ChildGuard::from(child)),
+                child: None,
                 log,
                 data,
             };
-            match mongo.wait_ready().await {
-                Ok(()) => return mongo,
+            match launch.start(Owner::Attached).await {
+                Ok(started) => {
+                    mongo.child = started.into_child();
+                    return mongo;
+                }
                 Err(err) => {
                     last = format!(
                         "{err}\n----- {} -----\n{}",
@@ -92,10 +109,7 @@ impl TestMongo {
 
     /// `mongodb://127.0.0.1:PORT/?replicaSet=secantus&retryWrites=false`.
     pub fn uri(&self) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/?replicaSet=secantus&retryWrites=false",
-            self.port
-        )
+        uri(self.port)
     }
 
     /// A driver client for this server.
@@ -120,36 +134,8 @@ impl TestMongo {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill9();
-            let _ = std::fs::remove_dir_all(&self.data);
         }
-    }
-
-    async fn wait_ready(&mut self) -> Result<(), String> {
-        let client = mongodb::Client::with_uri_str(format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=1000",
-            self.port
-        ))
-        .await
-        .map_err(|err| err.to_string())?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()
-            {
-                return Err(format!("secantusd exited at start-up ({status})"));
-            }
-            let ping = client
-                .database("admin")
-                .run_command(bson::doc! { "ping": 1 })
-                .await;
-            match ping {
-                Ok(_) => return Ok(()),
-                Err(err) if Instant::now() >= deadline => {
-                    return Err(format!("no ping answer within {START_TIMEOUT:?}: {err}"));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 

@@ -5,10 +5,12 @@
 //! `target/service-logs/`; when a test panics, every [`ServiceProcess`] it
 //! still holds prints the tail of its log as it drops.
 
+use crate::launch::{Launch, Owner, mark};
 use crate::process::{ChildGuard, free_port};
+use crate::ready::Ready;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -307,70 +309,28 @@ impl ServiceProcess {
     }
 
     async fn spawn_once(&mut self) -> Result<(), String> {
-        self.note(&format!(
-            "starting {} on port {}",
-            self.bin.display(),
-            self.port
-        ));
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|err| format!("cannot open {}: {err}", self.log.display()))?;
-        let stderr = log
-            .try_clone()
-            .map_err(|err| format!("cannot share {}: {err}", self.log.display()))?;
-        let mut command = Command::new(&self.bin);
-        command
-            .env_clear()
+        let started = Launch::new(&self.name, &self.bin)
+            .clear_env()
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "pretty")
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
             .envs(&self.env)
             .env("HTTP_ADDR", format!("127.0.0.1:{}", self.port))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(stderr));
-        let child = command
-            .spawn()
-            .map_err(|err| format!("cannot run {}: {err}", self.bin.display()))?;
-        let mut child = ChildGuard::from(child);
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|err| err.to_string())?;
-        let url = self.url(&self.ready_path);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut last;
-        loop {
-            if let Some(status) = child.try_wait() {
-                return Err(format!("{} exited at start-up ({status})", self.name));
-            }
-            match client.get(&url).send().await {
-                Ok(response) if response.status().is_success() => {
-                    self.child = Some(child);
-                    return Ok(());
-                }
-                Ok(response) => last = format!("status {}", response.status()),
-                Err(err) => last = err.to_string(),
-            }
-            if Instant::now() >= deadline {
-                child.kill9();
-                return Err(format!(
-                    "GET {url} did not answer 2xx within {START_TIMEOUT:?} (last: {last})"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .log(&self.log)
+            .port(self.port)
+            .ready(Ready::http(self.url(&self.ready_path)))
+            .timeout(START_TIMEOUT)
+            .start(Owner::Attached)
+            .await?;
+        self.child = started.into_child();
+        Ok(())
     }
 
-    /// Appends a marker line to the log (spawns, kills), so the log reads as
+    /// Appends a marker line to the log (kills, stops), so the log reads as
     /// the test saw it.
     fn note(&self, what: &str) {
-        if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(&self.log) {
-            let _ = writeln!(file, "===== testkit {}: {what} =====", chrono_like_now());
-        }
+        mark(&self.log, &format!("testkit {}: {what}", self.name));
     }
 }
 
@@ -439,13 +399,4 @@ pub fn tail_of(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&raw);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Seconds since the epoch with milliseconds, for log markers (no chrono
-/// dependency needed).
-fn chrono_like_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("t={}.{:03}", now.as_secs(), now.subsec_millis())
 }

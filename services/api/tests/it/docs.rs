@@ -3,7 +3,7 @@
 //! operations, and every request either page makes goes to the API itself —
 //! nothing leaves the host, so both work on a machine without internet.
 //!
-//! Needs Debian's `chromium` and `chromium-driver` (`scripts/testbed.sh
+//! Needs Debian's `chromium` and `chromium-driver` (`cargo xtask testbed
 //! install` installs them when running as root); `CHROMIUM` and
 //! `CHROMEDRIVER` name other binaries. Without them the test fails and says
 //! how to install them.
@@ -346,7 +346,7 @@ fn binary(var: &str, names: &[&str]) -> PathBuf {
         panic!(
             "{} not found (${var}, else PATH): this test drives a real headless Chromium. \
              Install Debian's chromium and chromium-driver packages (`apt-get install chromium \
-             chromium-driver`; `scripts/testbed.sh install` does it when run as root), or set \
+             chromium-driver`; `cargo xtask testbed install` does it when run as root), or set \
              {var} to the binary.",
             names.join(" or ")
         )
