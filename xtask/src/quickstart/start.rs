@@ -463,17 +463,19 @@ fn build(config: &Config, args: &StartArgs) -> Result<Option<u64>> {
     let dir = &config.bin_dir;
     let missing = BINARIES.iter().any(|b| !paths::is_executable(&dir.join(b)));
     if args.no_build || args.bin_dir.is_some() {
+        let flag = if args.bin_dir.is_some() {
+            "--bin-dir"
+        } else {
+            "--no-build"
+        };
         if missing {
             bail!(
-                "--no-build, but {} lacks {}: run without --no-build",
+                "{flag}, but {} lacks {}: run without {flag}",
                 dir.display(),
                 BINARIES.join(" ")
             );
         }
-        ui::log(format!(
-            "--no-build: using the binaries in {}",
-            dir.display()
-        ));
+        ui::log(format!("{flag}: using the binaries in {}", dir.display()));
         return Ok(None);
     }
     let mut cargo_args = vec!["build", "--bins"];

@@ -9,4 +9,5 @@ mod foreign_writes;
 mod gaps;
 mod memory_pressure;
 mod propagation;
+mod quickstart;
 mod tracing;
