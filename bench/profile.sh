@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
         --name) NAME="$2"; shift ;;
         --skip-build) BUILD=0 ;;
         --skip-callgrind) CALLGRIND=0 ;;
-        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -37,11 +37,19 @@ PY="$ROOT/bench/.venv/bin/python"
 BENCH="$ROOT/bench/bench.py"
 KEYS=2000
 rm -rf "$RUN"
-mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$OUT"
-LOG_TAG=profile
-STOP_SECONDS=30 # valgrind writes its profile on exit
-# shellcheck source=bench/lib.sh
-. "$ROOT/bench/lib.sh"
+mkdir -p "$RUN/bin" "$RUN/logs" "$OUT"
+# The process supervisor (cargo xtask): a private copy, like the services'.
+XT="$RUN/bin/xtask"
+log() { echo "[profile $(date +%T)] $*"; }
+die() { echo "[profile $(date +%T)] ERROR: $*" >&2; exit 1; }
+# proc CMD ARGS...: `xtask proc CMD --dir $RUN ARGS...`; stops wait 30 s before
+# KILL (valgrind writes its profile on exit).
+proc() {
+    case "$1" in
+        stop | down) "$XT" proc "$1" --dir "$RUN" --timeout 30 "${@:2}" ;;
+        *) "$XT" proc "$1" --dir "$RUN" "${@:2}" ;;
+    esac
+}
 command -v valgrind >/dev/null || die "valgrind missing (apt-get install valgrind)"
 command -v perf >/dev/null || die "perf missing (apt-get install linux-perf)"
 [ -x "$PY" ] || die "run bench/run.sh once first (it creates bench/.venv)"
@@ -49,21 +57,26 @@ command -v perf >/dev/null || die "perf missing (apt-get install linux-perf)"
 cleanup() {
     local rc=$?
     trap - EXIT
-    stop_all
+    if [ -x "$XT" ]; then
+        proc down >/dev/null || true
+        "$XT" testbed down "$TB" >/dev/null 2>&1 || true
+    fi
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 [ "$BUILD" = 1 ] && cargo build --release --bins 2>&1 | tail -n 2
-for b in cache-api cache-invalidator cachectl; do cp "target/release/$b" "$RUN/bin/"; done
-scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
-scripts/testbed.sh up "$TB" >"$RUN/logs/testbed.log" 2>&1 || die "testbed up failed"
+for b in cache-api cache-invalidator cachectl xtask; do
+    cp "target/release/$b" "$RUN/bin/" || die "target/release/$b missing: run without --skip-build"
+done
+"$XT" testbed down "$TB" >/dev/null 2>&1 || true
+"$XT" testbed up "$TB" >"$RUN/logs/testbed.log" 2>&1 || die "testbed up failed"
 set -a; . "$TB/env"; set +a
-read -r PA PB PI <<<"$(free_ports 3)"
-COMMON=(REDIS_URL="$REDIS_URL" MONGO_URI="$MONGO_URI" LOG_FORMAT=json RUST_LOG=warn)
-start invalidator "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PI" -- "$RUN/bin/cache-invalidator"
-wait_http "http://127.0.0.1:$PI/health" 60
+read -r PA PB PI <<<"$("$XT" proc ports 3)"
+COMMON=(--env "REDIS_URL=$REDIS_URL" --env "MONGO_URI=$MONGO_URI" --env LOG_FORMAT=json --env RUST_LOG=warn)
+proc start --name invalidator --port "$PI" --ready /health --timeout 60 "${COMMON[@]}" \
+    --env "HTTP_ADDR=127.0.0.1:$PI" -- "$RUN/bin/cache-invalidator"
 sleep 2
 "$RUN/bin/cachectl" populate --count "$KEYS" --batch 1000 | tail -n 1
 "$PY" "$BENCH" zipf --keys "$KEYS" --out "$RUN/ids.txt" --part "$RUN/zipf.json" >/dev/null
@@ -71,13 +84,13 @@ sleep 2
 # ---- callgrind, near hits
 if [ "$CALLGRIND" = 1 ]; then
 log "callgrind: cache-api (near cache on) under valgrind, wrk -t1 -c16 -d20s"
-start api-vg "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PA" LOCAL_CACHE_TTL_MS=3600000 -- \
+proc start --name api-vg --port "$PA" --ready /api/health/ --timeout 120 "${COMMON[@]}" \
+    --env "HTTP_ADDR=127.0.0.1:$PA" --env LOCAL_CACHE_TTL_MS=3600000 -- \
     valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" "$RUN/bin/cache-api"
-wait_http "http://127.0.0.1:$PA/api/health/" 120
 "$PY" "$BENCH" warm --api "http://127.0.0.1:$PA" --count "$KEYS"
 wrk -t1 -c16 -d20s --latency -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PA" -- "$RUN/ids.txt" >"$RUN/logs/wrk-vg.txt"
 grep -E 'Requests/sec|requests in' "$RUN/logs/wrk-vg.txt" || true
-stop api-vg
+proc stop --name api-vg
 {
     echo "# callgrind of cache-api, near-cache hits (wrk -t1 -c16 -d20s, Zipf over $KEYS keys), $(date -Is)"
     grep -E 'requests in' "$RUN/logs/wrk-vg.txt" || true
@@ -90,11 +103,11 @@ stop api-vg
 } >"$OUT/profile-$NAME-callgrind.txt"
 
 log "callgrind: the reference server (same body size), wrk -t1 -c16 -d20s"
-start ref-vg -- valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind-ref.out" \
+proc start --name ref-vg -- valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind-ref.out" \
     "$RUN/bin/cachectl" reference-server --addr "127.0.0.1:$PB" --body-bytes 417
 sleep 5
 wrk -t1 -c16 -d20s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-ref-vg.txt"
-stop ref-vg
+proc stop --name ref-vg
 {
     echo
     echo "## per request: cache-api (near hit) vs the reference server, both under callgrind"
@@ -111,14 +124,14 @@ for mode in near redis; do
     else
         extra=(LOCAL_CACHE_ENABLED=false)
     fi
-    start "api-$mode" "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PB" "${extra[@]}" -- "$RUN/bin/cache-api"
-    wait_http "http://127.0.0.1:$PB/api/health/" 60
+    proc start --name "api-$mode" --port "$PB" --ready /api/health/ --timeout 60 "${COMMON[@]}" \
+        --env "HTTP_ADDR=127.0.0.1:$PB" --env "${extra[0]}" -- "$RUN/bin/cache-api"
     "$PY" "$BENCH" warm --api "http://127.0.0.1:$PB" --count "$KEYS"
     log "perf record -e cpu-clock: $mode hits, wrk -t2 -c64 -d10s"
     wrk -t2 -c64 -d12s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-$mode.txt" &
     wpid=$!
     sleep 1
-    perf record -e cpu-clock -F 1999 -g -p "$(cat "$RUN/pids/api-$mode")" -o "$RUN/perf-$mode.data" -- sleep 10 \
+    perf record -e cpu-clock -F 1999 -g -p "$(proc pid --name "api-$mode")" -o "$RUN/perf-$mode.data" -- sleep 10 \
         >"$RUN/logs/perf-$mode.log" 2>&1
     wait "$wpid"
     grep -E 'Requests/sec' "$RUN/logs/wrk-$mode.txt" || true
@@ -135,6 +148,6 @@ for mode in near redis; do
         perf report -i "$RUN/perf-$mode.data" --stdio --children --sort symbol -g none --percent-limit 3 2>/dev/null \
             | grep -v '^$' | head -n 90 || true
     } >"$OUT/profile-$NAME-perf-$mode.txt"
-    stop "api-$mode"
+    proc stop --name "api-$mode"
     log "wrote $OUT/profile-$NAME-perf-$mode.txt"
 done

@@ -11,7 +11,7 @@
 #   --no-memory-1m   measure the near cache at 10k/100k entries only
 #
 # What it starts (all on 127.0.0.1, free ports, LOG_FORMAT=json RUST_LOG=warn):
-#   testbed     scripts/testbed.sh up target/bench-testbed (private Redis + SecantusDB)
+#   testbed     cargo xtask testbed up target/bench-testbed (private Redis + SecantusDB)
 #   invalidator one cache-invalidator
 #   A           cache-api, near cache on  (LOCAL_CACHE_TTL_MS=3600000: hits stay near hits)
 #   B           cache-api, LOCAL_CACHE_ENABLED=false (every hit is a Redis hit)
@@ -21,7 +21,7 @@
 # Phases, in order: machine, Zipf table, populate + warm, hit path (wrk + redis-benchmark),
 # fixed-rate latency (oha), offload on a warm system, miss path + stampede, offload from
 # cold, invalidation lag, invalidator throughput, memory, report (JSON, PNG, Markdown).
-# Work files and logs: target/bench-run/NAME/. See BENCHMARKS.md.
+# Work files, logs and process records (`xtask proc`): target/bench-run/NAME/. See BENCHMARKS.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,16 +69,22 @@ BENCH="$ROOT/bench/bench.py"
 rm -rf "$RUN"
 mkdir -p "$RUN/bin" "$RUN/logs" "$RUN/pids" "$RUN/parts" "$RESULTS"
 RAW="$RUN/logs/loadgen.log"
+# The process supervisor (cargo xtask): a private copy, like the services'.
+XT="$RUN/bin/xtask"
 
-LOG_TAG=bench
-# shellcheck source=bench/lib.sh
-. "$ROOT/bench/lib.sh"
+log() { echo "[bench $(date +%T)] $*"; }
+die() { echo "[bench $(date +%T)] ERROR: $*" >&2; exit 1; }
+# proc CMD ARGS...: `xtask proc CMD --dir $RUN ARGS...` (start, stop, pid, down).
+proc() { "$XT" proc "$1" --dir "$RUN" "${@:2}"; }
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     log "tearing down"
-    stop_all
+    if [ -x "$XT" ]; then
+        proc down >/dev/null || true
+        "$XT" testbed down "$TB" >/dev/null 2>&1 || true
+    fi
     log "done (exit $rc); logs in $RUN/logs"
     exit $rc
 }
@@ -127,14 +133,14 @@ if [ "$BUILD" = 1 ]; then
     cargo build --release --bins 2>&1 | tail -n 3
 fi
 # Private copies: others may rebuild target/release while this runs.
-for b in cache-api cache-invalidator cachectl; do
-    cp "target/release/$b" "$RUN/bin/$b"
+for b in cache-api cache-invalidator cachectl xtask; do
+    cp "target/release/$b" "$RUN/bin/$b" || die "target/release/$b missing: run without --skip-build"
 done
 BIN="$RUN/bin"
 
-scripts/testbed.sh install >"$RUN/logs/testbed-install.log" 2>&1 || die "testbed install failed (see $RUN/logs/testbed-install.log)"
-scripts/testbed.sh down "$TB" >/dev/null 2>&1 || true
-scripts/testbed.sh up "$TB" >"$RUN/logs/testbed.log" 2>&1 || { cat "$RUN/logs/testbed.log"; die "testbed up failed"; }
+"$XT" testbed install >"$RUN/logs/testbed-install.log" 2>&1 || die "testbed install failed (see $RUN/logs/testbed-install.log)"
+"$XT" testbed down "$TB" >/dev/null 2>&1 || true
+"$XT" testbed up "$TB" >"$RUN/logs/testbed.log" 2>&1 || { cat "$RUN/logs/testbed.log"; die "testbed up failed"; }
 set -a
 # shellcheck disable=SC1091
 . "$TB/env"
@@ -142,10 +148,20 @@ set +a
 [ "$TESTBED_REDIS_PORT" != 6379 ] || die "refusing to use the system Redis"
 log "testbed: Redis 127.0.0.1:$TESTBED_REDIS_PORT, SecantusDB 127.0.0.1:$TESTBED_MONGO_PORT"
 
-read -r PORT_A PORT_B PORT_C PORT_D PORT_E PORT_I <<<"$(free_ports 6)"
+read -r PORT_A PORT_B PORT_C PORT_D PORT_E PORT_I <<<"$("$XT" proc ports 6)"
 A="http://127.0.0.1:$PORT_A"; B="http://127.0.0.1:$PORT_B"; C="http://127.0.0.1:$PORT_C"
 D="http://127.0.0.1:$PORT_D"; E="http://127.0.0.1:$PORT_E"; I="http://127.0.0.1:$PORT_I"
-COMMON=(REDIS_URL="$REDIS_URL" MONGO_URI="$MONGO_URI" LOG_FORMAT=json RUST_LOG=warn)
+COMMON=(--env "REDIS_URL=$REDIS_URL" --env "MONGO_URI=$MONGO_URI" --env LOG_FORMAT=json --env RUST_LOG=warn)
+# `proc start` arguments of the API replicas (started and restarted by name).
+api() { # api NAME PORT INSTANCE [KEY=VALUE...]
+    local name="$1" port="$2" instance="$3" extra=() kv
+    shift 3
+    for kv in "$@"; do extra+=(--env "$kv"); done
+    proc start --name "$name" --port "$port" --ready /api/health/ --timeout 60 "${COMMON[@]}" \
+        --env "HTTP_ADDR=127.0.0.1:$port" --env "INSTANCE_ID=$instance" ${extra[@]+"${extra[@]}"} -- "$BIN/cache-api"
+}
+api_a() { api api-a "$PORT_A" bench-a LOCAL_CACHE_TTL_MS=3600000; }
+api_b() { api api-b "$PORT_B" bench-b LOCAL_CACHE_ENABLED=false; }
 
 cat >"$RUN/meta.json" <<EOF
 {
@@ -173,12 +189,10 @@ EOF
 
 # ---------------------------------------------------------------- system
 log "starting the invalidator, API A (near on) and API B (near off)"
-start invalidator "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_I" INSTANCE_ID=bench-invalidator -- "$BIN/cache-invalidator"
-wait_http "$I/health" 60 '"leader"'
-start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
-start api-b "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_B" INSTANCE_ID=bench-b LOCAL_CACHE_ENABLED=false -- "$BIN/cache-api"
-wait_http "$A/api/health/" 60
-wait_http "$B/api/health/" 60
+proc start --name invalidator --port "$PORT_I" --ready /health --ready-contains '"leader"' --timeout 60 \
+    "${COMMON[@]}" --env "HTTP_ADDR=127.0.0.1:$PORT_I" --env INSTANCE_ID=bench-invalidator -- "$BIN/cache-invalidator"
+api_a
+api_b
 
 log "populating $CUSTOMERS customers"
 # Bulk writes of 1000 on a loaded 2-core machine can exceed the default bound.
@@ -192,8 +206,8 @@ read -r DOC_BYTES BODY_BYTES <<<"$("$PY" "$BENCH" sizes --api "$A" --redis-port 
     --count "$CUSTOMERS" --part "$RUN/parts/sizes.json" | tail -n 1)"
 log "documents: $DOC_BYTES bytes in Redis, $BODY_BYTES-byte response bodies"
 
-start reference "${COMMON[@]}" -- "$BIN/cachectl" reference-server --addr "127.0.0.1:$PORT_C" --body-bytes "$BODY_BYTES"
-wait_http "$C/api/features/X/" 30
+proc start --name reference --port "$PORT_C" --ready /api/features/X/ --timeout 30 "${COMMON[@]}" -- \
+    "$BIN/cachectl" reference-server --addr "127.0.0.1:$PORT_C" --body-bytes "$BODY_BYTES"
 
 IDS="$RUN/zipf-ids.txt"
 "$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" "redis=$B" "reference=$C" --part "$RUN/parts/zipf.json"
@@ -223,9 +237,8 @@ settle
 log "miss path: flushing features:* from Redis, restarting B (empty, no near cache)"
 settle
 flush_features
-stop api-b
-start api-b "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_B" INSTANCE_ID=bench-b LOCAL_CACHE_ENABLED=false -- "$BIN/cache-api"
-wait_http "$B/api/health/" 60
+proc stop --name api-b
+api_b
 "$PY" "$BENCH" miss --api "$B" --near-api "$A" --keys "$CUSTOMERS" --count 1000 --part "$RUN/parts/miss.json"
 log "stampede: 1000 concurrent GETs of one cold key on B"
 "$PY" "$BENCH" stampede --api "$B" --redis-port "$TESTBED_REDIS_PORT" --keys-range "$CUSTOMERS" \
@@ -235,44 +248,39 @@ log "stampede: 1000 concurrent GETs of one cold key on B"
 log "database offload from cold: flushing features:*, restarting A, 95/5 on A for ${MIX_SECS}s"
 settle
 flush_features
-stop api-a
-start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
-wait_http "$A/api/health/" 60
+proc stop --name api-a
+api_a
 "$PY" "$BENCH" offload --api "$A" --label cold --ids "$IDS" --seconds "$MIX_SECS" --conc 64 \
     --raw-log "$RAW" --part "$RUN/parts/offload_cold.json"
 settle
 "$PY" "$BENCH" probe --api "$A" --label "offload, cold" \
     --part "$RUN/parts/probe_after_offload_cold.json"
 # The lag phase starts from a fresh A (the probe above says whether the old one still reached MongoDB).
-stop api-a
-start api-a "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_A" INSTANCE_ID=bench-a LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
-wait_http "$A/api/health/" 60
+proc stop --name api-a
+api_a
 
 # ---------------------------------------------------------------- invalidation
 log "invalidation lag: second near-cache replica D; $LAG_WRITES writes (half API, half direct)"
-start api-d "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_D" INSTANCE_ID=bench-d -- "$BIN/cache-api"
-wait_http "$D/api/health/" 60
-wait_http "$D/api/info/" 30 '"subscribed":true'
-wait_http "$A/api/info/" 30 '"subscribed":true'
+api api-d "$PORT_D" bench-d
+"$XT" proc wait "$D/api/info/" --contains '"subscribed":true' --timeout 30
+"$XT" proc wait "$A/api/info/" --contains '"subscribed":true' --timeout 30
 settle
 "$PY" "$BENCH" lag --api-a "$A" --api-d "$D" --invalidator "$I" --redis-port "$TESTBED_REDIS_PORT" \
     --mongo-uri "$MONGO_URI" --keys "$CUSTOMERS" --writes "$LAG_WRITES" --part "$RUN/parts/lag.json"
 log "invalidator throughput: versioned writes straight into MongoDB from 4 threads, ${TP_SECS}s"
 settle
-"$PY" "$BENCH" throughput --invalidator "$I" --invalidator-pid "$(pid_of invalidator)" \
-    --mongo-pid "$(cat "$TB/mongo.pid")" --mongo-uri "$MONGO_URI" --keys "$CUSTOMERS" --threads 4 \
+"$PY" "$BENCH" throughput --invalidator "$I" --invalidator-pid "$(proc pid --name invalidator)" \
+    --mongo-pid "$("$XT" proc pid --dir "$TB" --name mongo)" --mongo-uri "$MONGO_URI" --keys "$CUSTOMERS" --threads 4 \
     --seconds "$TP_SECS" --part "$RUN/parts/throughput.json"
 
 # ---------------------------------------------------------------- memory
 log "memory: near cache of a fresh cache-api (E) at $MEM_COUNTS entries"
 settle
-stop reference; stop api-b; stop api-d
+proc stop --name reference; proc stop --name api-b; proc stop --name api-d
 MEM_MAX=$(($(echo "$MEM_COUNTS" | tr ' ' '\n' | sort -n | tail -n 1) + 10000))
-start api-e "${COMMON[@]}" HTTP_ADDR="127.0.0.1:$PORT_E" INSTANCE_ID=bench-e \
-    LOCAL_CACHE_MAX_ENTRIES="$MEM_MAX" LOCAL_CACHE_TTL_MS=3600000 -- "$BIN/cache-api"
-wait_http "$E/api/health/" 60
+api api-e "$PORT_E" bench-e LOCAL_CACHE_MAX_ENTRIES="$MEM_MAX" LOCAL_CACHE_TTL_MS=3600000
 # shellcheck disable=SC2086
-"$PY" "$BENCH" memory --api "$E" --pid "$(pid_of api-e)" --redis-port "$TESTBED_REDIS_PORT" \
+"$PY" "$BENCH" memory --api "$E" --pid "$(proc pid --name api-e)" --redis-port "$TESTBED_REDIS_PORT" \
     --counts $MEM_COUNTS --part "$RUN/parts/memory.json"
 
 # ---------------------------------------------------------------- report
