@@ -63,6 +63,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when our output is closed
+    // (`… | head`) instead of panicking in println!.
+    // SAFETY: sets a signal disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     ui::set_tag(match &cli.cmd {
         Cmd::Quickstart(_) => None,

@@ -4,14 +4,18 @@
 //!
 //! - `mod.rs`      the command line, the components, the shared context
 //! - `config.rs`   settings: environment and `.env`, ports, the state file
-//! - `start.rs`    `start` / `run`: install, build, start, summary
+//! - `start.rs`    `start` / `run`: what to start, starting it, undoing it
+//! - `prepare.rs`  before starting: install what is missing, build
+//! - `summary.rs`  where everything is, once started
 //! - `follow.rs`   `run`'s foreground: the logs, until Ctrl-C or a death
 //! - `status.rs`   `stop` and `status`
 
 mod config;
 mod follow;
+mod prepare;
 mod start;
 mod status;
+mod summary;
 
 use crate::envfile::Env;
 use crate::paths;

@@ -5,7 +5,7 @@
 //! invocation started, and only that.
 
 use super::config::Config;
-use super::{COMPONENTS, Comp, Ctx, StartArgs, follow};
+use super::{COMPONENTS, Comp, Ctx, StartArgs, follow, prepare, summary};
 use crate::envfile::Env;
 use crate::signals::Signals;
 use crate::{install, paths, procs, ui};
@@ -15,8 +15,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::launch::Launch;
 use testkit::ready::Ready;
-
-const BINARIES: [&str; 3] = ["cache-api", "cache-invalidator", "cachectl"];
 
 /// One `start` or `run` invocation.
 struct Start {
@@ -129,12 +127,12 @@ impl Start {
                     }
                 }
             }
-            ensure_tools(
+            prepare::ensure_tools(
                 missing.contains(&Comp::Redis),
                 missing.contains(&Comp::Mongo),
             )?;
             let build = if missing.iter().any(|c| c.is_app()) {
-                build(&config, args)?
+                prepare::build(&config, args)?
             } else {
                 None
             };
@@ -181,7 +179,7 @@ impl Start {
         if let Some(count) = args.populate {
             self.populate(&config, count)?;
         }
-        self.print_summary(&config);
+        summary::print(&self.ctx, &config);
         if foreground {
             self.up = true;
             if self.started.is_empty() {
@@ -367,59 +365,6 @@ impl Start {
         .context("cachectl populate failed")
     }
 
-    fn print_summary(&self, config: &Config) {
-        let port = |c: Comp| {
-            config
-                .port(c)
-                .map_or_else(|| "?".to_owned(), |p| p.to_string())
-        };
-        let a1 = format!("http://127.0.0.1:{}", port(Comp::Api1));
-        let a2 = format!("http://127.0.0.1:{}", port(Comp::Api2));
-        let inv = format!("http://127.0.0.1:{}", port(Comp::Invalidator));
-        let whose = |own: bool, what: &str| {
-            if own {
-                format!("  (quickstart's {what})")
-            } else {
-                "  (yours)".to_owned()
-            }
-        };
-        let state_file = self.ctx.state_file.display();
-        let bin = config.bin_dir.display();
-        let logs = self.ctx.log_dir();
-        println!(
-            "
-==> redis-mongo-cache is running
-    API replicas   {a1}  (api-1)   {a2}  (api-2)
-    Swagger UI     {a1}/swagger/
-    ReDoc          {a1}/redoc/
-    health         {a1}/api/health/
-    info           {a1}/api/info/
-    metrics        {a1}/metrics
-    invalidator    {inv}/health   {inv}/metrics
-    REDIS_URL      {}{}
-    MONGO_URI      {}{}
-    MONGO_DB       {}
-    logs           {}/
-    environment    set -a; . {state_file}; set +a    (then e.g. {bin}/cachectl populate --count 100)
-
-    try:
-      curl -s -X POST {a1}/api/features/ -H 'content-type: application/json' \\
-           -d '{{\"customer_id\": \"CUST00001\", \"features\": {{\"credit_score\": 720, \"segment\": \"gold\"}}}}'
-      curl -s {a1}/api/features/CUST00001/     # \"source\" names the tier that answered
-      curl -s {a2}/api/features/CUST00001/     # the other replica
-      curl -s {a1}/api/health/
-      ./quickstart.sh status
-
-    stop:  ./quickstart.sh stop",
-            config.redis_url,
-            whose(config.own_redis, "redis-server"),
-            config.mongo_uri,
-            whose(config.own_mongo, "SecantusDB"),
-            config.mongo_db,
-            logs.display(),
-        );
-    }
-
     /// Stops, newest first, what this invocation started.
     async fn abort(&mut self, why: &str) {
         if self.started.is_empty() {
@@ -438,63 +383,4 @@ impl Start {
             let _ = std::fs::remove_file(&self.ctx.state_file);
         }
     }
-}
-
-/// Installs what the components to start need.
-fn ensure_tools(need_redis: bool, need_mongo: bool) -> Result<()> {
-    let mut need = Vec::new();
-    if need_mongo && paths::which("python3").is_none() {
-        need.extend(["python3", "python3-venv"]);
-    }
-    if need_redis && paths::which("redis-server").is_none() {
-        need.push("redis-server");
-    }
-    install::apt_install(&need)?;
-    if need_mongo {
-        ui::log("checking the MongoDB stand-in SecantusDB (.venv-secantus/)");
-        install::secantus()?;
-    }
-    Ok(())
-}
-
-/// `cargo build --bins` in the profile, unless told to use what is built.
-/// Returns the build's seconds.
-fn build(config: &Config, args: &StartArgs) -> Result<Option<u64>> {
-    let dir = &config.bin_dir;
-    let missing = BINARIES.iter().any(|b| !paths::is_executable(&dir.join(b)));
-    if args.no_build || args.bin_dir.is_some() {
-        let flag = if args.bin_dir.is_some() {
-            "--bin-dir"
-        } else {
-            "--no-build"
-        };
-        if missing {
-            bail!(
-                "{flag}, but {} lacks {}: run without {flag}",
-                dir.display(),
-                BINARIES.join(" ")
-            );
-        }
-        ui::log(format!("{flag}: using the binaries in {}", dir.display()));
-        return Ok(None);
-    }
-    let mut cargo_args = vec!["build", "--bins"];
-    if config.profile == "release" {
-        cargo_args.push("--release");
-    }
-    let note = match (missing, config.profile.as_str()) {
-        (false, _) => "",
-        (true, "release") => {
-            " (a first release build takes 10+ minutes on 2 cores; QUICKSTART_PROFILE=debug is quicker)"
-        }
-        (true, _) => " (the first build takes a few minutes)",
-    };
-    let shown = format!("cargo {}", cargo_args.join(" "));
-    ui::log(format!("building ({}): {shown}{note}", config.profile));
-    let began = Instant::now();
-    install::run(paths::cargo_command().args(&cargo_args))
-        .with_context(|| format!("{shown} failed"))?;
-    let secs = began.elapsed().as_secs();
-    ui::log(format!("build done in {secs}s"));
-    Ok(Some(secs))
 }

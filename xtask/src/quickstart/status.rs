@@ -3,7 +3,7 @@
 //! healthy, 1 something is not, 3 nothing runs).
 
 use super::config::Config;
-use super::{COMPONENTS, Ctx};
+use super::{COMPONENTS, Comp, Ctx};
 use crate::{procs, ui};
 use anyhow::Result;
 
@@ -62,7 +62,7 @@ pub(super) async fn status(ctx: &Ctx) -> Result<i32> {
         if let Some(config) = &config
             && !config.wanted(comp)
         {
-            let url = if comp.name() == "redis" {
+            let url = if comp == Comp::Redis {
                 &config.redis_url
             } else {
                 &config.mongo_uri
