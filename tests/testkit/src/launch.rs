@@ -137,14 +137,6 @@ impl Launch {
         self
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn log_path(&self) -> Option<&Path> {
-        self.log.as_deref()
-    }
-
     /// Program and arguments, for records and messages.
     pub fn command_line(&self) -> Vec<String> {
         std::iter::once(self.program.as_os_str())
@@ -257,13 +249,6 @@ pub enum Started {
 }
 
 impl Started {
-    pub fn pid(&self) -> u32 {
-        match self {
-            Self::Attached(child) => child.pid(),
-            Self::Detached(record) => record.pid,
-        }
-    }
-
     /// The guard of an attached process (`None` for a detached one).
     pub fn into_child(self) -> Option<ChildGuard> {
         match self {
@@ -271,23 +256,11 @@ impl Started {
             Self::Detached(_) => None,
         }
     }
-
-    /// The record of a detached process (`None` for an attached one).
-    pub fn into_record(self) -> Option<Record> {
-        match self {
-            Self::Attached(_) => None,
-            Self::Detached(record) => Some(record),
-        }
-    }
 }
 
 impl Starting {
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, ChildGuard::pid)
     }
 
     pub fn log_path(&self) -> Option<&Path> {

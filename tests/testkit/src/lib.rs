@@ -14,7 +14,7 @@
 //!   is ready, attached (killed on drop, for tests) or detached (outlives the
 //!   command, for `cargo xtask`); one code path for both.
 //! - [`ready`]: [`ready::Ready`], readiness and health probes (HTTP, Redis
-//!   PING, MongoDB ping, TCP).
+//!   PING, MongoDB ping).
 //! - [`state`]: [`state::StateDir`], where detached processes are recorded
 //!   (pid, start time, port, log) and stopped by PID again.
 //! - [`wait`]: [`eventually`], polling until a condition holds.

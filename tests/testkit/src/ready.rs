@@ -11,8 +11,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum Ready {
     /// Running counts as ready: there is nothing to ask.
     Spawned,
-    /// Something accepts TCP connections on 127.0.0.1:`port`.
-    Tcp(u16),
     /// `GET url` answers 2xx, with a body containing `contains` if given.
     Http {
         url: String,
@@ -47,7 +45,7 @@ impl Ready {
     /// How often to probe while waiting.
     pub fn interval(&self) -> Duration {
         match self {
-            Self::Spawned | Self::Tcp(_) | Self::Redis(_) => Duration::from_millis(25),
+            Self::Spawned | Self::Redis(_) => Duration::from_millis(25),
             Self::Http { .. } => Duration::from_millis(50),
             Self::Mongo(_) => Duration::from_millis(100),
         }
@@ -65,10 +63,6 @@ impl Ready {
     async fn probe_once(&self) -> Result<(), String> {
         match self {
             Self::Spawned => Ok(()),
-            Self::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
-                .await
-                .map(drop)
-                .map_err(|err| format!("127.0.0.1:{port}: {err}")),
             Self::Http { url, contains } => http(url, contains.as_deref()).await,
             Self::Redis(url) => redis_ping(url).await,
             Self::Mongo(uri) => mongo_ping(uri).await,
@@ -141,7 +135,6 @@ impl std::fmt::Display for Ready {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Spawned => write!(f, "its start"),
-            Self::Tcp(port) => write!(f, "TCP connections on 127.0.0.1:{port}"),
             Self::Http {
                 url,
                 contains: None,
