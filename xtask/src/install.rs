@@ -57,7 +57,12 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// Runs `command` with our stdout and stderr (its progress shows), stdin closed.
 pub fn run(command: &mut Command) -> Result<()> {
-    let shown = format!("{command:?}").replace('"', "");
+    // program and arguments only (its environment may hold secrets)
+    let shown = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let status = command
         .stdin(Stdio::null())
         .status()

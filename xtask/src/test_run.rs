@@ -1,6 +1,7 @@
 //! `cargo xtask test [ARGS…]`: the project's test command (what
-//! `scripts/test.sh` runs). Installs the test services if needed, starts a
-//! private Redis + SecantusDB in a fresh state dir under `target/`, runs
+//! `scripts/test.sh` runs). Installs the test services if needed, builds the
+//! workspace's binaries, starts a private Redis + SecantusDB in a fresh state
+//! dir under `target/`, runs
 //!   cargo nextest run --workspace --all-targets ARGS   (cargo-nextest installed)
 //!   cargo test --workspace --all-targets ARGS          (otherwise, or TEST_RUNNER=cargo)
 //! with the test bed's variables, and always tears the test bed down again
@@ -8,7 +9,7 @@
 //! Exits with the test runner's status.
 
 use crate::signals::Signals;
-use crate::{paths, testbed, ui};
+use crate::{install, paths, testbed, ui};
 use anyhow::{Context, Result};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,11 @@ use std::time::Instant;
 pub async fn run(args: Vec<OsString>) -> Result<i32> {
     let mut signals = Signals::new()?;
     testbed::install_tools()?;
+    // The system tests run the services' binaries, and a package without
+    // integration tests of its own does not get its binary from the test
+    // build: built here, no test waits for a build of its own.
+    ui::log("building the workspace's binaries: cargo build --workspace --bins");
+    install::run(paths::cargo_command().args(["build", "--workspace", "--bins"]))?;
     let dir = fresh_dir(&paths::target_dir())?;
 
     let vars = tokio::select! {

@@ -4,7 +4,7 @@
 use super::StartArgs;
 use super::config::Config;
 use crate::{install, paths, ui};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use std::time::Instant;
 
 const BINARIES: [&str; 3] = ["cache-api", "cache-invalidator", "cachectl"];
@@ -61,8 +61,7 @@ pub(super) fn build(config: &Config, args: &StartArgs) -> Result<Option<u64>> {
     let shown = format!("cargo {}", cargo_args.join(" "));
     ui::log(format!("building ({}): {shown}{note}", config.profile));
     let began = Instant::now();
-    install::run(paths::cargo_command().args(&cargo_args))
-        .with_context(|| format!("{shown} failed"))?;
+    install::run(paths::cargo_command().args(&cargo_args))?;
     let secs = began.elapsed().as_secs();
     ui::log(format!("build done in {secs}s"));
     Ok(Some(secs))

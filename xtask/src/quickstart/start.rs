@@ -362,7 +362,6 @@ impl Start {
                 .env_clear()
                 .envs(self.service_env(config).iter()),
         )
-        .context("cachectl populate failed")
     }
 
     /// Stops, newest first, what this invocation started.
