@@ -4,9 +4,9 @@
 #   scripts/test.sh [extra args for the test runner]
 #
 # Runs `cargo xtask test` (xtask/src/test_run.rs): installs the test services
-# if needed, starts a private Redis + SecantusDB in a fresh state dir under
-# target/, exports their environment (REDIS_URL, MONGO_URI, TESTBED_*,
-# SECANTUSD, REDIS_SERVER), runs
+# if needed, builds the workspace's binaries, starts a private Redis +
+# SecantusDB in a fresh state dir under target/, exports their environment
+# (REDIS_URL, MONGO_URI, TESTBED_*, SECANTUSD, REDIS_SERVER), runs
 #   cargo nextest run --workspace --all-targets   (if cargo-nextest is installed)
 #   cargo test --workspace --all-targets          (otherwise)
 # and always tears the services down again (logs stay when the run failed).
