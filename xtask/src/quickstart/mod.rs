@@ -179,14 +179,18 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// `env` is what the services get; the state dir and the timeouts come
+    /// from our own environment only (never from `.env`), so that every
+    /// subcommand finds the same state dir.
     fn new(env: Env) -> Result<Self> {
-        let dir = env
+        let own = Env::inherited();
+        let dir = own
             .get("QS_STATE_DIR")
             .map_or_else(|| paths::root().join(".quickstart"), PathBuf::from);
         let state = StateDir::open(&dir)
             .with_context(|| format!("cannot use state dir {}", dir.display()))?;
         let seconds = |var: &str, default: u64| -> Result<Duration> {
-            match env.get(var) {
+            match own.get(var) {
                 None => Ok(Duration::from_secs(default)),
                 Some(v) => v
                     .parse()
