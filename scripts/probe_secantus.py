@@ -54,6 +54,15 @@ def client(port, **kw):
     return pymongo.MongoClient(uri(port), **kw)
 
 
+def run_together(target, n):
+    """Runs `target` in `n` threads at once and waits for all of them."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def err_str(e):
     code = getattr(e, "code", None)
     details = getattr(e, "details", None) or {}
@@ -209,22 +218,30 @@ def probe2(port, tries=2000, **_):
             col.delete_one({"_id": "race"})
             deletes[0] += 1
 
+    def say_codes():
+        for k, v in codes.items():
+            say(2, f"  {v}x {k}")
+
+    def counted(call):
+        """Runs `call` (which names its outcome); the outcome is counted in
+        `stats`, errors also by message in `codes`."""
+        try:
+            key = call()
+        except PyMongoError as e:
+            key = "dup" if isinstance(e, DuplicateKeyError) else "other"
+            with lock:
+                codes[err_str(e)] = codes.get(err_str(e), 0) + 1
+        with lock:
+            stats[key] += 1
+
+    def upsert_once(_id):
+        d = col.find_one_and_update({"_id": _id}, pipe, upsert=True,
+                                    return_document=ReturnDocument.AFTER)
+        return "none" if d is None else "ok"
+
     def upserter(n):
         for _ in range(n):
-            try:
-                d = col.find_one_and_update({"_id": "race"}, pipe, upsert=True,
-                                            return_document=ReturnDocument.AFTER)
-                key = "none" if d is None else "ok"
-            except DuplicateKeyError as e:
-                key = "dup"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            except PyMongoError as e:
-                key = "other"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            with lock:
-                stats[key] += 1
+            counted(lambda: upsert_once("race"))
 
     t0 = time.monotonic()
     dt_ = threading.Thread(target=deleter)
@@ -238,8 +255,7 @@ def probe2(port, tries=2000, **_):
     dt_.join()
     say(2, f"A delete-vs-upsert on one _id: {tries} find_one_and_update(upsert, AFTER) "
            f"with {deletes[0]} concurrent delete_one in {time.monotonic() - t0:.1f}s -> {stats}")
-    for k, v in codes.items():
-        say(2, f"  {v}x {k}")
+    say_codes()
 
     # B: four threads upsert the same fresh _id at the same moment (barrier).
     stats = {"ok": 0, "none": 0, "dup": 0, "other": 0}
@@ -250,32 +266,14 @@ def probe2(port, tries=2000, **_):
     def racer():
         for i in range(rounds):
             barrier.wait()
-            try:
-                d = col.find_one_and_update({"_id": f"b{i}"}, pipe, upsert=True,
-                                            return_document=ReturnDocument.AFTER)
-                key = "none" if d is None else "ok"
-            except DuplicateKeyError as e:
-                key = "dup"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            except PyMongoError as e:
-                key = "other"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            with lock:
-                stats[key] += 1
+            counted(lambda: upsert_once(f"b{i}"))
 
     t0 = time.monotonic()
-    ts = [threading.Thread(target=racer) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_together(racer, 4)
     vs = sorted({d["v"] for d in col.find({"_id": {"$regex": "^b"}})})
     say(2, f"B 4 threads upserting the same new _id at once, {rounds} rounds "
            f"({rounds * 4} calls) in {time.monotonic() - t0:.1f}s -> {stats}; final v values: {vs}")
-    for k, v in codes.items():
-        say(2, f"  {v}x {k}")
+    say_codes()
 
     # C: the same with update_one(upsert) instead of find_one_and_update.
     col.delete_many({})
@@ -285,28 +283,11 @@ def probe2(port, tries=2000, **_):
     def racer_c():
         for i in range(rounds):
             barrier.wait()
-            try:
-                col.update_one({"_id": f"c{i}"}, pipe, upsert=True)
-                key = "ok"
-            except DuplicateKeyError as e:
-                key = "dup"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            except PyMongoError as e:
-                key = "other"
-                with lock:
-                    codes[err_str(e)] = codes.get(err_str(e), 0) + 1
-            with lock:
-                stats[key] += 1
+            counted(lambda: col.update_one({"_id": f"c{i}"}, pipe, upsert=True) and "ok")
 
-    ts = [threading.Thread(target=racer_c) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_together(racer_c, 4)
     say(2, f"C 4 threads update_one(upsert) on the same new _id, {rounds} rounds -> {stats}")
-    for k, v in codes.items():
-        say(2, f"  {v}x {k}")
+    say_codes()
 
     # E: the raw findAndModify reply of a call that returned None.
     col.delete_many({})
@@ -322,11 +303,7 @@ def probe2(port, tries=2000, **_):
                     samples.append({k: v for k, v in r.items() if not k.startswith("$")
                                     and k != "operationTime"})
 
-    ts = [threading.Thread(target=racer_e) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_together(racer_e, 4)
     vs = sorted({d["v"] for d in col.find({"_id": {"$regex": "^e"}})})
     say(2, f"E raw findAndModify(upsert, new) replies with value null: {len(samples)}/200, "
            f"e.g. {samples[0] if samples else None}; final v values {vs} (4 = every call applied)")

@@ -75,6 +75,22 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// "`customer_id` was deleted at `version`".
+    pub fn tombstone(customer_id: impl Into<String>, version: i64) -> Self {
+        Self::Tombstone {
+            customer_id: customer_id.into(),
+            version,
+        }
+    }
+
+    /// "versions of `customer_id` below `version` are stale".
+    pub fn floor(customer_id: impl Into<String>, version: i64) -> Self {
+        Self::Floor {
+            customer_id: customer_id.into(),
+            version,
+        }
+    }
+
     pub fn customer_id(&self) -> &str {
         match self {
             Self::Floor { customer_id, .. } | Self::Tombstone { customer_id, .. } => customer_id,
@@ -148,16 +164,10 @@ impl Entry {
         };
         let customer_id = customer_id.to_owned();
         if deleted {
-            return Some(Entry::Tombstone {
-                customer_id,
-                version,
-            });
+            return Some(Entry::tombstone(customer_id, version));
         }
         if fence {
-            return Some(Entry::Floor {
-                customer_id,
-                version,
-            });
+            return Some(Entry::floor(customer_id, version));
         }
         if !has_id {
             return None;
@@ -190,17 +200,11 @@ pub(crate) mod tests {
     }
 
     fn tombstone(version: i64) -> Entry {
-        Entry::Tombstone {
-            customer_id: "C1".into(),
-            version,
-        }
+        Entry::tombstone("C1", version)
     }
 
     fn floor(version: i64) -> Entry {
-        Entry::Floor {
-            customer_id: "C1".into(),
-            version,
-        }
+        Entry::floor("C1", version)
     }
 
     #[test]

@@ -113,10 +113,7 @@ mod tests {
             document_ttl: Duration::from_secs(1000),
             marker_ttl: Duration::from_secs(60),
         };
-        let floor = Entry::Floor {
-            customer_id: "C1".into(),
-            version: 1,
-        };
+        let floor = Entry::floor("C1", 1);
         assert_eq!(policy.ttl_of(&floor), Some(Duration::from_secs(60)));
         let doc = crate::entry::tests::doc(1);
         let ttl = policy.ttl_of(&doc).unwrap();

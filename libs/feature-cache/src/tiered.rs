@@ -424,10 +424,7 @@ impl TieredStore {
             return Ok(false);
         };
         let ticket = self.ticket(id.as_str());
-        let tombstone = Entry::Tombstone {
-            customer_id: id.to_string(),
-            version,
-        };
+        let tombstone = Entry::tombstone(id.as_str(), version);
         self.warm(vec![(tombstone, Some(Writer::Ordered), ticket)])
             .await;
         Ok(true)

@@ -4,10 +4,12 @@
 use chrono::{Duration as ChronoDuration, Utc};
 use feature_cache::redis_tier::{Reservation, Writer};
 use feature_cache::{
-    CacheTier, CachedDocument, Entry, Fence, FencedWriteError, NearCache, NearCacheConfig, Offer,
-    RedisConfig, RedisTier, TieredStore, TtlPolicy,
+    CacheTier, CachedDocument, Entry, Fence, FencedWriteError, Lookup, NearCache, NearCacheConfig,
+    Offer, RedisConfig, RedisTier, TieredStore, TtlPolicy,
 };
-use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreConfig};
+use feature_store::{
+    CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreConfig, StoreError,
+};
 use serde_json::json;
 use std::time::Duration;
 use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
@@ -34,17 +36,11 @@ fn doc_expiring(version: i64, marker: i64, expires_at: chrono::DateTime<Utc>) ->
 }
 
 fn tombstone(version: i64) -> Entry {
-    Entry::Tombstone {
-        customer_id: "C1".into(),
-        version,
-    }
+    Entry::tombstone("C1", version)
 }
 
 fn floor(version: i64) -> Entry {
-    Entry::Floor {
-        customer_id: "C1".into(),
-        version,
-    }
+    Entry::floor("C1", version)
 }
 
 async fn held<T: CacheTier>(tier: &T) -> Option<(i64, u8)> {
@@ -213,59 +209,34 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
 /// the delete's tombstone has been evicted since (memory pressure).
 #[tokio::test]
 async fn a_slow_reader_never_refills_after_a_delete_or_a_flush() {
-    let redis = TestRedis::start().await;
-    let (writer_tiers, store) = tiered(&redis, false).await;
-    let proxy = GatedProxy::start_holding_answers(testkit::mongo::mongo_addr()).await;
-    let slow = slow_tiers(&redis, &proxy, store.database_name()).await;
+    let mut bed = SlowReaderBed::start().await;
     let id = CustomerId::parse("SLOW").unwrap();
-    // Connected before the gate closes: held answers are then answers to reads.
-    slow.store().ping().await.unwrap();
-    let mut conn = redis.client().await;
 
     for disturbance in ["delete then eviction", "flush"] {
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-        writer_tiers.upsert(&write(&id, 1)).await.unwrap();
-        let _: () = redis::cmd("DEL")
-            .arg("features:SLOW")
-            .query_async(&mut conn)
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut bed.conn)
             .await
             .unwrap();
-        proxy.close();
-        let reader = {
-            let (slow, id) = (slow.clone(), id.clone());
-            tokio::spawn(async move { slow.get(&id).await })
-        };
-        // The read has reached MongoDB; its answer is held.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        bed.writer.upsert(&write(&id, 1)).await.unwrap();
+        bed.evict(&id).await;
+        let reader = bed.read_held(&id).await;
         match disturbance {
             "flush" => {
-                writer_tiers.store().delete(&id).await.unwrap();
-                writer_tiers.redis().flush_documents().await.unwrap();
+                bed.writer.store().delete(&id).await.unwrap();
+                bed.writer.redis().flush_documents().await.unwrap();
             }
             _ => {
-                assert!(writer_tiers.delete(&id).await.unwrap());
-                let _: () = redis::cmd("DEL")
-                    .arg("features:SLOW")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
+                assert!(bed.writer.delete(&id).await.unwrap());
+                bed.evict(&id).await;
             }
         }
-        proxy.open();
+        bed.proxy.open();
         let served = reader.await.unwrap().unwrap();
         assert!(
             served.is_some(),
             "{disturbance}: the slow reader itself gets what it read"
         );
-        assert!(
-            slow.redis().get("SLOW").await.unwrap().is_none(),
-            "{disturbance}: the stale read was cached in Redis"
-        );
-        assert!(
-            slow.near().unwrap().get("SLOW").is_none(),
-            "{disturbance}: the stale read was cached in the near cache"
-        );
-        assert!(slow.get(&id).await.unwrap().is_none(), "{disturbance}");
+        bed.assert_not_cached(&id, disturbance).await;
     }
 }
 
@@ -274,42 +245,91 @@ async fn a_slow_reader_never_refills_after_a_delete_or_a_flush() {
 /// gets a load of its own, not the old result.
 #[tokio::test]
 async fn an_abandoned_load_is_never_handed_to_a_later_reader() {
-    let redis = TestRedis::start().await;
-    let (writer_tiers, store) = tiered(&redis, false).await;
-    let proxy = GatedProxy::start_holding_answers(testkit::mongo::mongo_addr()).await;
-    let slow = slow_tiers(&redis, &proxy, store.database_name()).await;
+    let mut bed = SlowReaderBed::start().await;
     let id = CustomerId::parse("GONE").unwrap();
-    slow.store().ping().await.unwrap();
-    writer_tiers.upsert(&write(&id, 1)).await.unwrap();
-    let mut conn = redis.client().await;
-    let _: () = redis::cmd("DEL")
-        .arg("features:GONE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    bed.writer.upsert(&write(&id, 1)).await.unwrap();
+    bed.evict(&id).await;
 
-    proxy.close();
-    let reader = {
-        let (slow, id) = (slow.clone(), id.clone());
-        tokio::spawn(async move { slow.get(&id).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reader = bed.read_held(&id).await;
     reader.abort();
     // Another tool deletes the customer; the invalidator removes its entry.
-    store.delete(&id).await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg("features:GONE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    proxy.open();
+    bed.writer.store().delete(&id).await.unwrap();
+    bed.evict(&id).await;
+    bed.proxy.open();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    assert!(
-        slow.get(&id).await.unwrap().is_none(),
-        "the old document came back"
-    );
-    assert!(slow.redis().get("GONE").await.unwrap().is_none());
+    bed.assert_not_cached(&id, "the old document came back")
+        .await;
+}
+
+/// A writer's tiers and a slow reader's over one Redis and MongoDB: the
+/// reader's MongoDB answers pass a proxy that can hold them.
+struct SlowReaderBed {
+    _redis: TestRedis,
+    writer: TieredStore,
+    slow: TieredStore,
+    proxy: GatedProxy,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl SlowReaderBed {
+    async fn start() -> Self {
+        let redis = TestRedis::start().await;
+        let (writer, store) = tiered(&redis, false).await;
+        let proxy = GatedProxy::start_holding_answers(testkit::mongo::mongo_addr()).await;
+        let slow = slow_tiers(&redis, &proxy, store.database_name()).await;
+        // Connected before the gate closes: held answers are then answers
+        // to reads.
+        slow.store().ping().await.unwrap();
+        let conn = redis.client().await;
+        Self {
+            _redis: redis,
+            writer,
+            slow,
+            proxy,
+            conn,
+        }
+    }
+
+    /// Drops the key's Redis entry, as eviction or the invalidator does.
+    async fn evict(&mut self, id: &CustomerId) {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("features:{id}"))
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+    }
+
+    /// A read by the slow reader that has reached MongoDB and whose answer
+    /// the proxy holds until [`GatedProxy::open`].
+    async fn read_held(
+        &self,
+        id: &CustomerId,
+    ) -> tokio::task::JoinHandle<Result<Option<Lookup>, StoreError>> {
+        self.proxy.close();
+        let reader = {
+            let (slow, id) = (self.slow.clone(), id.clone());
+            tokio::spawn(async move { slow.get(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        reader
+    }
+
+    /// Neither of the slow reader's tiers holds the key, and a read of its
+    /// own finds it absent.
+    async fn assert_not_cached(&self, id: &CustomerId, context: &str) {
+        assert!(
+            self.slow.redis().get(id.as_str()).await.unwrap().is_none(),
+            "{context}: the stale read was cached in Redis"
+        );
+        if let Some(near) = self.slow.near() {
+            assert!(
+                near.get(id.as_str()).is_none(),
+                "{context}: the stale read was cached in the near cache"
+            );
+        }
+        assert!(self.slow.get(id).await.unwrap().is_none(), "{context}");
+    }
 }
 
 /// A tiered store whose MongoDB traffic goes through `proxy`.

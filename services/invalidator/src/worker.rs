@@ -104,7 +104,7 @@ impl Worker {
             }
             match end {
                 TermEnd::Fenced => {
-                    tracing::warn!("lost the lease: another invalidator leads now; standing by")
+                    tracing::warn!("lost the lease: a newer term moved the fence; standing by")
                 }
                 TermEnd::Ended => tracing::warn!("lost the lease; standing by"),
             }

@@ -328,21 +328,9 @@ impl Deployment {
 
     /// `POST /api/features/` through a replica; returns the stored document.
     pub async fn post(&self, replica: &ServiceProcess, id: &str, features: Value) -> Value {
-        let response = self
-            .http
-            .post(replica.url("/api/features/"))
-            .json(&json!({"customer_id": id, "features": features}))
-            .send()
+        self.http_post(replica, id, features)
             .await
-            .unwrap_or_else(|err| panic!("POST {id} on {}: {err}", replica.name()));
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        assert!(
-            matches!(status, 200 | 201),
-            "POST {id} on {} answered {status}: {body}",
-            replica.name()
-        );
-        body
+            .unwrap_or_else(|err| panic!("{err}"))
     }
 
     /// `POST /api/features/` through a replica; the stored document, or what

@@ -48,6 +48,9 @@ pub fn unique_db(prefix: &str) -> String {
     )
 }
 
+/// How long a test waits for MongoDB to answer one of the helpers below.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A driver client for the test bed's MongoDB (the official driver; it
 /// connects lazily).
 pub async fn client() -> Client {
@@ -68,8 +71,14 @@ pub struct TestDb {
 impl TestDb {
     /// A fresh, uniquely named database (created by the first write to it).
     pub async fn new(prefix: &str) -> Self {
+        Self::on(client().await, prefix)
+    }
+
+    /// As [`TestDb::new`], on the server `client` reaches (e.g. a
+    /// [`crate::secantus::TestMongo`] of the test's own).
+    pub fn on(client: Client, prefix: &str) -> Self {
         Self {
-            client: client().await,
+            client,
             name: unique_db(prefix),
         }
     }
@@ -94,20 +103,32 @@ impl TestDb {
     /// Every document of the feature collection, sorted by `_id`.
     pub async fn all_features(&self) -> Vec<Document> {
         use futures::TryStreamExt;
-        self.features()
-            .find(bson::doc! {})
-            .sort(bson::doc! { "_id": 1 })
-            .await
-            .expect("find in the feature collection")
-            .try_collect()
-            .await
-            .expect("read the feature collection")
+        let read = async {
+            self.features()
+                .find(bson::doc! {})
+                .sort(bson::doc! { "_id": 1 })
+                .await?
+                .try_collect()
+                .await
+        };
+        // The driver waits for a reply without limit: a wedged server must
+        // fail the test, not hold the run.
+        match tokio::time::timeout(ANSWER_TIMEOUT, read).await {
+            Ok(Ok(documents)) => documents,
+            Ok(Err(err)) => panic!("cannot read the feature collection: {err}"),
+            Err(_) => panic!(
+                "MongoDB did not answer a read of the feature collection within {} s",
+                ANSWER_TIMEOUT.as_secs()
+            ),
+        }
     }
 
     /// Drops the database.
     pub async fn drop_db(&self) {
-        if let Err(err) = self.database().drop().await {
-            eprintln!("testkit: could not drop database {}: {err}", self.name);
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.database().drop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("testkit: could not drop database {}: {err}", self.name),
+            Err(_) => eprintln!("testkit: dropping database {} got no answer", self.name),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Bulk writes (`POST /api/features/bulk/`) and batch reads
 //! (`POST /api/features/batch/`).
 
-use crate::support::TestStack;
+use crate::support::{NEAR_OFF, TestStack};
 use chrono::{DateTime, Duration, Utc};
 use feature_cache::{CacheTier, CachedDocument, Entry};
 use feature_store::FeatureDocument;
@@ -9,30 +9,16 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 
-const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
-
 fn time(doc: &Value, field: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(doc[field].as_str().unwrap())
         .unwrap()
         .with_timezone(&Utc)
 }
 
-async fn create(stack: &TestStack, id: &str, features: Value) -> Value {
-    let reply = stack
-        .api
-        .post(
-            "/api/features/",
-            &json!({"customer_id": id, "features": features}),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.text());
-    reply.json()
-}
-
 #[tokio::test]
 async fn bulk_writes_the_valid_items_and_reports_each() {
     let stack = TestStack::start("bulk_mixed", &[NEAR_OFF]).await;
-    let old = create(&stack, "OLD", json!({"x": 0})).await;
+    let old = stack.create("OLD", json!({"x": 0})).await;
 
     let reply = stack
         .api
@@ -226,9 +212,9 @@ async fn bulk_refuses_whole_requests_that_break_the_limits() {
 #[tokio::test]
 async fn batch_answers_found_and_missing_from_redis_and_mongodb() {
     let stack = TestStack::start("batch_found", &[NEAR_OFF]).await;
-    let a = create(&stack, "A", json!({"n": "a"})).await;
-    let b = create(&stack, "B", json!({"n": "b"})).await;
-    let c = create(&stack, "C", json!({"n": "c"})).await;
+    let a = stack.create("A", json!({"n": "a"})).await;
+    let b = stack.create("B", json!({"n": "b"})).await;
+    let c = stack.create("C", json!({"n": "c"})).await;
 
     // B is only in MongoDB now.
     let mut redis = stack.redis_conn().await;

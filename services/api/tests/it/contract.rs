@@ -3,14 +3,12 @@
 //! own.
 
 use crate::support::Reply;
-use crate::support::TestStack;
+use crate::support::{NEAR_OFF, TestStack};
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use testkit::prometheus;
-
-const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
 
 fn time(doc: &Value, field: &str) -> DateTime<Utc> {
     let raw = doc[field]
@@ -76,23 +74,11 @@ fn assert_served(reply: &Reply, stored: &Value, source: &str) {
     assert_eq!(&body, stored);
 }
 
-async fn create(stack: &TestStack, id: &str, features: Value) -> Value {
-    let reply = stack
-        .api
-        .post(
-            "/api/features/",
-            &json!({"customer_id": id, "features": features}),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{}", reply.text());
-    reply.json()
-}
-
 #[tokio::test]
 async fn get_serves_the_document_with_and_without_slash() {
     let stack = TestStack::start("contract_get", &[NEAR_OFF]).await;
     let features = json!({"score": 0.75, "segment": "gold", "nested": {"list": [1, "two", null]}});
-    let stored = create(&stack, "CUST00001", features.clone()).await;
+    let stored = stack.create("CUST00001", features.clone()).await;
     assert_stored(&stored, "CUST00001", &features, "v1.0.0", 7);
 
     for path in ["/api/features/CUST00001/", "/api/features/CUST00001"] {
@@ -188,7 +174,7 @@ async fn delete_answers_on_every_route() {
     {
         let id = format!("DEL{n}");
         let path = template.replace("{}", &id);
-        create(&stack, &id, json!({"n": n})).await;
+        stack.create(&id, json!({"n": n})).await;
         let reply = stack.api.delete(&path).await;
         assert_eq!(reply.status, 204, "DELETE {path}: {}", reply.text());
         assert!(reply.body.is_empty(), "204 with a body: {}", reply.text());
@@ -213,31 +199,23 @@ async fn delete_answers_on_every_route() {
     stack.finish().await;
 }
 
+/// GETs `id` and checks that it is `stored`, served from `source`.
+async fn assert_get(stack: &TestStack, id: &str, stored: &Value, source: &str) {
+    let reply = stack.api.get(&format!("/api/features/{id}/")).await;
+    assert_served(&reply, stored, source);
+}
+
 /// The original service's quick test, with the near cache off: a write fills
 /// Redis, a read after `DEL features:X` comes from MongoDB and refills Redis.
 #[tokio::test]
 async fn quick_test_with_near_cache_off() {
     let stack = TestStack::start("contract_quick", &[NEAR_OFF]).await;
-    let stored = create(&stack, "QUICK", json!({"f1": 1.5})).await;
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "redis",
-    );
+    let stored = stack.create("QUICK", json!({"f1": 1.5})).await;
+    assert_get(&stack, "QUICK", &stored, "redis").await;
 
-    let mut redis = stack.redis_conn().await;
-    let removed: i64 = redis.del("features:QUICK").await.unwrap();
-    assert_eq!(removed, 1);
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "mongodb",
-    );
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "redis",
-    );
+    assert!(stack.drop_from_redis("QUICK").await);
+    assert_get(&stack, "QUICK", &stored, "mongodb").await;
+    assert_get(&stack, "QUICK", &stored, "redis").await;
     stack.finish().await;
 }
 
@@ -246,34 +224,21 @@ async fn quick_test_with_near_cache_off() {
 #[tokio::test]
 async fn quick_test_with_near_cache_on() {
     let stack = TestStack::start("contract_quick_near", &[("LOCAL_CACHE_TTL_MS", "300")]).await;
-    let stored = create(&stack, "QUICK", json!({"f1": 1.5})).await;
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "local",
-    );
+    let stored = stack.create("QUICK", json!({"f1": 1.5})).await;
+    assert_get(&stack, "QUICK", &stored, "local").await;
 
-    let mut redis = stack.redis_conn().await;
-    let removed: i64 = redis.del("features:QUICK").await.unwrap();
-    assert_eq!(removed, 1);
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "local",
-    );
+    assert!(stack.drop_from_redis("QUICK").await);
+    assert_get(&stack, "QUICK", &stored, "local").await;
 
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "mongodb",
-    );
-    assert_served(
-        &stack.api.get("/api/features/QUICK/").await,
-        &stored,
-        "local",
-    );
-    let cached: Option<String> = redis.get("features:QUICK").await.unwrap();
+    assert_get(&stack, "QUICK", &stored, "mongodb").await;
+    assert_get(&stack, "QUICK", &stored, "local").await;
+    let cached: Option<String> = stack
+        .redis_conn()
+        .await
+        .get("features:QUICK")
+        .await
+        .unwrap();
     assert!(cached.is_some(), "the MongoDB read refilled Redis");
     stack.finish().await;
 }
@@ -317,7 +282,7 @@ async fn every_write_increases_the_version_even_across_a_delete() {
 #[tokio::test]
 async fn health_reports_both_stores() {
     let stack = TestStack::start("contract_health", &[]).await;
-    create(&stack, "H1", json!({})).await;
+    stack.create("H1", json!({})).await;
     for path in ["/api/health/", "/api/health"] {
         let reply = stack.api.get(path).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -534,7 +499,7 @@ async fn metrics_are_prometheus_text_and_count_requests() {
 #[tokio::test]
 async fn requests_with_trace_context_are_served_as_usual() {
     let stack = TestStack::start("contract_trace", &[]).await;
-    let stored = create(&stack, "TRACED", json!({"t": 1})).await;
+    let stored = stack.create("TRACED", json!({"t": 1})).await;
     for traceparent in [
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "not a traceparent",

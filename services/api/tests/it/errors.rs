@@ -263,28 +263,10 @@ async fn a_body_just_under_the_limit_is_accepted() {
         json!({"customer_id": "EDGE", "features": {"blob": "x".repeat(1024 - prefix.len())}})
             .to_string();
     assert_eq!(body.len(), 1024);
-    let reply = stack
-        .api
-        .send(
-            stack
-                .api
-                .request(reqwest::Method::POST, "/api/features/")
-                .header("content-type", "application/json")
-                .body(body.clone()),
-        )
-        .await;
+    let reply = stack.api.post_text("/api/features/", body.clone()).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let over = format!("{body} ");
-    let reply = stack
-        .api
-        .send(
-            stack
-                .api
-                .request(reqwest::Method::POST, "/api/features/")
-                .header("content-type", "application/json")
-                .body(over),
-        )
-        .await;
+    let reply = stack.api.post_text("/api/features/", over).await;
     let body = reply.expect_error(413, "payload_too_large");
     assert!(body["error"].as_str().unwrap().contains("1024"), "{body}");
     stack.finish().await;

@@ -4,21 +4,10 @@
 //! byte from every tier.
 
 use crate::errors::snapshot;
-use crate::support::{Reply, TestStack};
+use crate::support::{NEAR_OFF, TestStack};
 use redis::AsyncCommands;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
-
-const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
-
-async fn post_text(stack: &TestStack, path: &str, body: &str) -> Reply {
-    let request = stack
-        .api
-        .request(reqwest::Method::POST, path)
-        .header("content-type", "application/json")
-        .body(body.to_owned());
-    stack.api.send(request).await
-}
 
 /// The `features` of a JSON document, as text.
 fn features_text(json: &[u8]) -> String {
@@ -56,7 +45,7 @@ async fn what_is_accepted_comes_back_exactly_from_every_tier() {
     let body = format!(
         r#"{{"customer_id":"EXACT","model_version":"{model_version}","features":{features}}}"#
     );
-    let reply = post_text(&stack, "/api/features/", &body).await;
+    let reply = stack.api.post_text("/api/features/", &body).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     assert_eq!(
         features_text(&reply.body),
@@ -101,12 +90,13 @@ async fn what_is_accepted_comes_back_exactly_from_every_tier() {
 #[tokio::test]
 async fn values_that_cannot_be_stored_exactly_are_400_naming_their_path() {
     let stack = TestStack::start("exact_refused", &[]).await;
-    let reply = post_text(
-        &stack,
-        "/api/features/",
-        r#"{"customer_id":"KEEP","features":{"score":1}}"#,
-    )
-    .await;
+    let reply = stack
+        .api
+        .post_text(
+            "/api/features/",
+            r#"{"customer_id":"KEEP","features":{"score":1}}"#,
+        )
+        .await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let before = snapshot(&stack).await;
 
@@ -201,7 +191,7 @@ async fn values_that_cannot_be_stored_exactly_are_400_naming_their_path() {
     // its key in Redis.
     for ((what, features, field), id) in cases.iter().zip(["KEEP", "FRESH"].iter().cycle()) {
         let body = format!(r#"{{"customer_id":"{id}","features":{features}}}"#);
-        let reply = post_text(&stack, "/api/features/", &body).await;
+        let reply = stack.api.post_text("/api/features/", &body).await;
         let body = reply.expect_error(400, "validation_error");
         assert_eq!(
             body["details"][0]["field"],
@@ -240,7 +230,7 @@ async fn values_that_cannot_be_stored_exactly_are_400_naming_their_path() {
             "customer_id",
         ),
     ] {
-        let reply = post_text(&stack, "/api/features/", &body).await;
+        let reply = stack.api.post_text("/api/features/", &body).await;
         let body = reply.expect_error(400, "validation_error");
         assert_eq!(body["details"][0]["field"], field, "{what}: {body}");
         assert_eq!(snapshot(&stack).await, before, "{what} changed stored data");
@@ -303,7 +293,7 @@ async fn a_bulk_stores_the_exact_items_and_fails_only_the_others() {
         item(good[2].0, &good[2].1),
     ];
     let body = format!(r#"{{"features_list":[{}]}}"#, items.join(","));
-    let reply = post_text(&stack, "/api/features/bulk/", &body).await;
+    let reply = stack.api.post_text("/api/features/bulk/", &body).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let body = reply.json();
     assert_eq!(
@@ -359,8 +349,9 @@ async fn a_bulk_stores_the_exact_items_and_fails_only_the_others() {
 
 #[tokio::test]
 async fn a_document_of_16_mib_is_stored_and_one_byte_more_is_refused() {
-    // The stand-in takes a while over 16 MiB when other tests keep it busy.
-    let stack = TestStack::start(
+    // The stand-in takes a while over 16 MiB: on a shared one, other tests'
+    // calls would time out behind it.
+    let stack = TestStack::start_on_own_mongo(
         "exact_size",
         &[
             NEAR_OFF,
@@ -375,20 +366,26 @@ async fn a_document_of_16_mib_is_stored_and_one_byte_more_is_refused() {
             "x".repeat(len)
         )
     };
-    let reply = post_text(&stack, "/api/features/", &body_of(0)).await;
+    let reply = stack.api.post_text("/api/features/", &body_of(0)).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let stored_bytes = |doc: &bson::Document| bson::to_vec(doc).unwrap().len();
     let base = stored_bytes(&stack.db.all_features().await[0]);
     let limit = 16 * 1024 * 1024;
 
-    let reply = post_text(&stack, "/api/features/", &body_of(limit - base)).await;
+    let reply = stack
+        .api
+        .post_text("/api/features/", &body_of(limit - base))
+        .await;
     let head = String::from_utf8_lossy(&reply.body[..reply.body.len().min(300)]).into_owned();
     assert_eq!(reply.status, 200, "{head}");
     let stored = stack.db.all_features().await;
     assert_eq!(stored_bytes(&stored[0]), limit);
     let version = stored[0].get_i64("version").unwrap();
 
-    let reply = post_text(&stack, "/api/features/", &body_of(limit - base + 1)).await;
+    let reply = stack
+        .api
+        .post_text("/api/features/", &body_of(limit - base + 1))
+        .await;
     let body = reply.expect_error(400, "validation_error");
     assert_eq!(body["details"][0]["field"], "features", "{body}");
     let stored = stack.db.all_features().await;

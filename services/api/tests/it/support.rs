@@ -8,6 +8,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+use testkit::secantus::TestMongo;
 use testkit::{TestDb, TestRedis};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -133,6 +134,15 @@ impl TestApi {
         Reply::of(self.client.post(self.url(path)).json(body)).await
     }
 
+    /// POSTs `body` as it is, with `content-type: application/json`.
+    pub async fn post_text(&self, path: &str, body: impl Into<String>) -> Reply {
+        let request = self
+            .request(reqwest::Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body.into());
+        self.send(request).await
+    }
+
     pub async fn delete(&self, path: &str) -> Reply {
         Reply::of(self.client.delete(self.url(path))).await
     }
@@ -234,11 +244,16 @@ impl Reply {
     }
 }
 
+/// The setting that turns the near cache off, for tests of the Redis tier.
+pub const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
+
 /// A [`TestRedis`], a [`TestDb`] and a [`TestApi`] using both.
 pub struct TestStack {
     pub redis: TestRedis,
     pub db: TestDb,
     pub api: TestApi,
+    /// The MongoDB stand-in of this test's own, if it has one.
+    own_mongo: Option<TestMongo>,
 }
 
 impl TestStack {
@@ -248,7 +263,65 @@ impl TestStack {
         let redis = TestRedis::start().await;
         let db = TestDb::new(prefix).await;
         let api = TestApi::start(&redis.url(), db.name(), env(overrides)).await;
-        Self { redis, db, api }
+        Self {
+            redis,
+            db,
+            api,
+            own_mongo: None,
+        }
+    }
+
+    /// As [`TestStack::start`], on a MongoDB stand-in of the test's own: for
+    /// work heavy enough (16 MiB documents) to hold up the shared one's
+    /// other clients.
+    pub async fn start_on_own_mongo(prefix: &str, overrides: &[(&str, &str)]) -> Self {
+        let mongo = TestMongo::start(&[]).await;
+        let redis = TestRedis::start().await;
+        let db = TestDb::on(mongo.client().await, prefix);
+        let uri = mongo.uri();
+        let mut settings = vec![("MONGO_URI", uri.as_str())];
+        settings.extend_from_slice(overrides);
+        let api = TestApi::start(&redis.url(), db.name(), env(&settings)).await;
+        Self {
+            redis,
+            db,
+            api,
+            own_mongo: Some(mongo),
+        }
+    }
+
+    /// Writes a new customer's features through the API: the stored
+    /// document, as the write answered (201).
+    pub async fn create(&self, id: &str, features: Value) -> Value {
+        let reply = self.write_reply(id, features).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        reply.json()
+    }
+
+    /// Writes a customer's features through the API, new or not: the stored
+    /// document.
+    pub async fn upsert(&self, id: &str, features: Value) -> Value {
+        let reply = self.write_reply(id, features).await;
+        assert!(matches!(reply.status, 200 | 201), "{}", reply.text());
+        reply.json()
+    }
+
+    async fn write_reply(&self, id: &str, features: Value) -> Reply {
+        let body = serde_json::json!({"customer_id": id, "features": features});
+        self.api.post("/api/features/", &body).await
+    }
+
+    /// Removes the key's Redis entry behind the API's back (as eviction
+    /// does); whether there was one.
+    pub async fn drop_from_redis(&self, id: &str) -> bool {
+        use redis::AsyncCommands;
+        let removed: i64 = self
+            .redis_conn()
+            .await
+            .del(format!("features:{id}"))
+            .await
+            .expect("DEL in the test's Redis");
+        removed == 1
     }
 
     /// The `_id`s of the stored documents, sorted.
@@ -268,11 +341,19 @@ impl TestStack {
 
     /// Stops the API, drops the database and stops Redis.
     pub async fn finish(self) {
-        let Self { mut redis, db, api } = self;
+        let Self {
+            mut redis,
+            db,
+            api,
+            own_mongo,
+        } = self;
         if let Err(err) = api.shutdown().await {
             eprintln!("testkit: cache-api shut down with an error: {err:#}");
         }
-        db.drop_db().await;
+        match own_mongo {
+            Some(mut mongo) => mongo.stop(),
+            None => db.drop_db().await,
+        }
         redis.stop();
     }
 }

@@ -9,18 +9,6 @@ use feature_store::FeatureDocument;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 
-async fn write(stack: &TestStack, id: &str, features: Value) -> Value {
-    let reply = stack
-        .api
-        .post(
-            "/api/features/",
-            &json!({"customer_id": id, "features": features}),
-        )
-        .await;
-    assert!(matches!(reply.status, 200 | 201), "{}", reply.text());
-    reply.json()
-}
-
 async fn redis_value(stack: &TestStack, id: &str) -> Option<String> {
     let mut redis = stack.redis_conn().await;
     redis.get(format!("features:{id}")).await.unwrap()
@@ -82,12 +70,12 @@ async fn set_in_redis(stack: &TestStack, doc: &FeatureDocument) {
 #[tokio::test]
 async fn an_old_document_offered_after_an_update_is_refused() {
     let stack = TestStack::start("tiers_stale_fill", &[]).await;
-    let v1 = write(&stack, "RACE", json!({"gen": 1})).await;
+    let v1 = stack.upsert("RACE", json!({"gen": 1})).await;
     let reply = stack.api.get("/api/features/RACE/").await;
     assert_eq!(reply.json()["version"], v1["version"]);
     let raw_v1 = redis_value(&stack, "RACE").await.expect("v1 in Redis");
 
-    let v2 = write(&stack, "RACE", json!({"gen": 2})).await;
+    let v2 = stack.upsert("RACE", json!({"gen": 2})).await;
     assert!(version(&v2) > version(&v1));
 
     // A reader that loaded v1 before the update now tries to fill it.
@@ -137,7 +125,7 @@ async fn a_deleted_document_leaves_a_tombstone_that_refuses_it() {
         ],
     )
     .await;
-    let v1 = write(&stack, "GONE", json!({"a": 1})).await;
+    let v1 = stack.upsert("GONE", json!({"a": 1})).await;
     let reply = stack.api.get("/api/features/GONE/").await;
     assert_eq!(reply.header("x-cache-source"), Some("redis"));
     let raw_v1 = redis_value(&stack, "GONE").await.unwrap();
@@ -171,7 +159,7 @@ async fn a_deleted_document_leaves_a_tombstone_that_refuses_it() {
     assert_eq!(redis_value(&stack, "GONE").await.unwrap(), tombstone);
 
     // Created again: a larger version replaces the tombstone.
-    let v2 = write(&stack, "GONE", json!({"a": 2})).await;
+    let v2 = stack.upsert("GONE", json!({"a": 2})).await;
     assert!(version(&v2) > version(&v1));
     let held: Value = serde_json::from_str(&redis_value(&stack, "GONE").await.unwrap()).unwrap();
     assert_eq!(held, v2);
@@ -185,7 +173,7 @@ async fn a_deleted_document_leaves_a_tombstone_that_refuses_it() {
 async fn redis_keys_live_no_longer_than_redis_ttl_nor_the_document() {
     let two_days_ms = 2 * 86_400_000;
     let stack = TestStack::start("tiers_ttl", &[("REDIS_TTL", "172800")]).await;
-    write(&stack, "LONG", json!({})).await; // expires in 7 days
+    stack.upsert("LONG", json!({})).await; // expires in 7 days
     let ttl = redis_pttl(&stack, "LONG").await;
     // Up to 5 % jitter below the bound, and a few seconds for the test.
     assert!(
@@ -274,7 +262,7 @@ async fn expired_documents_are_never_served() {
 #[tokio::test]
 async fn a_forged_entry_from_the_future_is_replaced() {
     let stack = TestStack::start("tiers_forged", &[("LOCAL_CACHE_ENABLED", "false")]).await;
-    let real = write(&stack, "FORGED", json!({"who": "real"})).await;
+    let real = stack.upsert("FORGED", json!({"who": "real"})).await;
     let forged = document(
         "FORGED",
         (Utc::now() + Duration::days(1)).timestamp_millis() * 1000,

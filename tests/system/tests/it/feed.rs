@@ -174,8 +174,10 @@ async fn a_change_too_large_for_one_message_reaches_every_tier() {
             if served.body["features"]["step"] == 2 {
                 break;
             }
+            // 15 MB through the stand-in and Redis is slow on a busy machine:
+            // a bound for "never", not a latency goal.
             assert!(
-                started.elapsed() < LAG_BOUND * 2,
+                started.elapsed() < LAG_BOUND * 6,
                 "the large change never arrived"
             );
             tokio::time::sleep(POLL).await;
