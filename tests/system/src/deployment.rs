@@ -21,6 +21,9 @@ use testkit::services::{ServiceProcess, workspace_bin};
 pub const LAG_BOUND: Duration = Duration::from_secs(5);
 /// The collection the services use by default.
 pub const COLLECTION: &str = "customer_features";
+/// How long [`Deployment::post`] keeps retrying a write MongoDB was too
+/// busy for (a loaded CI machine), before it counts as a failure.
+pub const WRITE_RETRY_BOUND: Duration = Duration::from_secs(20);
 /// Poll interval of the checks.
 pub const POLL: Duration = Duration::from_millis(25);
 
@@ -327,10 +330,20 @@ impl Deployment {
     }
 
     /// `POST /api/features/` through a replica; returns the stored document.
+    /// A 503 ("MongoDB is busy, retry") is retried as a client honouring
+    /// `Retry-After` would, for up to [`WRITE_RETRY_BOUND`]; any other
+    /// failure panics at once.
     pub async fn post(&self, replica: &ServiceProcess, id: &str, features: Value) -> Value {
-        self.http_post(replica, id, features)
-            .await
-            .unwrap_or_else(|err| panic!("{err}"))
+        let started = Instant::now();
+        loop {
+            match self.post_once(replica, id, &features).await {
+                Ok(stored) => return stored,
+                Err((Some(503), _)) if started.elapsed() < WRITE_RETRY_BOUND => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((_, err)) => panic!("{err}"),
+            }
+        }
     }
 
     /// `POST /api/features/` through a replica; the stored document, or what
@@ -341,21 +354,34 @@ impl Deployment {
         id: &str,
         features: Value,
     ) -> Result<Value, String> {
+        self.post_once(replica, id, &features)
+            .await
+            .map_err(|(_, err)| err)
+    }
+
+    /// One POST: the stored document, or the status (if there was an
+    /// answer) and what went wrong.
+    async fn post_once(
+        &self,
+        replica: &ServiceProcess,
+        id: &str,
+        features: &Value,
+    ) -> Result<Value, (Option<u16>, String)> {
         let response = self
             .http
             .post(replica.url("/api/features/"))
             .json(&json!({"customer_id": id, "features": features}))
             .send()
             .await
-            .map_err(|err| format!("POST {id} on {}: {err}", replica.name()))?;
+            .map_err(|err| (None, format!("POST {id} on {}: {err}", replica.name())))?;
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if matches!(status, 200 | 201) {
             Ok(body)
         } else {
-            Err(format!(
-                "POST {id} on {} answered {status}: {body}",
-                replica.name()
+            Err((
+                Some(status),
+                format!("POST {id} on {} answered {status}: {body}", replica.name()),
             ))
         }
     }
