@@ -11,3 +11,4 @@ mod memory_pressure;
 mod propagation;
 mod quickstart;
 mod tracing;
+mod transport;
