@@ -7,6 +7,7 @@ mod failover;
 mod feed;
 mod foreign_writes;
 mod gaps;
+mod load_balancer;
 mod memory_pressure;
 mod propagation;
 mod quickstart;
