@@ -358,6 +358,52 @@ async fn least_privilege_acl_users_run_the_whole_flow_and_nothing_more() {
         "{refused}"
     );
 
+    // Credentials never reach the logs, not even the errors of a replica
+    // whose Redis password is wrong and whose MongoDB does not answer.
+    let redis_secret = "wrong-s3cret-pw";
+    let mongo_secret = "mongo-s3cret-pw";
+    let bad = deployment
+        .start_replica(
+            "api-bad-credentials",
+            &[
+                (
+                    "REDIS_URL",
+                    &format!("redis://cache-api:{redis_secret}@127.0.0.1:{port}/0"),
+                ),
+                (
+                    "MONGO_URI",
+                    &format!(
+                        "mongodb://app:{mongo_secret}@127.0.0.1:{}/?directConnection=true",
+                        free_port()
+                    ),
+                ),
+                ("MONGO_TIMEOUT_MS", "300"),
+            ],
+        )
+        .await;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        // A miss needs both stores: each failure is logged.
+        let _ = http.get(bad.url("/api/features/nobody/")).send().await;
+        let _ = http.get(bad.url("/api/health/")).send().await;
+        let log = bad.log_text();
+        if log.contains("MongoDB is unavailable") && log.contains("Password authentication failed")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the store failures were not logged: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = bad.log_text();
+    for secret in [redis_secret, mongo_secret] {
+        assert!(!log.contains(secret), "{secret} in the log: {log}");
+    }
+    drop(bad);
+
     deployment.finish().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
