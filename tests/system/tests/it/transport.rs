@@ -162,6 +162,28 @@ async fn rediss_with_a_private_ca_and_client_certificates_end_to_end() {
         "a service connected without TLS: {clients:#?}"
     );
 
+    // cachectl reads the same settings: its writes reach Redis over TLS.
+    let output = tokio::process::Command::new(testkit::services::workspace_bin("cachectl"))
+        .args(["populate", "--count", "3"])
+        .env("REDIS_URL", format!("rediss://127.0.0.1:{tls_port}/0"))
+        .env("REDIS_TLS_CA_FILE", path(ca.ca_cert()))
+        .env("REDIS_TLS_CERT_FILE", path(ca.client_cert()))
+        .env("REDIS_TLS_KEY_FILE", path(ca.client_key()))
+        .env("MONGO_URI", &deployment.mongo_uri)
+        .env("MONGO_DB", &deployment.db_name)
+        .output()
+        .await
+        .expect("run cachectl");
+    assert!(
+        output.status.success(),
+        "cachectl populate over rediss:// failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        deployment.redis_get("features:CUST00001").await.is_some(),
+        "cachectl's write is not in Redis"
+    );
+
     // A replica that trusts another CA does not talk to this Redis: the
     // server's certificate is verified.
     let stranger_ca = TestCa::generate(&dir.join("other"));
