@@ -84,6 +84,24 @@ pub fn load_from(
     Ok(settings)
 }
 
+/// A setting's value in `Debug` output, its secrets hidden: a value whose
+/// name says it is a secret (`…PASSWORD`, `…KEY`, `…KEYS`, `…SECRET`,
+/// `…TOKEN`) as `***`, and any value without its connection string password.
+pub(crate) struct Shown<'a, T>(pub &'static str, pub &'a T);
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shown<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shown(name, value) = self;
+        let secret = ["PASSWORD", "KEY", "KEYS", "SECRET", "TOKEN"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix));
+        if secret {
+            return f.write_str("\"***\"");
+        }
+        f.write_str(&telemetry::redact::url(&format!("{value:?}")))
+    }
+}
+
 /// The merged layers.
 pub(crate) struct Source(Config);
 

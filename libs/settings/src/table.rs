@@ -17,9 +17,19 @@ macro_rules! settings {
         $field:ident: $ty:ty = $name:literal, $parse:path, $default:expr;
     )*) => {
         /// Every setting of the system; each binary reads the ones it needs.
-        #[derive(Debug, Clone)]
+        #[derive(Clone)]
         pub struct Settings {
             $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        /// Secrets are never shown: passwords and keys as `***`, connection
+        /// strings without their password.
+        impl std::fmt::Debug for Settings {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut shown = f.debug_struct("Settings");
+                $( shown.field(stringify!($field), &crate::Shown($name, &self.$field)); )*
+                shown.finish()
+            }
         }
 
         /// The environment variable of every setting (the TOML file's keys

@@ -272,3 +272,25 @@ fn redis_tls_files_need_a_rediss_url_and_come_in_pairs() {
         "{shown}"
     );
 }
+
+#[test]
+fn debug_output_shows_no_secret() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_URL", "rediss://app:redis-secret@cache:6380/0"),
+            ("REDIS_PASSWORD", "legacy-secret"),
+            (
+                "MONGO_URI",
+                "mongodb://app:mongo-secret@m1:27017,m2:27017/?replicaSet=rs0",
+            ),
+        ]),
+    )
+    .unwrap();
+    let shown = format!("{s:?}");
+    for secret in ["redis-secret", "legacy-secret", "mongo-secret"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("app:***@m1:27017,m2:27017"), "{shown}");
+    assert!(shown.contains("mongo_db: \"cache_demo\""), "{shown}");
+}
