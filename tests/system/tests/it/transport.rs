@@ -65,6 +65,18 @@ async fn full_flow(deployment: &Deployment) {
         served.body
     );
     deployment.warm(b, id).await;
+    // A batch read: one MGET on Redis for what the near cache lacks.
+    let batch: Value = reqwest::Client::new()
+        .post(a.url("/api/features/batch/"))
+        .json(&json!({"customer_ids": [id, "transport-absent"]}))
+        .send()
+        .await
+        .expect("POST batch")
+        .json()
+        .await
+        .expect("batch JSON");
+    assert_eq!(batch["found"][id]["features"]["score"], 1, "{batch}");
+    assert_eq!(batch["missing"], json!(["transport-absent"]), "{batch}");
 
     deployment.post(a, id, json!({"score": 2})).await;
     until(deployment, b, id, "the write through A", |status, body| {
