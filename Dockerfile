@@ -71,10 +71,11 @@ USER 10001:10001
 # /metrics on 9100.
 EXPOSE 8000 9100
 
-# Matches the default command (cache-api on its default port). Compose overrides
-# it per service (the invalidator checks :9100/health; one-shot cachectl runs
-# disable it).
+# Matches the default command (cache-api on its default port). Liveness only
+# (/livez): a Redis or MongoDB outage must not get every replica restarted;
+# readiness is /readyz. Compose overrides it per service (the invalidator
+# checks :9100/livez; one-shot cachectl runs disable it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/api/health/"]
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/livez"]
 
 CMD ["cache-api"]

@@ -70,6 +70,22 @@ pub fn install_tools() -> Result<install::Venv> {
     if let Some(driver) = paths::which("chromedriver") {
         ui::say(format!("chromedriver: {}", driver.display()));
     }
+
+    // The load balancer's configuration is tested with Debian's nginx in
+    // front of real replicas (tests/system/tests/it/load_balancer.rs).
+    ui::log("install: checking nginx");
+    let nginx = paths::which("nginx").or_else(|| {
+        let sbin = std::path::PathBuf::from("/usr/sbin/nginx");
+        paths::is_executable(&sbin).then_some(sbin)
+    });
+    match nginx {
+        Some(path) => ui::say(format!("nginx: {}", path.display())),
+        None if install::can_apt() => install::apt_install(&["nginx-light"])?,
+        None => ui::warn(
+            "nginx missing and we are not root: the load-balancer tests will fail; \
+             install Debian's nginx-light package",
+        ),
+    }
     Ok(venv)
 }
 

@@ -32,7 +32,8 @@ pub use fence::Fence;
 pub use keyspace::{ControlKeys, TtlPolicy};
 pub use near::{NearCache, NearCacheConfig};
 pub use redis_tier::{
-    FencedWriteError, FencedWriter, Offer, RedisConfig, RedisHealth, RedisTier, TierError,
+    ConnectError, FencedWriteError, FencedWriter, Offer, RedisConfig, RedisHealth, RedisTier,
+    RedisTls, TierError,
 };
 pub use tier::CacheTier;
 pub use tiered::{Lookup, Source, TieredStore, WriteOutcome};

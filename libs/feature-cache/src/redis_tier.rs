@@ -3,7 +3,8 @@ use crate::fence::Fence;
 use crate::keyspace::{DOCUMENT_PREFIX, TtlPolicy, document_key};
 use crate::tier::CacheTier;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -11,6 +12,23 @@ use thiserror::Error;
 pub enum TierError {
     #[error("Redis failed")]
     Redis(#[from] redis::RedisError),
+}
+
+/// Why a client for Redis could not be made (at start, never per request).
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// The URL or the TLS material was refused (the URL is never shown: it
+    /// may hold a password).
+    #[error("invalid Redis client configuration")]
+    Client(#[from] redis::RedisError),
+    /// A certificate or key file named in the TLS settings cannot be read.
+    #[error("cannot read {setting} {path}")]
+    TlsFile {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a fenced write did not land.
@@ -34,12 +52,93 @@ impl From<redis::RedisError> for FencedWriteError {
 }
 
 /// Where Redis is and how long entries live there.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://`; an ACL user and
+    /// password go in the user info, percent-encoded. Never logged as is
+    /// (see [`RedisConfig::redacted_url`]).
     pub url: String,
+    /// Certificates for `rediss://` beyond the system's trust store.
+    pub tls: RedisTls,
     /// Each command's deadline (and the connect timeout).
     pub timeout: Duration,
     pub ttl: TtlPolicy,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("tls", &self.tls)
+            .field("timeout", &self.timeout)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// PEM files for `rediss://`: a private CA to trust instead of the system's
+/// roots, and a client certificate and key when the server asks for one
+/// (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+        std::fs::read(path).map_err(|source| ConnectError::TlsFile {
+            setting,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The certificates, or `None` when nothing beyond the defaults is set.
+    fn certificates(&self) -> Result<Option<TlsCertificates>, ConnectError> {
+        let root_cert = self
+            .ca_file
+            .as_deref()
+            .map(|path| Self::read("REDIS_TLS_CA_FILE", path))
+            .transpose()?;
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: Self::read("REDIS_TLS_CERT_FILE", cert)?,
+                client_key: Self::read("REDIS_TLS_KEY_FILE", key)?,
+            }),
+            // Settings refuse one without the other.
+            _ => None,
+        };
+        Ok(
+            (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+                client_tls,
+                root_cert,
+            }),
+        )
+    }
+}
+
+impl RedisConfig {
+    /// The URL with its password replaced by `***`, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        telemetry::redact::url(&self.url)
+    }
+
+    /// A client for this Redis: TLS with the configured certificates for
+    /// `rediss://` (rustls; the system's roots unless a CA file is given),
+    /// the URL's ACL user and password sent with `AUTH`.
+    pub fn client(&self) -> Result<redis::Client, ConnectError> {
+        let info = self.url.as_str().into_connection_info()?;
+        // No `CLIENT SETINFO` after connecting: it is cosmetic, and leaving it
+        // out keeps the services' ACL users free of any CLIENT subcommand.
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        let info = info.set_redis_settings(settings);
+        match self.tls.certificates()? {
+            Some(certificates) => Ok(redis::Client::build_with_tls(info, certificates)?),
+            None => Ok(redis::Client::open(info)?),
+        }
+    }
 }
 
 /// How an entry's order is read and compared; the scripts below build on it.
@@ -181,6 +280,7 @@ pub struct RedisHealth {
 /// at most one short wait before it falls through to MongoDB.
 #[derive(Clone)]
 pub struct RedisTier {
+    client: redis::Client,
     conn: ConnectionManager,
     guard: Script,
     reserve: Script,
@@ -190,22 +290,29 @@ pub struct RedisTier {
 
 impl RedisTier {
     /// Connects lazily: the service starts even while Redis is down.
-    pub fn connect(config: &RedisConfig) -> Result<Self, TierError> {
-        let client = redis::Client::open(config.url.as_str())?;
+    pub fn connect(config: &RedisConfig) -> Result<Self, ConnectError> {
+        let client = config.client()?;
         let options = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
             .set_connection_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, options)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), options)?;
         Ok(Self {
+            client,
             conn,
             guard: Script::new(&with_order(GUARD_SCRIPT)),
             reserve: Script::new(&with_order(RESERVE_SCRIPT)),
             release: Script::new(RELEASE_SCRIPT),
             ttl: config.ttl,
         })
+    }
+
+    /// The client the tier connects with (TLS and credentials included), for
+    /// components that need a connection of their own (a subscription).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     /// A handle on the same multiplexed connection, for other components

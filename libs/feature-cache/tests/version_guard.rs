@@ -568,6 +568,7 @@ fn near_cache() -> NearCache {
 fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -> RedisTier {
     RedisTier::connect(&RedisConfig {
         url: redis.url(),
+        tls: Default::default(),
         timeout: Duration::from_secs(2),
         ttl: TtlPolicy {
             document_ttl,

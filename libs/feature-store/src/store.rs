@@ -26,9 +26,12 @@ const STATEMENT_OVERHEAD: usize = 1024;
 const MAX_WRITE_BATCH: usize = 100_000;
 
 /// Where the store lives and how long a call may take.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
-    /// A replica set (change streams need one).
+    /// A replica set (change streams need one). Credentials (`user:password@`,
+    /// `authSource`, `authMechanism`) and TLS (`tls=true`, `tlsCAFile`,
+    /// `tlsCertificateKeyFile`) go here and pass to the driver as they are;
+    /// never logged as is ([`telemetry::redact::url`]).
     pub uri: String,
     pub database: String,
     pub collection: String,
@@ -37,6 +40,18 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Reported to the server, so operators see who is connected.
     pub app_name: String,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("uri", &telemetry::redact::url(&self.uri))
+            .field("database", &self.database)
+            .field("collection", &self.collection)
+            .field("timeout", &self.timeout)
+            .field("app_name", &self.app_name)
+            .finish()
+    }
 }
 
 /// The result of a single upsert.

@@ -17,8 +17,9 @@ const CATCH_UP_BATCH: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
     /// The subscriber holds a connection of its own (a subscribed connection
-    /// serves nothing else).
-    pub redis_url: String,
+    /// serves nothing else), opened with this client (TLS and credentials
+    /// included; its `Debug` hides the password).
+    pub redis: redis::Client,
     pub channels: Channels,
     /// How often the stream's tail is compared with what was applied, so a
     /// message lost in a quiet period is noticed without waiting for the next.
@@ -116,8 +117,7 @@ impl Subscriber {
     /// One subscription's life: subscribe, catch up, then apply messages and
     /// check the stream's tail until the connection drops.
     async fn follow_once(&mut self) -> redis::RedisResult<()> {
-        let client = redis::Client::open(self.config.redis_url.as_str())?;
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = self.config.redis.get_async_pubsub().await?;
         pubsub.subscribe(&self.config.channels.channel).await?;
         if self.position.is_none() {
             tracing::info!(channel = %self.config.channels.channel, "subscribed to invalidations");

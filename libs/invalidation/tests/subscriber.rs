@@ -30,7 +30,7 @@ impl Replica {
         let manager = client.get_connection_manager().await.unwrap();
         let subscriber = Subscriber::new(
             SubscriberConfig {
-                redis_url: redis.url(),
+                redis: redis::Client::open(redis.url()).unwrap(),
                 channels: Channels {
                     channel: CHANNEL.into(),
                     stream: STREAM.into(),

@@ -20,10 +20,11 @@ pub use error::SettingsError;
 pub use table::{NAMES, Settings};
 
 use config::{Config, Environment, File, FileFormat};
-use feature_cache::{ControlKeys, NearCacheConfig, RedisConfig, TtlPolicy};
+use feature_cache::{ControlKeys, NearCacheConfig, RedisConfig, RedisTls, TtlPolicy};
 use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 /// How much longer than `MONGO_TIMEOUT_MS` a read may take (the store's
 /// client-side grace beyond the server's deadline).
@@ -83,6 +84,24 @@ pub fn load_from(
     Ok(settings)
 }
 
+/// A setting's value in `Debug` output, its secrets hidden: a value whose
+/// name says it is a secret (`…PASSWORD`, `…KEY`, `…KEYS`, `…SECRET`,
+/// `…TOKEN`) as `***`, and any value without its connection string password.
+pub(crate) struct Shown<'a, T>(pub &'static str, pub &'a T);
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shown<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shown(name, value) = self;
+        let secret = ["PASSWORD", "KEY", "KEYS", "SECRET", "TOKEN"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix));
+        if secret {
+            return f.write_str("\"***\"");
+        }
+        f.write_str(&telemetry::redact::url(&format!("{value:?}")))
+    }
+}
+
 /// The merged layers.
 pub(crate) struct Source(Config);
 
@@ -118,9 +137,20 @@ impl Settings {
         let host = self.redis_host.as_deref().unwrap_or("127.0.0.1");
         let port = self.redis_port.unwrap_or(6379);
         let db = self.redis_db.unwrap_or(0);
+        let url = format!("redis://{host}:{port}/{db}");
         match &self.redis_password {
-            Some(password) => format!("redis://:{password}@{host}:{port}/{db}"),
-            None => format!("redis://{host}:{port}/{db}"),
+            // Percent-encoded by the URL type, so any character is allowed.
+            Some(password) => {
+                let Ok(mut parsed) = url::Url::parse(&url) else {
+                    // A host the URL type refuses: validation reports it.
+                    return url;
+                };
+                match parsed.set_password(Some(password)) {
+                    Ok(()) => parsed.into(),
+                    Err(()) => url,
+                }
+            }
+            None => url,
         }
     }
 
@@ -138,6 +168,11 @@ impl Settings {
     pub fn redis_config(&self) -> RedisConfig {
         RedisConfig {
             url: self.redis_url(),
+            tls: RedisTls {
+                ca_file: self.redis_tls_ca_file.as_ref().map(PathBuf::from),
+                cert_file: self.redis_tls_cert_file.as_ref().map(PathBuf::from),
+                key_file: self.redis_tls_key_file.as_ref().map(PathBuf::from),
+            },
             timeout: self.redis_timeout,
             ttl: TtlPolicy {
                 document_ttl: self.redis_ttl,
@@ -165,9 +200,11 @@ impl Settings {
         }
     }
 
-    pub fn subscriber_config(&self) -> SubscriberConfig {
+    /// The invalidation subscriber, connecting with `redis` (the tier's
+    /// client, so TLS and credentials are the same).
+    pub fn subscriber_config(&self, redis: redis::Client) -> SubscriberConfig {
         SubscriberConfig {
-            redis_url: self.redis_url(),
+            redis,
             channels: self.channels(),
             check_interval: self.invalidation_check_interval,
         }
@@ -230,7 +267,37 @@ impl Settings {
                 format!("unsupported scheme {:?}", parsed.scheme()),
             ));
         }
-        Ok(())
+        self.validate_redis_tls(parsed.scheme())
+    }
+
+    /// TLS files only mean something for `rediss://`, and a client
+    /// certificate needs its key (and the other way round).
+    fn validate_redis_tls(&self, scheme: &str) -> Result<(), SettingsError> {
+        let files = [
+            ("REDIS_TLS_CA_FILE", &self.redis_tls_ca_file),
+            ("REDIS_TLS_CERT_FILE", &self.redis_tls_cert_file),
+            ("REDIS_TLS_KEY_FILE", &self.redis_tls_key_file),
+        ];
+        if scheme != "rediss"
+            && let Some((name, _)) = files.iter().find(|(_, value)| value.is_some())
+        {
+            return Err(SettingsError::contradiction(
+                name,
+                "REDIS_URL",
+                "TLS files are only used with a rediss:// URL".to_owned(),
+            ));
+        }
+        match (&self.redis_tls_cert_file, &self.redis_tls_key_file) {
+            (Some(_), None) => Err(SettingsError::invalid(
+                "REDIS_TLS_KEY_FILE",
+                "required with REDIS_TLS_CERT_FILE (the client certificate's key)",
+            )),
+            (None, Some(_)) => Err(SettingsError::invalid(
+                "REDIS_TLS_CERT_FILE",
+                "required with REDIS_TLS_KEY_FILE (the key's certificate)",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -17,9 +17,19 @@ macro_rules! settings {
         $field:ident: $ty:ty = $name:literal, $parse:path, $default:expr;
     )*) => {
         /// Every setting of the system; each binary reads the ones it needs.
-        #[derive(Debug, Clone)]
+        #[derive(Clone)]
         pub struct Settings {
             $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        /// Secrets are never shown: passwords and keys as `***`, connection
+        /// strings without their password.
+        impl std::fmt::Debug for Settings {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut shown = f.debug_struct("Settings");
+                $( shown.field(stringify!($field), &crate::Shown($name, &self.$field)); )*
+                shown.finish()
+            }
         }
 
         /// The environment variable of every setting (the TOML file's keys
@@ -59,6 +69,11 @@ settings! { binary =>
     redis_port: Option<u16> = "REDIS_PORT", opt_number, None;
     redis_db: Option<u32> = "REDIS_DB", opt_number, None;
     redis_password: Option<String> = "REDIS_PASSWORD", opt_string, None;
+    /// PEM CA certificate to trust for `rediss://` instead of the system's roots.
+    redis_tls_ca_file: Option<String> = "REDIS_TLS_CA_FILE", opt_string, None;
+    /// PEM client certificate and key, for a Redis that verifies clients.
+    redis_tls_cert_file: Option<String> = "REDIS_TLS_CERT_FILE", opt_string, None;
+    redis_tls_key_file: Option<String> = "REDIS_TLS_KEY_FILE", opt_string, None;
     /// How long a document may stay in Redis.
     redis_ttl: Duration = "REDIS_TTL", seconds, Some("604800");
     redis_timeout: Duration = "REDIS_TIMEOUT_MS", millis, Some("500");

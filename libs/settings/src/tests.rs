@@ -1,5 +1,6 @@
 use super::*;
 use invalidation::InvalidationMode;
+use std::path::Path;
 use std::time::Duration;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -205,4 +206,91 @@ fn hostile_values_are_errors_not_panics() {
             }
         }
     }
+}
+
+#[test]
+fn a_legacy_password_with_url_characters_reaches_redis_intact() {
+    use redis::IntoConnectionInfo;
+    let password = "p@ss:w/rd%#?& 1";
+    let s = load_from(
+        Defaults::API,
+        env(&[("REDIS_HOST", "cache"), ("REDIS_PASSWORD", password)]),
+    )
+    .unwrap();
+    let info = s.redis_url().into_connection_info().unwrap();
+    assert_eq!(info.redis_settings().password(), Some(password));
+    assert_eq!(info.redis_settings().username(), None);
+}
+
+#[test]
+fn redis_tls_files_need_a_rediss_url_and_come_in_pairs() {
+    let plain = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            ("REDIS_TLS_CA_FILE", "/ca.pem"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        plain.contains("REDIS_TLS_CA_FILE") && plain.contains("REDIS_URL"),
+        "{plain}"
+    );
+
+    let half = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_URL", "rediss://cache:6380/0"),
+            ("REDIS_TLS_CERT_FILE", "/client.pem"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(half.contains("REDIS_TLS_KEY_FILE"), "{half}");
+
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_URL", "rediss://app:secret@cache:6380/0"),
+            ("REDIS_TLS_CA_FILE", "/ca.pem"),
+            ("REDIS_TLS_CERT_FILE", "/client.pem"),
+            ("REDIS_TLS_KEY_FILE", "/client.key"),
+        ]),
+    )
+    .unwrap();
+    let config = s.redis_config();
+    assert_eq!(config.tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+    assert_eq!(
+        config.tls.key_file.as_deref(),
+        Some(Path::new("/client.key"))
+    );
+    // The password never shows in the configuration's Debug form.
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("secret") && shown.contains("app:***@cache"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn debug_output_shows_no_secret() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("REDIS_URL", "rediss://app:redis-secret@cache:6380/0"),
+            ("REDIS_PASSWORD", "legacy-secret"),
+            (
+                "MONGO_URI",
+                "mongodb://app:mongo-secret@m1:27017,m2:27017/?replicaSet=rs0",
+            ),
+        ]),
+    )
+    .unwrap();
+    let shown = format!("{s:?}");
+    for secret in ["redis-secret", "legacy-secret", "mongo-secret"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("app:***@m1:27017,m2:27017"), "{shown}");
+    assert!(shown.contains("mongo_db: \"cache_demo\""), "{shown}");
 }

@@ -10,11 +10,13 @@
 //! - [`errors`]: [`ErrorChain`], an error with its causes, for logs.
 //! - [`condition`]: [`Condition`], a state that goes bad and recovers (a store
 //!   down, a subscription lost), logged on its changes only.
+//! - [`redact`]: connection strings without their passwords, for logs.
 
 pub mod condition;
 pub mod errors;
 pub mod metrics;
 pub mod propagation;
+pub mod redact;
 pub mod shutdown;
 
 pub use condition::Condition;

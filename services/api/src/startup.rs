@@ -39,7 +39,7 @@ impl Application {
         // without a near cache there is nothing of its own to keep fresh.
         let subscriber = tiers.near_handle().map(|near| {
             Subscriber::new(
-                settings.subscriber_config(),
+                settings.subscriber_config(tiers.redis().client()),
                 near,
                 tiers.redis().connection(),
             )

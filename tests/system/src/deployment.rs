@@ -32,9 +32,11 @@ pub struct Options {
     pub lease_ms: u64,
     /// Another MongoDB than the test bed's (`MONGO_URI`).
     pub mongo_uri: Option<String>,
-    /// Extra settings of every process.
+    /// Extra settings of every process. `{redis_port}` in a value becomes
+    /// the deployment's Redis port (e.g. a `REDIS_URL` with an ACL user).
     pub env: Vec<(String, String)>,
-    /// Extra settings of the invalidators only (win over `env`).
+    /// Extra settings of the invalidators only (win over `env`; same
+    /// `{redis_port}` substitution).
     pub invalidator_env: Vec<(String, String)>,
     /// Extra flags of the deployment's `redis-server`.
     pub redis_args: Vec<String>,
@@ -102,6 +104,12 @@ impl Deployment {
 
         let lease = options.lease_ms.to_string();
         let redis_url = redis.url();
+        let redis_port = redis.port().to_string();
+        let with_port = |vars: &[(String, String)]| -> Vec<(String, String)> {
+            vars.iter()
+                .map(|(k, v)| (k.clone(), v.replace("{redis_port}", &redis_port)))
+                .collect()
+        };
         let base: Vec<(String, String)> = [
             ("REDIS_URL", redis_url.as_str()),
             ("MONGO_URI", mongo_uri.as_str()),
@@ -110,14 +118,14 @@ impl Deployment {
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .chain(options.env.iter().cloned())
+        .chain(with_port(&options.env))
         .collect();
 
         let mut invalidators = Vec::new();
         for n in 0..options.invalidators {
             let mut env = base.clone();
             env.push(("INSTANCE_ID".into(), format!("inv-{n}")));
-            env.extend(options.invalidator_env.iter().cloned());
+            env.extend(with_port(&options.invalidator_env));
             invalidators.push(
                 start_service(&format!("inv-{n}"), &invalidator_bin(), &env, "/health").await,
             );

@@ -25,6 +25,8 @@
 //! - [`otlp`]: [`otlp::OtlpReceiver`], an OTLP/HTTP receiver that decodes spans.
 //! - [`prometheus`]: reading values out of the Prometheus text format.
 //! - [`logs`]: [`CapturedLogs`], what `tracing` wrote during a test.
+//! - [`tls`]: [`tls::TestCa`], a private CA with server and client
+//!   certificates (for `rediss://`).
 //!
 //! The services come from the test bed: run the tests through
 //! `scripts/test.sh`, or `cargo xtask testbed up DIR` and source `DIR/env`
@@ -43,6 +45,7 @@ pub mod redis;
 pub mod secantus;
 pub mod services;
 pub mod state;
+pub mod tls;
 pub mod wait;
 
 pub use logs::CapturedLogs;

@@ -25,6 +25,26 @@ pub fn launch(server: &Path, port: u16, dir: &Path) -> std::io::Result<Launch> {
         .timeout(START_TIMEOUT))
 }
 
+/// Extra `redis-server` flags for a TLS port `tls_port` beside the plain one
+/// (which stays, for the test's own probes and checks), with the server
+/// certificate of `ca`; `verify_clients` asks clients for a certificate of
+/// that CA too. Clients reach it at `rediss://127.0.0.1:{tls_port}/0`.
+pub fn tls_args(ca: &crate::tls::TestCa, tls_port: u16, verify_clients: bool) -> Vec<String> {
+    let path = |p: PathBuf| p.display().to_string();
+    vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        path(ca.server_cert()),
+        "--tls-key-file".into(),
+        path(ca.server_key()),
+        "--tls-ca-cert-file".into(),
+        path(ca.ca_cert()),
+        "--tls-auth-clients".into(),
+        if verify_clients { "yes" } else { "no" }.into(),
+    ]
+}
+
 /// `$REDIS_SERVER` (set by the test bed), else `redis-server` from `PATH`.
 pub fn server_path() -> PathBuf {
     std::env::var_os("REDIS_SERVER")

@@ -2,12 +2,15 @@
 //! more `cache-api` replicas) over a Redis and a database of each test's own.
 //! See `system_tests::Deployment` for the arrangement.
 
+mod compose;
 mod convergence;
 mod failover;
 mod feed;
 mod foreign_writes;
 mod gaps;
+mod load_balancer;
 mod memory_pressure;
 mod propagation;
 mod quickstart;
 mod tracing;
+mod transport;
