@@ -91,6 +91,7 @@ impl Deployment {
         let mongo = mongodb::Client::with_uri_str(&mongo_uri)
             .await
             .expect("mongodb client");
+        testkit::mongo::create_feature_collection(&mongo, &db_name).await;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(16)

@@ -60,6 +60,26 @@ pub async fn client() -> Client {
         .unwrap_or_else(|err| panic!("invalid MONGO_URI {uri:?}: {err}"))
 }
 
+/// Creates the feature collection of `db` before any service uses it.
+///
+/// A service creates it implicitly with its first write while it ensures
+/// its TTL index in the background; SecantusDB can deadlock when both create
+/// one collection at the same moment (TESTING.md, "Differences"), which
+/// MongoDB does not. Tests that give a service a fresh database create the
+/// collection first.
+pub async fn create_feature_collection(client: &Client, db: &str) {
+    let database = client.database(db);
+    let create = database.create_collection(DEFAULT_COLLECTION);
+    match tokio::time::timeout(ANSWER_TIMEOUT, create).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => panic!("cannot create {db}.{DEFAULT_COLLECTION}: {err}"),
+        Err(_) => panic!(
+            "MongoDB did not create {db}.{DEFAULT_COLLECTION} within {} s",
+            ANSWER_TIMEOUT.as_secs()
+        ),
+    }
+}
+
 /// A database of the test's own on the test bed's MongoDB. Call
 /// [`TestDb::drop_db`] at the end of the test to remove it.
 #[derive(Clone)]
@@ -69,18 +89,17 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh, uniquely named database (created by the first write to it).
+    /// A fresh, uniquely named database with its feature collection.
     pub async fn new(prefix: &str) -> Self {
-        Self::on(client().await, prefix)
+        Self::on(client().await, prefix).await
     }
 
     /// As [`TestDb::new`], on the server `client` reaches (e.g. a
     /// [`crate::secantus::TestMongo`] of the test's own).
-    pub fn on(client: Client, prefix: &str) -> Self {
-        Self {
-            client,
-            name: unique_db(prefix),
-        }
+    pub async fn on(client: Client, prefix: &str) -> Self {
+        let name = unique_db(prefix);
+        create_feature_collection(&client, &name).await;
+        Self { client, name }
     }
 
     pub fn name(&self) -> &str {

@@ -12,6 +12,7 @@ use bson::{Bson, Document, doc};
 use redis::AsyncCommands;
 use serde_json::json;
 use std::time::Duration;
+use testkit::mongo::create_feature_collection;
 use testkit::secantus::TestMongo;
 use testkit::{TestRedis, eventually, unique_db};
 
@@ -27,6 +28,7 @@ impl Bed {
         let mongo = TestMongo::start(mongo_args).await;
         let redis = TestRedis::start().await;
         let db = unique_db(prefix);
+        create_feature_collection(&mongo.client().await, &db).await;
         // An error injected by `failCommand` changes nothing on the server,
         // so the driver's streaming monitor (which marks the server unknown
         // after a "not primary" error) only hears of it again at its next
@@ -201,9 +203,11 @@ async fn the_write_concern_of_the_uri_applies_to_every_write() {
     let mongo = TestMongo::start(&[]).await;
     let redis = TestRedis::start().await;
     let uri = format!("{}&w=2", mongo.uri());
+    let db = unique_db("outcomes_w2");
+    create_feature_collection(&mongo.client().await, &db).await;
     let api = TestApi::start(
         &redis.url(),
-        &unique_db("outcomes_w2"),
+        &db,
         env(&[("MONGO_URI", &uri), ("LOCAL_CACHE_ENABLED", "false")]),
     )
     .await;

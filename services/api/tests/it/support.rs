@@ -61,6 +61,11 @@ impl TestApi {
             ("REDIS_URL", redis_url),
             ("MONGO_DB", mongo_db),
             ("LOG_FORMAT", "json"),
+            // The shared MongoDB stand-in serves every test at once: on a busy
+            // machine the production deadline (2 s) turns slowness into 503s
+            // that tests of other things would trip over. Tests of deadlines
+            // set their own.
+            ("MONGO_TIMEOUT_MS", "10000"),
         ]);
         vars.insert(
             "INSTANCE_ID".into(),
@@ -277,7 +282,7 @@ impl TestStack {
     pub async fn start_on_own_mongo(prefix: &str, overrides: &[(&str, &str)]) -> Self {
         let mongo = TestMongo::start(&[]).await;
         let redis = TestRedis::start().await;
-        let db = TestDb::on(mongo.client().await, prefix);
+        let db = TestDb::on(mongo.client().await, prefix).await;
         let uri = mongo.uri();
         let mut settings = vec![("MONGO_URI", uri.as_str())];
         settings.extend_from_slice(overrides);
