@@ -150,6 +150,7 @@ impl Settings {
     pub fn near_cache_config(&self) -> Option<NearCacheConfig> {
         self.local_cache_enabled.then_some(NearCacheConfig {
             max_entries: self.local_cache_max_entries,
+            max_bytes: self.local_cache_max_bytes,
             ttl: self.local_cache_ttl,
         })
     }
@@ -221,6 +222,7 @@ impl Settings {
                 ),
             ));
         }
+        self.validate_limits()?;
         let url = self.redis_url();
         let parsed = url::Url::parse(&url)
             .map_err(|e| SettingsError::invalid("REDIS_URL", e.to_string()))?;
@@ -228,6 +230,71 @@ impl Settings {
             return Err(SettingsError::invalid(
                 "REDIS_URL",
                 format!("unsupported scheme {:?}", parsed.scheme()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The limits' contradictions (SECURITY.md, "Limits").
+    fn validate_limits(&self) -> Result<(), SettingsError> {
+        // hyper's header timer also runs while a kept-alive connection waits
+        // for its next request, so a longer idle timeout would never apply.
+        if self.http_idle_timeout > self.http_header_read_timeout {
+            return Err(SettingsError::contradiction(
+                "HTTP_IDLE_TIMEOUT_MS",
+                "HTTP_HEADER_READ_TIMEOUT_MS",
+                format!(
+                    "{} ms idle is longer than the {} ms header timeout, which also closes idle connections: it would never apply",
+                    self.http_idle_timeout.as_millis(),
+                    self.http_header_read_timeout.as_millis()
+                ),
+            ));
+        }
+        let longest_read = self.mongo_timeout.saturating_add(READ_GRACE);
+        if self.http_request_timeout < longest_read {
+            return Err(SettingsError::contradiction(
+                "HTTP_REQUEST_TIMEOUT_MS",
+                "MONGO_TIMEOUT_MS",
+                format!(
+                    "{} ms is shorter than one MongoDB read may take ({} ms): misses would time out while MongoDB still answers",
+                    self.http_request_timeout.as_millis(),
+                    longest_read.as_millis()
+                ),
+            ));
+        }
+        if self.max_document_bytes > self.max_body_bytes {
+            return Err(SettingsError::contradiction(
+                "MAX_DOCUMENT_BYTES",
+                "MAX_BODY_BYTES",
+                format!(
+                    "a document of {} bytes cannot arrive in a body of at most {} bytes",
+                    self.max_document_bytes, self.max_body_bytes
+                ),
+            ));
+        }
+        if self.max_batch_response_bytes < self.max_document_bytes {
+            return Err(SettingsError::contradiction(
+                "MAX_BATCH_RESPONSE_BYTES",
+                "MAX_DOCUMENT_BYTES",
+                format!(
+                    "a batch response of at most {} bytes cannot carry one document of {} bytes",
+                    self.max_batch_response_bytes, self.max_document_bytes
+                ),
+            ));
+        }
+        if self.local_cache_enabled
+            && usize::try_from(self.local_cache_max_bytes).unwrap_or(usize::MAX)
+                < self.max_document_bytes
+        {
+            return Err(SettingsError::contradiction(
+                "LOCAL_CACHE_MAX_BYTES",
+                "MAX_DOCUMENT_BYTES",
+                format!(
+                    "a near cache of {} bytes cannot hold one document of {} bytes",
+                    self.local_cache_max_bytes, self.max_document_bytes
+                ),
             ));
         }
         Ok(())
