@@ -418,6 +418,15 @@ impl RedisTier {
         }
     }
 
+    /// Round-trip time of a `PING`.
+    pub async fn ping(&self) -> Result<Duration, TierError> {
+        let started = Instant::now();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(started.elapsed())
+    }
+
     pub async fn health(&self) -> Result<RedisHealth, TierError> {
         let mut conn = self.conn.clone();
         let started = Instant::now();
