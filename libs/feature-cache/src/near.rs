@@ -228,3 +228,59 @@ impl CacheTier for NearCache {
         Ok(NearCache::offer(self, entry))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::CachedDocument;
+    use std::sync::Arc;
+
+    fn document(id: &str, bytes: usize) -> Entry {
+        let json = format!(r#"{{"customer_id":"{id}","blob":"{}"}}"#, "x".repeat(bytes));
+        Entry::Document(Arc::new(CachedDocument {
+            customer_id: id.to_owned(),
+            version: 1,
+            expires_at: None,
+            json: serde_json::value::RawValue::from_string(json).unwrap(),
+        }))
+    }
+
+    /// Filled far past its bound in bytes, the near cache evicts: what it
+    /// holds weighs at most the bound, and the newest entries are there.
+    #[test]
+    fn the_near_cache_stays_within_its_bound_in_bytes() {
+        let max_bytes = 50_000;
+        let near = NearCache::new(&NearCacheConfig {
+            max_entries: 100_000,
+            max_bytes,
+            ttl: Duration::from_secs(600),
+        });
+        let ids: Vec<String> = (0..200).map(|i| format!("C{i}")).collect();
+        for id in &ids {
+            assert!(near.offer(document(id, 2_000)));
+        }
+        let weighed = near.weighted_size();
+        assert!(weighed <= max_bytes, "{weighed} > {max_bytes}");
+        let held = near.len();
+        assert!(held > 0 && held < 200, "{held} entries held");
+        // Each entry weighs its JSON, its key and the overhead.
+        let one = weight("C1", &document("C1", 2_000));
+        assert!(one > 2_000);
+        assert!(held * one <= max_bytes, "{held} × {one}");
+    }
+
+    /// The entry bound still holds: small entries weigh at least
+    /// `max_bytes / max_entries` each.
+    #[test]
+    fn the_entry_bound_still_holds_for_small_entries() {
+        let near = NearCache::new(&NearCacheConfig {
+            max_entries: 10,
+            max_bytes: 1 << 30,
+            ttl: Duration::from_secs(600),
+        });
+        for i in 0..100 {
+            near.offer(document(&format!("S{i}"), 1));
+        }
+        assert!(near.len() <= 10, "{} entries", near.len());
+    }
+}

@@ -3,6 +3,7 @@
 //! See `system_tests::Deployment` for the arrangement.
 
 mod convergence;
+mod drain;
 mod failover;
 mod feed;
 mod foreign_writes;
