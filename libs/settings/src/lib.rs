@@ -252,28 +252,13 @@ impl Settings {
                 ),
             ));
         }
-        let longest_read = self.mongo_timeout.saturating_add(READ_GRACE);
-        if self.http_request_timeout < longest_read {
-            return Err(SettingsError::contradiction(
-                "HTTP_REQUEST_TIMEOUT_MS",
-                "MONGO_TIMEOUT_MS",
-                format!(
-                    "{} ms is shorter than one MongoDB read may take ({} ms): misses would time out while MongoDB still answers",
-                    self.http_request_timeout.as_millis(),
-                    longest_read.as_millis()
-                ),
-            ));
-        }
-        if self.max_document_bytes > self.max_body_bytes {
-            return Err(SettingsError::contradiction(
-                "MAX_DOCUMENT_BYTES",
-                "MAX_BODY_BYTES",
-                format!(
-                    "a document of {} bytes cannot arrive in a body of at most {} bytes",
-                    self.max_document_bytes, self.max_body_bytes
-                ),
-            ));
-        }
+        // HTTP_REQUEST_TIMEOUT_MS below MONGO_TIMEOUT_MS is not refused:
+        // every binary reads the same settings, and tools (cachectl populate)
+        // run with long MongoDB timeouts the API's default deadline is below.
+        // A document bound above MAX_BODY_BYTES, or a near cache smaller
+        // than one document, is not refused: the smaller bound simply wins
+        // (a body that large never arrives; a document that large is not
+        // kept near), and the original's MAX_BODY_BYTES alone stays valid.
         if self.max_batch_response_bytes < self.max_document_bytes {
             return Err(SettingsError::contradiction(
                 "MAX_BATCH_RESPONSE_BYTES",
@@ -281,19 +266,6 @@ impl Settings {
                 format!(
                     "a batch response of at most {} bytes cannot carry one document of {} bytes",
                     self.max_batch_response_bytes, self.max_document_bytes
-                ),
-            ));
-        }
-        if self.local_cache_enabled
-            && usize::try_from(self.local_cache_max_bytes).unwrap_or(usize::MAX)
-                < self.max_document_bytes
-        {
-            return Err(SettingsError::contradiction(
-                "LOCAL_CACHE_MAX_BYTES",
-                "MAX_DOCUMENT_BYTES",
-                format!(
-                    "a near cache of {} bytes cannot hold one document of {} bytes",
-                    self.local_cache_max_bytes, self.max_document_bytes
                 ),
             ));
         }

@@ -155,20 +155,8 @@ fn settings_that_contradict_each_other_are_refused_naming_both() {
             ["HTTP_IDLE_TIMEOUT_MS", "HTTP_HEADER_READ_TIMEOUT_MS"],
         ),
         (
-            vec![("HTTP_REQUEST_TIMEOUT_MS", "1000")],
-            ["HTTP_REQUEST_TIMEOUT_MS", "MONGO_TIMEOUT_MS"],
-        ),
-        (
-            vec![("MAX_DOCUMENT_BYTES", "2000000")],
-            ["MAX_DOCUMENT_BYTES", "MAX_BODY_BYTES"],
-        ),
-        (
             vec![("MAX_BATCH_RESPONSE_BYTES", "1000")],
             ["MAX_BATCH_RESPONSE_BYTES", "MAX_DOCUMENT_BYTES"],
-        ),
-        (
-            vec![("LOCAL_CACHE_MAX_BYTES", "1000")],
-            ["LOCAL_CACHE_MAX_BYTES", "MAX_DOCUMENT_BYTES"],
         ),
     ] {
         let err = load_from(Defaults::API, env(&pairs))
