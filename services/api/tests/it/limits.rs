@@ -522,3 +522,53 @@ async fn probes_follow_a_redis_outage() {
     without_near.shutdown().await.unwrap();
     stack.finish().await;
 }
+
+/// Bulk writes that hold MongoDB (their `update` commands held 3 s on the
+/// server by a fail point) leave connections to single-key reads: a GET
+/// that needs MongoDB is answered, not 503 after waiting for a permit.
+/// Runs a stand-in of its own (fail points need `--enable-test-commands`).
+#[tokio::test]
+async fn bulk_writes_holding_mongodb_leave_single_key_reads_served() {
+    let mongo = testkit::secantus::TestMongo::start(&["--enable-test-commands"]).await;
+    let redis = TestRedis::start().await;
+    let db = unique_db("limits_fairness");
+    let uri = mongo.uri();
+    let api = TestApi::start(
+        &redis.url(),
+        &db,
+        env(&[NEAR_OFF, ("MONGO_URI", &uri), ("MONGO_TIMEOUT_MS", "1000")]),
+    )
+    .await;
+    mongo
+        .client()
+        .await
+        .database("admin")
+        .run_command(bson::doc! {
+            "configureFailPoint": "failCommand",
+            "mode": { "times": 50 },
+            "data": {
+                "failCommands": ["update"],
+                "blockConnection": true,
+                "blockTimeMS": 3000,
+            },
+        })
+        .await
+        .expect("configureFailPoint (needs --enable-test-commands)");
+    // More bulk writes than the pool has connections.
+    let bodies: Vec<Value> = (0..12)
+        .map(|i| json!({"features_list": [{"customer_id": format!("BULK{i}"), "features": {}}]}))
+        .collect();
+    let bulks = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|body| api.post("/api/features/bulk/", body)),
+    );
+    let single = async {
+        // Let the bulk writes take what they can first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        api.get("/api/features/NOT_THERE/").await
+    };
+    let (_, single) = tokio::join!(bulks, single);
+    single.expect_error(404, "not_found");
+    api.shutdown().await.unwrap();
+}
