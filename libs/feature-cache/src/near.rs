@@ -15,11 +15,32 @@ const STRIPES: usize = 4096;
 #[derive(Debug, Clone, Copy)]
 pub struct NearCacheConfig {
     pub max_entries: u64,
+    /// What the entries may weigh together ([`weight`]).
+    pub max_bytes: u64,
     pub ttl: Duration,
 }
 
-/// The in-process near cache: bounded by entries and a short TTL, guarded by
-/// version like every tier.
+/// Bytes an entry costs beyond its key and JSON: the map slot, the `Arc`,
+/// moka's bookkeeping; roughly, and on the generous side.
+const ENTRY_OVERHEAD: u64 = 160;
+
+/// What one entry weighs: its key, its rendered JSON and the overhead.
+pub fn weight(key: &str, entry: &Entry) -> u64 {
+    let body = match entry {
+        Entry::Document(doc) => doc.json.get().len() + doc.customer_id.len(),
+        Entry::Floor { customer_id, .. } | Entry::Tombstone { customer_id, .. } => {
+            customer_id.len()
+        }
+    };
+    (key.len() + body) as u64 + ENTRY_OVERHEAD
+}
+
+/// The in-process near cache: bounded by entries, by bytes and a short TTL,
+/// guarded by version like every tier.
+///
+/// moka bounds one measure, so both bounds become one: the cache holds
+/// `max_bytes` of weight, and each entry weighs at least
+/// `max_bytes / max_entries`, so neither more entries nor more bytes fit.
 ///
 /// A fill is accepted only if nothing invalidated its key since the fill
 /// began: a flush advances the epoch; each key's invalidations advance a
@@ -59,8 +80,12 @@ pub struct Ticket {
 impl NearCache {
     pub fn new(config: &NearCacheConfig) -> Self {
         let hasher = foldhash::fast::RandomState::default();
+        let min_weight = (config.max_bytes / config.max_entries.max(1)).max(1);
         let entries = Cache::builder()
-            .max_capacity(config.max_entries)
+            .max_capacity(config.max_bytes)
+            .weigher(move |key: &String, entry: &Entry| {
+                u32::try_from(weight(key, entry).max(min_weight)).unwrap_or(u32::MAX)
+            })
             .time_to_live(config.ttl)
             .eviction_listener(|_key, _value, cause| {
                 let cause = match cause {
@@ -168,6 +193,13 @@ impl NearCache {
         self.entries.entry_count()
     }
 
+    /// What the entries weigh together (at least [`weight`] each), after
+    /// pending evictions ran.
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -194,5 +226,61 @@ impl CacheTier for NearCache {
 
     async fn offer(&self, entry: Entry) -> Result<bool, TierError> {
         Ok(NearCache::offer(self, entry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::CachedDocument;
+    use std::sync::Arc;
+
+    fn document(id: &str, bytes: usize) -> Entry {
+        let json = format!(r#"{{"customer_id":"{id}","blob":"{}"}}"#, "x".repeat(bytes));
+        Entry::Document(Arc::new(CachedDocument {
+            customer_id: id.to_owned(),
+            version: 1,
+            expires_at: None,
+            json: serde_json::value::RawValue::from_string(json).unwrap(),
+        }))
+    }
+
+    /// Filled far past its bound in bytes, the near cache evicts: what it
+    /// holds weighs at most the bound, and the newest entries are there.
+    #[test]
+    fn the_near_cache_stays_within_its_bound_in_bytes() {
+        let max_bytes = 50_000;
+        let near = NearCache::new(&NearCacheConfig {
+            max_entries: 100_000,
+            max_bytes,
+            ttl: Duration::from_secs(600),
+        });
+        let ids: Vec<String> = (0..200).map(|i| format!("C{i}")).collect();
+        for id in &ids {
+            assert!(near.offer(document(id, 2_000)));
+        }
+        let weighed = near.weighted_size();
+        assert!(weighed <= max_bytes, "{weighed} > {max_bytes}");
+        let held = near.len();
+        assert!(held > 0 && held < 200, "{held} entries held");
+        // Each entry weighs its JSON, its key and the overhead.
+        let one = weight("C1", &document("C1", 2_000));
+        assert!(one > 2_000);
+        assert!(held * one <= max_bytes, "{held} × {one}");
+    }
+
+    /// The entry bound still holds: small entries weigh at least
+    /// `max_bytes / max_entries` each.
+    #[test]
+    fn the_entry_bound_still_holds_for_small_entries() {
+        let near = NearCache::new(&NearCacheConfig {
+            max_entries: 10,
+            max_bytes: 1 << 30,
+            ttl: Duration::from_secs(600),
+        });
+        for i in 0..100 {
+            near.offer(document(&format!("S{i}"), 1));
+        }
+        assert!(near.len() <= 10, "{} entries", near.len());
     }
 }

@@ -150,6 +150,12 @@ const GUARD_SCRIPT: &str = include_str!("lua/guarded_set.lua");
 /// Reserves a key for a fill: `KEYS[1]`; `ARGV[1..3]` token, TTL in ms and
 /// the horizon.
 const RESERVE_SCRIPT: &str = include_str!("lua/reserve.lua");
+/// The most keys of one MGET or commands of one pipeline. Commands on the
+/// shared multiplexed connection are answered in order, so one batch of a
+/// thousand keys sent at once would hold every single-key read behind it;
+/// sent in chunks, other requests' commands go out between them.
+pub const PIPELINE_CHUNK: usize = 100;
+
 /// How far ahead of now a version may be before it is taken for forged: no
 /// version MongoDB gives (its clock × 1000) can be further ahead than clock
 /// skew, and a forged entry can pin a document no longer than this.
@@ -334,23 +340,24 @@ impl RedisTier {
         ))
     }
 
-    /// One MGET for many customers.
+    /// One MGET per [`PIPELINE_CHUNK`] customers.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "MGET", count = customer_ids.len()))]
     pub async fn get_many(&self, customer_ids: &[&str]) -> Result<Vec<Option<Entry>>, TierError> {
-        if customer_ids.is_empty() {
-            return Ok(Vec::new());
+        let mut entries = Vec::with_capacity(customer_ids.len());
+        for chunk in customer_ids.chunks(PIPELINE_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|id| document_key(id)).collect();
+            let raw: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut self.conn.clone())
+                .await
+                .inspect_err(|_| count_error("MGET"))?;
+            entries.extend(
+                chunk.iter().zip(raw).map(|(id, raw)| {
+                    believable(raw.and_then(|raw| Entry::from_redis_value(id, raw)))
+                }),
+            );
         }
-        let keys: Vec<String> = customer_ids.iter().map(|id| document_key(id)).collect();
-        let raw: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut self.conn.clone())
-            .await
-            .inspect_err(|_| count_error("MGET"))?;
-        Ok(customer_ids
-            .iter()
-            .zip(raw)
-            .map(|(id, raw)| believable(raw.and_then(|raw| Entry::from_redis_value(id, raw))))
-            .collect())
+        Ok(entries)
     }
 
     /// Offers many entries through the guard in one pipeline, as an ordered
@@ -371,46 +378,51 @@ impl RedisTier {
             return Ok(Vec::new());
         }
         let ttl_ms = millis(self.ttl.marker_ttl);
-        let mut pipe = redis::pipe();
-        for id in customer_ids {
-            let mut invocation = self.reserve.prepare_invoke();
-            invocation
-                .key(document_key(id))
-                .arg(new_token())
-                .arg(ttl_ms)
-                .arg(horizon());
-            pipe.invoke_script(&invocation);
+        let mut reservations = Vec::with_capacity(customer_ids.len());
+        for chunk in customer_ids.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                let mut invocation = self.reserve.prepare_invoke();
+                invocation
+                    .key(document_key(id))
+                    .arg(new_token())
+                    .arg(ttl_ms)
+                    .arg(horizon());
+                pipe.invoke_script(&invocation);
+            }
+            let replies: Vec<(String, String)> = self.query_scripts(&pipe, &self.reserve).await?;
+            reservations.extend(chunk.iter().zip(replies).map(|(id, (kind, payload))| {
+                match kind.as_str() {
+                    "document" => match believable(Entry::from_redis_value(id, payload)) {
+                        Some(entry @ Entry::Document(_)) => Reservation::Document(entry),
+                        // Not a document we can read: fill as if it held one.
+                        _ => Reservation::Reserved(Writer::Held),
+                    },
+                    _ => Reservation::Reserved(Writer::Reserved(payload)),
+                }
+            }));
         }
-        let replies: Vec<(String, String)> = self.query_scripts(&pipe, &self.reserve).await?;
-        Ok(customer_ids
-            .iter()
-            .zip(replies)
-            .map(|(id, (kind, payload))| match kind.as_str() {
-                "document" => match believable(Entry::from_redis_value(id, payload)) {
-                    Some(entry @ Entry::Document(_)) => Reservation::Document(entry),
-                    // Not a document we can read: fill as if it held one.
-                    _ => Reservation::Reserved(Writer::Held),
-                },
-                _ => Reservation::Reserved(Writer::Reserved(payload)),
-            })
-            .collect())
+        Ok(reservations)
     }
 
     /// Gives up reservations whose reads found nothing to fill (one
     /// pipeline); keys that changed since are left alone.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = reservations.len()))]
     pub async fn release_many(&self, reservations: &[(&str, &Writer)]) -> Result<(), TierError> {
-        let mut pipe = redis::pipe();
-        let mut any = false;
-        for (id, writer) in reservations {
-            if let Writer::Reserved(token) = writer {
+        let tokens: Vec<(&str, &String)> = reservations
+            .iter()
+            .filter_map(|(id, writer)| match writer {
+                Writer::Reserved(token) => Some((*id, token)),
+                _ => None,
+            })
+            .collect();
+        for chunk in tokens.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (id, token) in chunk {
                 let mut invocation = self.release.prepare_invoke();
-                invocation.key(document_key(id)).arg(token);
+                invocation.key(document_key(id)).arg(*token);
                 pipe.invoke_script(&invocation);
-                any = true;
             }
-        }
-        if any {
             let _: Vec<i64> = self.query_scripts(&pipe, &self.release).await?;
         }
         Ok(())
@@ -420,23 +432,24 @@ impl RedisTier {
     /// writer. An expired document is not offered (it counts as refused).
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = writes.len()))]
     pub async fn fill_many(&self, writes: &[(Entry, Writer)]) -> Result<Vec<Offer>, TierError> {
-        let mut pipe = redis::pipe();
-        let mut offered = Vec::with_capacity(writes.len());
-        for (index, (entry, writer)) in writes.iter().enumerate() {
-            if let Some(ttl_ms) = self.ttl.ttl_ms_of(entry) {
-                let mut invocation = self.guard.prepare_invoke();
-                guard_args(&mut invocation, entry, ttl_ms, writer);
-                pipe.invoke_script(&invocation);
-                offered.push(index);
-            }
-        }
+        let offered: Vec<(usize, u64)> = writes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, (entry, _))| Some((index, self.ttl.ttl_ms_of(entry)?)))
+            .collect();
         let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
-        if offered.is_empty() {
-            return Ok(outcomes);
-        }
-        let replies: Vec<Vec<redis::Value>> = self.query_scripts(&pipe, &self.guard).await?;
-        for (index, reply) in offered.into_iter().zip(replies) {
-            outcomes[index] = Offer::of_reply(&reply);
+        for chunk in offered.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (index, ttl_ms) in chunk {
+                let (entry, writer) = &writes[*index];
+                let mut invocation = self.guard.prepare_invoke();
+                guard_args(&mut invocation, entry, *ttl_ms, writer);
+                pipe.invoke_script(&invocation);
+            }
+            let replies: Vec<Vec<redis::Value>> = self.query_scripts(&pipe, &self.guard).await?;
+            for ((index, _), reply) in chunk.iter().zip(replies) {
+                outcomes[*index] = Offer::of_reply(&reply);
+            }
         }
         Ok(outcomes)
     }
@@ -510,6 +523,15 @@ impl RedisTier {
             }
             cursor = next;
         }
+    }
+
+    /// Round-trip time of a `PING`.
+    pub async fn ping(&self) -> Result<Duration, TierError> {
+        let started = Instant::now();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(started.elapsed())
     }
 
     pub async fn health(&self) -> Result<RedisHealth, TierError> {

@@ -561,6 +561,7 @@ async fn concurrent_readers_and_writer_leave_the_latest_version_cached() {
 fn near_cache() -> NearCache {
     NearCache::new(&NearCacheConfig {
         max_entries: 1000,
+        max_bytes: 64 << 20,
         ttl: Duration::from_secs(60),
     })
 }

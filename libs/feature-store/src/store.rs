@@ -1,4 +1,4 @@
-use crate::calls::CallLimiter;
+use crate::calls::{CallClass, CallLimiter};
 use crate::codec::{self, field};
 use crate::error::{self, FailedAttempt, StoreError, server_code};
 use crate::model::{CustomerId, FeatureDocument, FeatureWrite};
@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 
 /// MongoDB error code for a duplicate key.
 const DUPLICATE_KEY: i32 = 11000;
-/// Calls in flight at once, and the size of the driver's connection pool.
+/// Request calls in flight at once; the driver's pool has one connection
+/// more, for health probes.
 const MAX_IN_FLIGHT: u32 = 10;
+/// Connections bulk writes and batch reads leave to single-key calls.
+const SINGLE_KEY_RESERVE: usize = 3;
 /// Documents of a bulk operation per extra `timeout` it is allowed.
 const BULK_ITEMS_PER_TIMEOUT: usize = 100;
 /// How often an upsert that collided with a concurrent insert of the same id is tried.
@@ -85,7 +88,7 @@ impl FeatureStore {
         options.app_name = Some(config.app_name.clone());
         options.server_selection_timeout = Some(config.timeout);
         options.connect_timeout = Some(config.timeout);
-        options.max_pool_size = Some(MAX_IN_FLIGHT);
+        options.max_pool_size = Some(MAX_IN_FLIGHT + 1);
         monitor::install(&mut options);
         let write_concern = match &options.write_concern {
             Some(concern) => Some(
@@ -103,7 +106,7 @@ impl FeatureStore {
             database,
             collection,
             timeout: config.timeout,
-            calls: CallLimiter::new(MAX_IN_FLIGHT as usize),
+            calls: CallLimiter::new(MAX_IN_FLIGHT as usize, SINGLE_KEY_RESERVE),
             write_concern,
         })
     }
@@ -133,9 +136,11 @@ impl FeatureStore {
             )
             .build();
         let (collection, timeout) = (self.collection.clone(), self.timeout);
-        self.bounded(async move { collection.create_index(index).max_time(timeout).await })
-            .await
-            .map(|_| ())
+        self.bounded(CallClass::Probe, async move {
+            collection.create_index(index).max_time(timeout).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Round-trip time of a `ping`.
@@ -143,14 +148,16 @@ impl FeatureStore {
         let started = Instant::now();
         let database = self.database.clone();
         let command = doc! { "ping": 1, "maxTimeMS": millis(self.timeout) };
-        self.bounded(async move { database.run_command(command).await })
-            .await?;
+        self.bounded(CallClass::Probe, async move {
+            database.run_command(command).await
+        })
+        .await?;
         Ok(started.elapsed())
     }
 
     pub async fn count(&self) -> Result<u64, StoreError> {
         let (collection, timeout) = (self.collection.clone(), self.timeout);
-        self.bounded(async move {
+        self.bounded(CallClass::Probe, async move {
             collection
                 .estimated_document_count()
                 .max_time(timeout)
@@ -165,7 +172,9 @@ impl FeatureStore {
         let (collection, timeout) = (self.collection.clone(), self.timeout);
         let filter = doc! { field::ID: id.as_str() };
         let found = self
-            .bounded(async move { collection.find_one(filter).max_time(timeout).await })
+            .bounded(CallClass::SingleKey, async move {
+                collection.find_one(filter).max_time(timeout).await
+            })
             .await?;
         let now = Utc::now();
         match found {
@@ -189,7 +198,7 @@ impl FeatureStore {
         let collection = self.collection.clone();
         let raw: Vec<Document> = self
             .calls
-            .run(allowance, async move {
+            .run(CallClass::Bulk, allowance, async move {
                 collection
                     .find(filter)
                     .max_time(allowance)
@@ -231,7 +240,10 @@ impl FeatureStore {
             "maxTimeMS": millis(self.timeout),
         });
         for attempt in 1..=UPSERT_ATTEMPTS {
-            let reply = match self.send_write(self.timeout, &command).await {
+            let reply = match self
+                .send_write(CallClass::SingleKey, self.timeout, &command)
+                .await
+            {
                 Ok(reply) => reply.body,
                 // Two upserts of a new id can race on the unique index; MongoDB
                 // retries most of these itself, the rest are safe to retry
@@ -314,7 +326,10 @@ impl FeatureStore {
                 "ordered": false,
                 "maxTimeMS": millis(allowance),
             });
-            let reply = self.send_write(allowance, &command).await?.body;
+            let reply = self
+                .send_write(CallClass::Bulk, allowance, &command)
+                .await?
+                .body;
             // The reply's indexes are positions in this command.
             let item = |entry: &Document| {
                 index_of(entry)
@@ -379,7 +394,9 @@ impl FeatureStore {
             "fields": { field::VERSION: 1 },
             "maxTimeMS": millis(self.timeout),
         });
-        let reply = self.send_write(self.timeout, &command).await?;
+        let reply = self
+            .send_write(CallClass::SingleKey, self.timeout, &command)
+            .await?;
         match reply.body.get("value") {
             Some(Bson::Document(removed)) => Ok(Some(codec::version_of(removed))),
             _ => match reply.first_attempt {
@@ -409,7 +426,10 @@ impl FeatureStore {
             }],
             "maxTimeMS": millis(self.timeout),
         });
-        let reply = self.send_write(self.timeout, &command).await?.body;
+        let reply = self
+            .send_write(CallClass::SingleKey, self.timeout, &command)
+            .await?
+            .body;
         if let Some(entry) = reply
             .get_array("writeErrors")
             .ok()
@@ -447,8 +467,13 @@ impl FeatureStore {
     /// attempt failed in a failover or on a broken connection
     /// ([`StoreError::failed_attempt`]); each attempt has its own deadline,
     /// so a retried write can take up to twice `limit`.
-    async fn send_write(&self, limit: Duration, command: &Document) -> Result<Written, StoreError> {
-        let first = match self.send_write_once(limit, command).await {
+    async fn send_write(
+        &self,
+        class: CallClass,
+        limit: Duration,
+        command: &Document,
+    ) -> Result<Written, StoreError> {
+        let first = match self.send_write_once(class, limit, command).await {
             Ok(body) => {
                 return Ok(Written {
                     body,
@@ -461,7 +486,7 @@ impl FeatureStore {
             return Err(first);
         };
         tracing::warn!(error = %first, cause = ?std::error::Error::source(&first), ?attempt, "write failed in a failover or on a broken connection; sending it once more");
-        let body = self.send_write_once(limit, command).await?;
+        let body = self.send_write_once(class, limit, command).await?;
         Ok(Written {
             body,
             first_attempt: Some((attempt, first)),
@@ -470,13 +495,18 @@ impl FeatureStore {
 
     async fn send_write_once(
         &self,
+        class: CallClass,
         limit: Duration,
         command: &Document,
     ) -> Result<Document, StoreError> {
         let (database, command) = (self.database.clone(), command.clone());
         let reply = self
             .calls
-            .run(limit, async move { database.run_command(command).await })
+            .run(
+                class,
+                limit,
+                async move { database.run_command(command).await },
+            )
             .await?;
         match error::write_concern_failure(&reply) {
             Some(err) => Err(err),
@@ -487,9 +517,10 @@ impl FeatureStore {
     /// Bounds a database call by the configured timeout.
     async fn bounded<T: Send + 'static>(
         &self,
+        class: CallClass,
         call: impl std::future::Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.calls.run(self.timeout, call).await
+        self.calls.run(class, self.timeout, call).await
     }
 }
 

@@ -24,6 +24,7 @@ impl Replica {
     async fn start(redis: &TestRedis) -> Self {
         let near = Arc::new(NearCache::new(&NearCacheConfig {
             max_entries: 1000,
+            max_bytes: 64 << 20,
             ttl: Duration::from_secs(600),
         }));
         let client = redis::Client::open(redis.url()).unwrap();

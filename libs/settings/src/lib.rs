@@ -185,6 +185,7 @@ impl Settings {
     pub fn near_cache_config(&self) -> Option<NearCacheConfig> {
         self.local_cache_enabled.then_some(NearCacheConfig {
             max_entries: self.local_cache_max_entries,
+            max_bytes: self.local_cache_max_bytes,
             ttl: self.local_cache_ttl,
         })
     }
@@ -258,6 +259,7 @@ impl Settings {
                 ),
             ));
         }
+        self.validate_limits()?;
         let url = self.redis_url();
         let parsed = url::Url::parse(&url)
             .map_err(|e| SettingsError::invalid("REDIS_URL", e.to_string()))?;
@@ -298,6 +300,43 @@ impl Settings {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+impl Settings {
+    /// The limits' contradictions (SECURITY.md, "Limits").
+    fn validate_limits(&self) -> Result<(), SettingsError> {
+        // hyper's header timer also runs while a kept-alive connection waits
+        // for its next request, so a longer idle timeout would never apply.
+        if self.http_idle_timeout > self.http_header_read_timeout {
+            return Err(SettingsError::contradiction(
+                "HTTP_IDLE_TIMEOUT_MS",
+                "HTTP_HEADER_READ_TIMEOUT_MS",
+                format!(
+                    "{} ms idle is longer than the {} ms header timeout, which also closes idle connections: it would never apply",
+                    self.http_idle_timeout.as_millis(),
+                    self.http_header_read_timeout.as_millis()
+                ),
+            ));
+        }
+        // HTTP_REQUEST_TIMEOUT_MS below MONGO_TIMEOUT_MS is not refused:
+        // every binary reads the same settings, and tools (cachectl populate)
+        // run with long MongoDB timeouts the API's default deadline is below.
+        // A document bound above MAX_BODY_BYTES, or a near cache smaller
+        // than one document, is not refused: the smaller bound simply wins
+        // (a body that large never arrives; a document that large is not
+        // kept near), and the original's MAX_BODY_BYTES alone stays valid.
+        if self.max_batch_response_bytes < self.max_document_bytes {
+            return Err(SettingsError::contradiction(
+                "MAX_BATCH_RESPONSE_BYTES",
+                "MAX_DOCUMENT_BYTES",
+                format!(
+                    "a batch response of at most {} bytes cannot carry one document of {} bytes",
+                    self.max_batch_response_bytes, self.max_document_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

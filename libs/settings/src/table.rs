@@ -99,4 +99,23 @@ settings! { binary =>
     /// How often a replica checks the stream for changes it may have missed.
     invalidation_check_interval: Duration = "INVALIDATION_CHECK_INTERVAL_MS", millis, Some("1000");
     leader_lease: Duration = "LEADER_LEASE_MS", millis, Some("5000");
+
+    // Limits of the HTTP server, memory and MongoDB permits (SECURITY.md, "Limits").
+    /// A connection whose request headers are not complete this long after
+    /// the server began waiting for them is closed (slowloris).
+    http_header_read_timeout: Duration = "HTTP_HEADER_READ_TIMEOUT_MS", millis, Some("10000");
+    /// A kept-alive connection with no request for this long is closed.
+    http_idle_timeout: Duration = "HTTP_IDLE_TIMEOUT_MS", millis, Some("10000");
+    /// Connections served at once; more wait in the listen backlog.
+    http_max_connections: usize = "HTTP_MAX_CONNECTIONS", positive_usize, Some("4096");
+    /// A request not answered within this gets 503 `request_timeout`.
+    http_request_timeout: Duration = "HTTP_REQUEST_TIMEOUT_MS", millis, Some("60000");
+    /// After SIGTERM, how long requests in flight may take before the process exits.
+    shutdown_grace: Duration = "SHUTDOWN_GRACE_MS", millis, Some("8000");
+    /// The near cache's bound in bytes (keys and rendered documents).
+    local_cache_max_bytes: u64 = "LOCAL_CACHE_MAX_BYTES", positive, Some("268435456");
+    /// The largest `features` object a write takes, in bytes of JSON.
+    max_document_bytes: usize = "MAX_DOCUMENT_BYTES", positive_usize, Some("262144");
+    /// The largest batch response, in bytes of the documents it carries.
+    max_batch_response_bytes: usize = "MAX_BATCH_RESPONSE_BYTES", positive_usize, Some("16777216");
 }

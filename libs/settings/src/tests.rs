@@ -148,6 +148,17 @@ fn settings_that_contradict_each_other_are_refused_naming_both() {
             vec![("LEADER_LEASE_MS", "900"), ("REDIS_TIMEOUT_MS", "500")],
             ["LEADER_LEASE_MS", "REDIS_TIMEOUT_MS"],
         ),
+        (
+            vec![
+                ("HTTP_IDLE_TIMEOUT_MS", "20000"),
+                ("HTTP_HEADER_READ_TIMEOUT_MS", "10000"),
+            ],
+            ["HTTP_IDLE_TIMEOUT_MS", "HTTP_HEADER_READ_TIMEOUT_MS"],
+        ),
+        (
+            vec![("MAX_BATCH_RESPONSE_BYTES", "1000")],
+            ["MAX_BATCH_RESPONSE_BYTES", "MAX_DOCUMENT_BYTES"],
+        ),
     ] {
         let err = load_from(Defaults::API, env(&pairs))
             .unwrap_err()
@@ -155,6 +166,41 @@ fn settings_that_contradict_each_other_are_refused_naming_both() {
         for name in names {
             assert!(err.contains(name), "{err}");
         }
+    }
+}
+
+#[test]
+fn limits_are_read_and_zero_is_refused() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("HTTP_HEADER_READ_TIMEOUT_MS", "3000"),
+            ("HTTP_IDLE_TIMEOUT_MS", "2000"),
+            ("HTTP_MAX_CONNECTIONS", "7"),
+            ("SHUTDOWN_GRACE_MS", "1500"),
+            ("LOCAL_CACHE_MAX_BYTES", "5000000"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.http_header_read_timeout, Duration::from_millis(3000));
+    assert_eq!(s.http_idle_timeout, Duration::from_millis(2000));
+    assert_eq!(s.http_max_connections, 7);
+    assert_eq!(s.shutdown_grace, Duration::from_millis(1500));
+    assert_eq!(s.near_cache_config().unwrap().max_bytes, 5_000_000);
+    for name in [
+        "HTTP_HEADER_READ_TIMEOUT_MS",
+        "HTTP_IDLE_TIMEOUT_MS",
+        "HTTP_MAX_CONNECTIONS",
+        "HTTP_REQUEST_TIMEOUT_MS",
+        "SHUTDOWN_GRACE_MS",
+        "LOCAL_CACHE_MAX_BYTES",
+        "MAX_DOCUMENT_BYTES",
+        "MAX_BATCH_RESPONSE_BYTES",
+    ] {
+        let err = load_from(Defaults::API, env(&[(name, "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{err}");
     }
 }
 

@@ -27,7 +27,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use thiserror::Error;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -41,6 +41,50 @@ pub enum TelemetryError {
     Protocol(String),
     #[error("cannot install the log subscriber: {0}")]
     Subscriber(String),
+    #[error(
+        "invalid OTEL_TRACES_SAMPLER {0:?} (want always_on, always_off, traceidratio, \
+         parentbased_always_on, parentbased_always_off or parentbased_traceidratio)"
+    )]
+    Sampler(String),
+    #[error("invalid OTEL_TRACES_SAMPLER_ARG {0:?} (want a ratio from 0 to 1)")]
+    SamplerArg(String),
+}
+
+/// The trace sampler the standard `OTEL_TRACES_SAMPLER` and
+/// `OTEL_TRACES_SAMPLER_ARG` name (default `parentbased_always_on`). The SDK
+/// reads them too, but falls back silently on a typo; here a typo is an
+/// error, so a replica never traces everything when it was told 1 %.
+pub fn sampler(name: Option<&str>, arg: Option<&str>) -> Result<Sampler, TelemetryError> {
+    let ratio = || -> Result<f64, TelemetryError> {
+        match arg.map(str::trim).filter(|a| !a.is_empty()) {
+            None => Ok(1.0),
+            Some(raw) => raw
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| TelemetryError::SamplerArg(raw.to_owned())),
+        }
+    };
+    let name = name.map(str::trim).filter(|n| !n.is_empty());
+    Ok(match name.unwrap_or("parentbased_always_on") {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
+        "parentbased_always_on" => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        "parentbased_traceidratio" => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio()?)))
+        }
+        other => return Err(TelemetryError::Sampler(other.to_owned())),
+    })
+}
+
+fn sampler_from_env() -> Result<Sampler, TelemetryError> {
+    let var = |name| std::env::var(name).ok();
+    sampler(
+        var("OTEL_TRACES_SAMPLER").as_deref(),
+        var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+    )
 }
 
 /// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans.
@@ -148,6 +192,7 @@ fn tracer_provider(
         resource = resource.with_service_name(service_name.to_owned());
     }
     Ok(SdkTracerProvider::builder()
+        .with_sampler(sampler_from_env()?)
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build())
@@ -159,5 +204,52 @@ fn traces_url(endpoint: &str) -> String {
         endpoint.to_owned()
     } else {
         format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sampler_follows_the_standard_settings_and_refuses_typos() {
+        let cases = [
+            (None, None, "ParentBased(AlwaysOn)"),
+            (Some("always_on"), None, "AlwaysOn"),
+            (Some("always_off"), None, "AlwaysOff"),
+            (
+                Some("traceidratio"),
+                Some("0.25"),
+                "TraceIdRatioBased(0.25)",
+            ),
+            (Some("traceidratio"), None, "TraceIdRatioBased(1.0)"),
+            (
+                Some("parentbased_always_off"),
+                None,
+                "ParentBased(AlwaysOff)",
+            ),
+            (
+                Some("parentbased_traceidratio"),
+                Some("0.01"),
+                "ParentBased(TraceIdRatioBased(0.01))",
+            ),
+        ];
+        for (name, arg, expected) in cases {
+            let sampler = sampler(name, arg).unwrap();
+            assert_eq!(format!("{sampler:?}"), expected, "{name:?} {arg:?}");
+        }
+        assert!(matches!(
+            sampler(Some("alwayson"), None),
+            Err(TelemetryError::Sampler(_))
+        ));
+        for arg in ["2", "-0.1", "half", "NaN"] {
+            assert!(
+                matches!(
+                    sampler(Some("traceidratio"), Some(arg)),
+                    Err(TelemetryError::SamplerArg(_))
+                ),
+                "{arg}"
+            );
+        }
     }
 }

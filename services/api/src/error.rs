@@ -61,6 +61,17 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A write's `features` beyond `MAX_DOCUMENT_BYTES`.
+    #[error("features are {size} bytes of JSON, more than MAX_DOCUMENT_BYTES ({limit})")]
+    DocumentTooLarge { size: usize, limit: usize },
+    /// A batch whose documents pass `MAX_BATCH_RESPONSE_BYTES`.
+    #[error(
+        "the documents asked for pass MAX_BATCH_RESPONSE_BYTES ({0} bytes); ask for fewer ids per batch"
+    )]
+    BatchTooLarge(usize),
+    /// Not answered within `HTTP_REQUEST_TIMEOUT_MS`.
+    #[error("request not answered within HTTP_REQUEST_TIMEOUT_MS ({} ms)", .0.as_millis())]
+    RequestTimeout(std::time::Duration),
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("concurrent writes to the same customer kept conflicting; retry")]
@@ -82,7 +93,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge(_) | Self::DocumentTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::BatchTooLarge(_) => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -98,6 +113,9 @@ impl ApiError {
             Self::MalformedJson(_) => "malformed_json",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::DocumentTooLarge { .. } => "document_too_large",
+            Self::BatchTooLarge(_) => "batch_response_too_large",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RouteNotFound(_) => "route_not_found",
             Self::Conflict => "conflict",
@@ -153,7 +171,7 @@ impl IntoResponse for ApiError {
             details,
         };
         let mut response = (status, Json(body)).into_response();
-        if let Self::Unavailable(_) = &self {
+        if let Self::Unavailable(_) | Self::RequestTimeout(_) = &self {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),

@@ -6,6 +6,8 @@
 //! - [`routes`]: one module per resource (features, health, info, docs).
 //! - [`error`]: [`ApiError`], every failure as a JSON body with the right status.
 //! - [`extract`]: the JSON body extractor that turns bad input into `ApiError`s.
+//! - [`server`]: the serving loop with its limits (connection cap, header
+//!   and idle timeouts, half-close, graceful drain) and the request deadline.
 //! - [`middleware`]: per-request span (continuing the caller's trace), metrics
 //!   and the `traceparent` response header.
 //!
@@ -15,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod middleware;
 pub mod routes;
+pub mod server;
 pub mod startup;
 pub mod state;
 

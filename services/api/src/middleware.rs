@@ -19,13 +19,21 @@ pub async fn observe(
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    // What the client chose goes into the span bounded: the method as one of
+    // the standard ones or `_OTHER` (as OpenTelemetry's conventions say),
+    // the path cut to a length.
+    let method_label = if is_standard(&method) {
+        method.as_str()
+    } else {
+        "_OTHER"
+    };
     let span = tracing::info_span!(
         "HTTP request",
-        otel.name = format!("{method} {route}"),
+        otel.name = format!("{method_label} {route}"),
         otel.kind = "server",
-        http.request.method = %method,
+        http.request.method = method_label,
         http.route = %route,
-        url.path = %request.uri().path(),
+        url.path = truncated(request.uri().path(), MAX_ATTRIBUTE_CHARS),
         http.response.status_code = tracing::field::Empty,
     );
     telemetry::propagation::continue_from_headers(&span, request.headers());
@@ -41,6 +49,17 @@ pub async fn observe(
     }
     metrics.record(&method, route, status, started.elapsed().as_secs_f64());
     response
+}
+
+/// The longest client-chosen text a span attribute carries.
+pub const MAX_ATTRIBUTE_CHARS: usize = 256;
+
+/// `text` cut to at most `max` characters (on a character boundary).
+pub fn truncated(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
 }
 
 type FoldMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -122,4 +141,17 @@ fn is_standard(method: &Method) -> bool {
         Method::TRACE,
     ]
     .contains(method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncated;
+
+    #[test]
+    fn attributes_are_cut_on_character_boundaries() {
+        assert_eq!(truncated("abc", 5), "abc");
+        assert_eq!(truncated("abcdef", 3), "abc");
+        assert_eq!(truncated("ééé", 2), "éé");
+        assert_eq!(truncated(&"x".repeat(10_000), 256).len(), 256);
+    }
 }

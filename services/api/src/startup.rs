@@ -1,5 +1,6 @@
 use crate::middleware::{RequestMetrics, observe};
 use crate::routes;
+use crate::server::{self, ServerLimits};
 use crate::state::AppState;
 use anyhow::Context;
 use axum::Router;
@@ -48,8 +49,15 @@ impl Application {
             tiers,
             settings: Arc::new(settings.clone()),
             invalidation: subscriber.as_ref().map(Subscriber::status),
+            probes: Arc::default(),
         };
         let router = routes::router(settings.max_body_bytes)
+            // Inside the metrics: a request cut by its deadline is counted
+            // with the 503 it got.
+            .layer(axum::middleware::from_fn_with_state(
+                settings.http_request_timeout,
+                server::deadline,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(RequestMetrics::default()),
                 observe,
@@ -77,8 +85,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, lets
-    /// requests in flight finish, stops the subscriber and closes the
-    /// database pool.
+    /// requests in flight finish (within `SHUTDOWN_GRACE_MS`), stops the
+    /// subscriber and closes the database pool.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
@@ -98,13 +106,8 @@ impl Application {
             state.tiers.redis().clone(),
             shutdown.child_token(),
         ));
-        let stopping = shutdown.clone();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                stopping.cancelled().await;
-                tracing::info!("shutting down");
-            })
-            .await?;
+        let limits = ServerLimits::from_settings(&state.settings);
+        server::serve(listener, router, limits, shutdown).await;
         state.tiers.store().clone().shutdown().await;
         tracing::info!("stopped");
         Ok(())

@@ -10,4 +10,6 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The invalidation subscriber's progress; `None` without a near cache.
     pub invalidation: Option<Arc<Mutex<SubscriberStatus>>>,
+    /// The probes' last answers, shared for a moment (see `routes::health`).
+    pub probes: Arc<crate::routes::health::ProbeCache>,
 }

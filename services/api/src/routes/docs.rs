@@ -22,6 +22,8 @@ use utoipa_swagger_ui::{Config, SwaggerUi};
         super::features::bulk_create,
         super::features::batch_get,
         super::health::health,
+        super::health::live,
+        super::health::ready,
         super::info::info,
     ),
     tags((name = "features", description = "Feature documents"), (name = "operations", description = "Health and strategy"))

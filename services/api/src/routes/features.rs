@@ -20,6 +20,9 @@ use utoipa::ToSchema;
 /// Most items in one bulk write or batch read.
 pub const MAX_ITEMS: usize = 1000;
 
+/// Ids a batch read looks up at a time (see `PIPELINE_CHUNK` in feature-cache).
+const BATCH_CHUNK: usize = feature_cache::redis_tier::PIPELINE_CHUNK;
+
 pub(super) fn routes(router: Router<AppState>, max_body_bytes: usize) -> Router<AppState> {
     // Only the routes that read a body carry the limit: the hit path stays
     // free of it.
@@ -112,15 +115,27 @@ pub async fn get_features(
         (status = 415, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)
     )
 )]
-#[tracing::instrument(skip_all, fields(customer_id = %body.customer_id))]
+// The customer id goes into the span only once validated: the client's
+// text is neither trusted nor bounded before.
+#[tracing::instrument(skip_all, fields(customer_id = tracing::field::Empty))]
 pub async fn create_features(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateFeatures>,
 ) -> Result<Response, ApiError> {
-    let options = WriteOptions::validate(body.model_version.as_deref(), body.ttl_days)
-        .map_err(ApiError::Validation)?;
+    let limit = state.settings.max_document_bytes;
+    let size = body.features.get().len();
+    if size > limit {
+        return Err(ApiError::DocumentTooLarge { size, limit });
+    }
+    let options = WriteOptions::validate(
+        body.model_version.as_deref(),
+        body.ttl_days,
+        state.settings.max_document_bytes,
+    )
+    .map_err(ApiError::Validation)?;
     let write =
         validate_item(&body.customer_id, &body.features, &options).map_err(ApiError::Validation)?;
+    tracing::Span::current().record("customer_id", write.customer_id.as_str());
     let WriteOutcome { document, created } = state.tiers.upsert(&write).await?;
     let status = if created {
         StatusCode::CREATED
@@ -203,8 +218,12 @@ pub async fn bulk_create(
             ),
         )]));
     }
-    let options = WriteOptions::validate(body.model_version.as_deref(), body.ttl_days)
-        .map_err(ApiError::Validation)?;
+    let options = WriteOptions::validate(
+        body.model_version.as_deref(),
+        body.ttl_days,
+        state.settings.max_document_bytes,
+    )
+    .map_err(ApiError::Validation)?;
 
     // Each item is validated alone; the valid ones go to MongoDB together.
     let mut results: Vec<Option<BulkItemResult>> = Vec::with_capacity(body.features_list.len());
@@ -308,19 +327,32 @@ pub async fn batch_get(
     if !invalid.is_empty() {
         return Err(ApiError::Validation(invalid));
     }
-    let (found, missing) = state.tiers.get_many(&ids).await?;
-    let response = BatchResponse {
-        found: found
-            .into_iter()
-            .map(|lookup| {
-                (
-                    lookup.document.customer_id.clone(),
-                    lookup.document.json.clone(),
-                )
-            })
-            .collect(),
-        missing: missing.into_iter().map(|id| id.to_string()).collect(),
+    let limit = state.settings.max_batch_response_bytes;
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.retain(|id| seen.insert(id.to_string()));
+    let mut response = BatchResponse {
+        found: BTreeMap::new(),
+        missing: Vec::new(),
     };
+    // A chunk at a time, so that a batch over the bound is refused after
+    // reading at most one chunk past it, never holding more.
+    let mut bytes = 0usize;
+    for chunk in ids.chunks(BATCH_CHUNK) {
+        let (found, missing) = state.tiers.get_many(chunk).await?;
+        for lookup in found {
+            bytes = bytes.saturating_add(lookup.document.json.get().len());
+            if bytes > limit {
+                return Err(ApiError::BatchTooLarge(limit));
+            }
+            response.found.insert(
+                lookup.document.customer_id.clone(),
+                lookup.document.json.clone(),
+            );
+        }
+        response
+            .missing
+            .extend(missing.into_iter().map(|id| id.to_string()));
+    }
     Ok(axum::Json(response).into_response())
 }
 
@@ -340,6 +372,8 @@ fn document_response(status: StatusCode, document: &Arc<CachedDocument>) -> Resp
 struct WriteOptions {
     model_version: String,
     ttl_days: u32,
+    /// `MAX_DOCUMENT_BYTES`: the largest `features` JSON taken.
+    max_document_bytes: usize,
 }
 
 impl WriteOptions {
@@ -349,6 +383,7 @@ impl WriteOptions {
     fn validate(
         model_version: Option<&str>,
         ttl_days: Option<i64>,
+        max_document_bytes: usize,
     ) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
         let model_version = model_version.unwrap_or(FeatureWrite::DEFAULT_MODEL_VERSION);
@@ -381,6 +416,7 @@ impl WriteOptions {
             Ok(Self {
                 model_version: model_version.to_owned(),
                 ttl_days,
+                max_document_bytes,
             })
         } else {
             Err(errors)
@@ -397,6 +433,13 @@ fn validate_item(
     options: &WriteOptions,
 ) -> Result<FeatureWrite, Vec<FieldError>> {
     let mut errors = Vec::new();
+    if features.get().len() > options.max_document_bytes {
+        let too_large = ApiError::DocumentTooLarge {
+            size: features.get().len(),
+            limit: options.max_document_bytes,
+        };
+        return Err(vec![FieldError::new("features", too_large.to_string())]);
+    }
     let id = CustomerId::parse(customer_id)
         .map_err(|err| errors.push(FieldError::new("customer_id", err.to_string())))
         .ok();

@@ -356,6 +356,9 @@ async fn a_document_of_16_mib_is_stored_and_one_byte_more_is_refused() {
         &[
             NEAR_OFF,
             ("MAX_BODY_BYTES", "18000000"),
+            // Past the BSON limit, to test that limit rather than ours.
+            ("MAX_DOCUMENT_BYTES", "18000000"),
+            ("MAX_BATCH_RESPONSE_BYTES", "18000000"),
             ("MONGO_TIMEOUT_MS", "30000"),
         ],
     )

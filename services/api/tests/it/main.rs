@@ -9,6 +9,7 @@ mod contract;
 mod docs;
 mod errors;
 mod exact;
+mod limits;
 mod outcomes;
 mod resilience;
 mod tiers;

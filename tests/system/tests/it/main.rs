@@ -4,6 +4,7 @@
 
 mod compose;
 mod convergence;
+mod drain;
 mod failover;
 mod feed;
 mod foreign_writes;
