@@ -6,11 +6,15 @@
 //! - [`routes`]: one module per resource (features, health, info, docs).
 //! - [`error`]: [`ApiError`], every failure as a JSON body with the right status.
 //! - [`extract`]: the JSON body extractor that turns bad input into `ApiError`s.
+//! - [`admission`]: which route needs which scope; the middleware that
+//!   sheds load, authenticates, authorizes and rate-limits (decisions in the
+//!   `access` crate).
 //! - [`middleware`]: per-request span (continuing the caller's trace), metrics
 //!   and the `traceparent` response header.
 //!
 //! The cache logic itself lives in `feature-cache`; this crate is wiring.
 
+pub mod admission;
 pub mod error;
 pub mod extract;
 pub mod middleware;

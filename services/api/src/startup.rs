@@ -1,6 +1,8 @@
+use crate::admission::admit;
 use crate::middleware::{RequestMetrics, observe};
 use crate::routes;
 use crate::state::AppState;
+use access::Access;
 use anyhow::Context;
 use axum::Router;
 use feature_cache::{NearCache, RedisTier, TieredStore};
@@ -44,12 +46,24 @@ impl Application {
                 tiers.redis().connection(),
             )
         });
+        let access = Arc::new(
+            Access::start(&settings.access_config())
+                .await
+                .context("authentication")?,
+        );
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
             invalidation: subscriber.as_ref().map(Subscriber::status),
+            access: access.clone(),
         };
-        let router = routes::router(settings.max_body_bytes)
+        let mut router = routes::router(settings.max_body_bytes);
+        // Open mode costs nothing: without credentials or limits no request
+        // passes through admission at all.
+        if !access.is_open() {
+            router = router.layer(axum::middleware::from_fn_with_state(access, admit));
+        }
+        let router = router
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(RequestMetrics::default()),
                 observe,
@@ -90,6 +104,7 @@ impl Application {
         if let Some(subscriber) = subscriber {
             tokio::spawn(subscriber.run(shutdown.child_token()));
         }
+        tokio::spawn(state.access.clone().maintain(shutdown.child_token()));
         tokio::spawn(ensure_ttl_index(
             state.tiers.store().clone(),
             shutdown.child_token(),
@@ -99,12 +114,16 @@ impl Application {
             shutdown.child_token(),
         ));
         let stopping = shutdown.clone();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                stopping.cancelled().await;
-                tracing::info!("shutting down");
-            })
-            .await?;
+        // Admission control limits anonymous clients by their address.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stopping.cancelled().await;
+            tracing::info!("shutting down");
+        })
+        .await?;
         state.tiers.store().clone().shutdown().await;
         tracing::info!("stopped");
         Ok(())

@@ -10,4 +10,6 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The invalidation subscriber's progress; `None` without a near cache.
     pub invalidation: Option<Arc<Mutex<SubscriberStatus>>>,
+    /// Admission control (credentials, rate limits, load shedding).
+    pub access: Arc<access::Access>,
 }
