@@ -107,3 +107,77 @@ async fn sighup_reloads_the_key_file_and_the_process_survives() {
     api.terminate(Duration::from_secs(10)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `cachectl populate --api` writes through the API's bulk endpoint with the
+/// key from `CACHE_API_KEY`; without it the API refuses and cachectl says why.
+#[tokio::test]
+async fn cachectl_populates_through_the_api_with_its_key() {
+    let redis = TestRedis::start().await;
+    let db = testkit::unique_db("auth_cachectl");
+    let writer = "writer-key-0123456789abcdef";
+    let keys =
+        format!("loader:features:write:{writer},reader:features:read:reader-key-0123456789abcdef");
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("MONGO_URI", testkit::mongo_uri()),
+        ("MONGO_DB", db.clone()),
+        ("API_KEYS", keys),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let api = ServiceProcess::start(
+        "api-cachectl",
+        &workspace_bin("cache-api"),
+        &env,
+        "/api/health/",
+    )
+    .await;
+    let populate = |key: Option<&str>| {
+        let mut command = std::process::Command::new(workspace_bin("cachectl"));
+        command
+            .args([
+                "populate",
+                "--count",
+                "20",
+                "--batch",
+                "10",
+                "--api",
+                &api.base_url(),
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        if let Some(key) = key {
+            command.env("CACHE_API_KEY", key);
+        }
+        command.output().expect("cachectl runs")
+    };
+    let refused = populate(None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("CACHE_API_KEY"),
+        "{stderr}"
+    );
+
+    let done = populate(Some(writer));
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        stdout.contains("populated 20 customers (0 failed)"),
+        "{stdout}"
+    );
+    let reply = reqwest::Client::new()
+        .get(api.url("/api/features/CUST00020/"))
+        .header("x-api-key", "reader-key-0123456789abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let mongo = mongodb::Client::with_uri_str(testkit::mongo_uri())
+        .await
+        .unwrap();
+    let _ = mongo.database(&db).drop().await;
+}
