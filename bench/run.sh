@@ -131,7 +131,8 @@ if ! "$PY" -c 'import matplotlib, redis, pymongo' 2>/dev/null; then
     "$VENV/bin/pip" install --disable-pip-version-check -q -r "$ROOT/bench/requirements.txt"
 fi
 OHA="$ROOT/bench/.cargo-bin/bin/oha"
-if [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
+# --auth-cost has no fixed-rate phase.
+if [ "$AUTH_COST" = 0 ] && [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
     log "installing oha into bench/.cargo-bin (cargo install oha --locked; a few minutes)"
     cargo install oha --locked --root "$ROOT/bench/.cargo-bin" >"$RUN/logs/oha-install.log" 2>&1 \
         || log "oha could not be installed (see $RUN/logs/oha-install.log): the fixed-rate phase is skipped"

@@ -277,6 +277,7 @@ impl JwtVerifier {
             validation.set_issuer(&[&self.config.issuer]);
             validation.set_audience(&[&self.config.audience]);
             validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            validation.validate_nbf = true;
             validation.leeway = 30;
             let key = Arc::new(VerifyingKey { key, validation });
             match &jwk.common.key_id {
