@@ -2,13 +2,16 @@
 # Benchmarks of redis-mongo-cache, side by side in one run, against a system
 # this script starts on loopback and tears down again.
 #
-#   bench/run.sh [--quick] [--name NAME] [--skip-build] [--no-memory-1m]
+#   bench/run.sh [--quick] [--name NAME] [--skip-build] [--no-memory-1m] [--auth-cost]
 #
 #   --quick          3 s per load cell (10 s otherwise), fewer writes and entries
 #   --name NAME      results go to bench/results/NAME.json, NAME-*.png, NAME.md
 #                    (default: quick-YYYYmmdd-HHMM or full-YYYYmmdd-HHMM)
 #   --skip-build     use the release binaries already in target/release
 #   --no-memory-1m   measure the near cache at 10k/100k entries only
+#   --auth-cost      only the near-cache hit path of A and F side by side (the cost of
+#                    authentication, rate limiting and load shedding):
+#                    bench/results/NAME-auth.{json,md}, ~3 min after the build
 #
 # What it starts (all on 127.0.0.1, free ports, LOG_FORMAT=json RUST_LOG=warn):
 #   testbed     cargo xtask testbed up target/bench-testbed (private Redis + SecantusDB)
@@ -18,6 +21,10 @@
 #   C           cachectl reference-server: a constant body of the API's body size
 #   D           cache-api, near cache on (second replica, for the invalidation lag)
 #   E           cache-api for the memory measurement (started last, alone)
+#   F           cache-api as A, plus an API key (API_KEYS), RATE_LIMIT_PER_SECOND and
+#               MAX_CONCURRENT_REQUESTS set too high to refuse anything: what admission costs
+# Every client request carries `Authorization: Bearer $CACHE_API_KEY` (a random key per
+# run); A, B, D, E have no credentials configured and ignore it.
 # Phases, in order: machine, Zipf table, populate + warm, hit path (wrk + redis-benchmark),
 # fixed-rate latency (oha), offload on a warm system, miss path + stampede, offload from
 # cold, invalidation lag, invalidator throughput, memory, report (JSON, PNG, Markdown).
@@ -31,6 +38,7 @@ QUICK=0
 NAME=""
 BUILD=1
 MEM_1M=1
+AUTH_COST=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -38,13 +46,14 @@ while [ $# -gt 0 ]; do
         --name=*) NAME="${1#--name=}" ;;
         --skip-build) BUILD=0 ;;
         --no-memory-1m) MEM_1M=0 ;;
-        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --auth-cost) AUTH_COST=1 ;;
+        -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 if [ -z "$NAME" ]; then
-    NAME="$([ "$QUICK" = 1 ] && echo quick || echo full)-$(date +%Y%m%d-%H%M)"
+    NAME="$([ "$AUTH_COST" = 1 ] && echo auth || { [ "$QUICK" = 1 ] && echo quick || echo full; })-$(date +%Y%m%d-%H%M)"
 fi
 [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "--name: letters, digits, . _ - only" >&2; exit 2; }
 
@@ -122,7 +131,8 @@ if ! "$PY" -c 'import matplotlib, redis, pymongo' 2>/dev/null; then
     "$VENV/bin/pip" install --disable-pip-version-check -q -r "$ROOT/bench/requirements.txt"
 fi
 OHA="$ROOT/bench/.cargo-bin/bin/oha"
-if [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
+# --auth-cost has no fixed-rate phase.
+if [ "$AUTH_COST" = 0 ] && [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
     log "installing oha into bench/.cargo-bin (cargo install oha --locked; a few minutes)"
     cargo install oha --locked --root "$ROOT/bench/.cargo-bin" >"$RUN/logs/oha-install.log" 2>&1 \
         || log "oha could not be installed (see $RUN/logs/oha-install.log): the fixed-rate phase is skipped"
@@ -148,9 +158,13 @@ set +a
 [ "$TESTBED_REDIS_PORT" != 6379 ] || die "refusing to use the system Redis"
 log "testbed: Redis 127.0.0.1:$TESTBED_REDIS_PORT, SecantusDB 127.0.0.1:$TESTBED_MONGO_PORT"
 
-read -r PORT_A PORT_B PORT_C PORT_D PORT_E PORT_I <<<"$("$XT" proc ports 6)"
+read -r PORT_A PORT_B PORT_C PORT_D PORT_E PORT_I PORT_F <<<"$("$XT" proc ports 7)"
 A="http://127.0.0.1:$PORT_A"; B="http://127.0.0.1:$PORT_B"; C="http://127.0.0.1:$PORT_C"
 D="http://127.0.0.1:$PORT_D"; E="http://127.0.0.1:$PORT_E"; I="http://127.0.0.1:$PORT_I"
+F="http://127.0.0.1:$PORT_F"
+# The harness, wrk and oha send it on every request (never logged).
+CACHE_API_KEY="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export CACHE_API_KEY
 COMMON=(--env "REDIS_URL=$REDIS_URL" --env "MONGO_URI=$MONGO_URI" --env LOG_FORMAT=json --env RUST_LOG=warn)
 # `proc start` arguments of the API replicas (started and restarted by name).
 api() { # api NAME PORT INSTANCE [KEY=VALUE...]
@@ -162,6 +176,12 @@ api() { # api NAME PORT INSTANCE [KEY=VALUE...]
 }
 api_a() { api api-a "$PORT_A" bench-a LOCAL_CACHE_TTL_MS=3600000; }
 api_b() { api api-b "$PORT_B" bench-b LOCAL_CACHE_ENABLED=false; }
+# Limits far above what the machine serves: every check runs, none refuses.
+api_f() {
+    api api-f "$PORT_F" bench-f LOCAL_CACHE_TTL_MS=3600000 \
+        "API_KEYS=bench:features:read+features:write+admin:$CACHE_API_KEY" \
+        RATE_LIMIT_PER_SECOND=100000000 RATE_LIMIT_BURST=100000000 MAX_CONCURRENT_REQUESTS=100000
+}
 
 cat >"$RUN/meta.json" <<EOF
 {
@@ -179,6 +199,7 @@ cat >"$RUN/meta.json" <<EOF
     "C": "cachectl reference-server (constant body)",
     "D": "cache-api, near cache on, defaults (second replica for the lag phase)",
     "E": "cache-api for the memory phase, LOCAL_CACHE_TTL_MS=3600000",
+    "F": "cache-api as A plus API_KEYS, RATE_LIMIT_PER_SECOND, MAX_CONCURRENT_REQUESTS (never refusing)",
     "invalidator": "cache-invalidator, defaults (INVALIDATION_MODE=refresh)",
     "common_env": "LOG_FORMAT=json RUST_LOG=warn, testbed Redis + SecantusDB 0.7.0b3 (--sync-on-commit)"
   }
@@ -188,34 +209,50 @@ EOF
 "$PY" "$BENCH" machine --part "$RUN/parts/machine.json"
 
 # ---------------------------------------------------------------- system
-log "starting the invalidator, API A (near on) and API B (near off)"
+log "starting the invalidator, API A (near on), API B (near off) and API F (A with auth and limits)"
 proc start --name invalidator --port "$PORT_I" --ready /health --ready-contains '"leader"' --timeout 60 \
     "${COMMON[@]}" --env "HTTP_ADDR=127.0.0.1:$PORT_I" --env INSTANCE_ID=bench-invalidator -- "$BIN/cache-invalidator"
 api_a
 api_b
+api_f
 
 log "populating $CUSTOMERS customers"
-# Bulk writes of 1000 on a loaded 2-core machine can exceed the default bound.
-MONGO_TIMEOUT_MS=60000 "$BIN/cachectl" populate --count "$CUSTOMERS" --batch 1000 >"$RUN/logs/populate.log" 2>&1 \
+# Bulk writes of 1000 on a loaded 2-core machine can exceed the default bound
+# (below TOMBSTONE_TTL_MS, which must outlast the longest read).
+MONGO_TIMEOUT_MS=50000 "$BIN/cachectl" populate --count "$CUSTOMERS" --batch 1000 >"$RUN/logs/populate.log" 2>&1 \
     || { tail -n 30 "$RUN/logs/populate.log"; die "populate failed"; }
 tail -n 1 "$RUN/logs/populate.log"
 log "warming every key through A and B"
 "$PY" "$BENCH" warm --api "$A" --count "$CUSTOMERS"
 "$PY" "$BENCH" warm --api "$B" --count "$CUSTOMERS"
+"$PY" "$BENCH" warm --api "$F" --count "$CUSTOMERS"
 read -r DOC_BYTES BODY_BYTES <<<"$("$PY" "$BENCH" sizes --api "$A" --redis-port "$TESTBED_REDIS_PORT" \
     --count "$CUSTOMERS" --part "$RUN/parts/sizes.json" | tail -n 1)"
 log "documents: $DOC_BYTES bytes in Redis, $BODY_BYTES-byte response bodies"
 
+IDS="$RUN/zipf-ids.txt"
+if [ "$AUTH_COST" = 1 ]; then
+    "$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" --part "$RUN/parts/zipf.json"
+    log "auth cost: wrk at $CONC connections, ${SECS}s each, on A (open) and F (key, rate limit, shedding)"
+    # shellcheck disable=SC2086
+    "$PY" "$BENCH" hitpath --targets "near=$A" "near-auth=$F" --metrics near near-auth \
+        --conc $CONC --seconds "$SECS" --ids "$IDS" --redis-port "$TESTBED_REDIS_PORT" \
+        --redis-n "$REDIS_N" --doc-bytes "$DOC_BYTES" --raw-log "$RAW" --part "$RUN/parts/hitpath.json"
+    "$PY" "$BENCH" auth-cost --part "$RUN/parts/hitpath.json" --meta "$RUN/meta.json" \
+        --machine "$RUN/parts/machine.json" --out "$RESULTS/$NAME-auth.json"
+    log "results: $RESULTS/$NAME-auth.json, $RESULTS/$NAME-auth.md"
+    exit 0
+fi
+
 proc start --name reference --port "$PORT_C" --ready /api/features/X/ --timeout 30 "${COMMON[@]}" -- \
     "$BIN/cachectl" reference-server --addr "127.0.0.1:$PORT_C" --body-bytes "$BODY_BYTES"
 
-IDS="$RUN/zipf-ids.txt"
 "$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" "redis=$B" "reference=$C" --part "$RUN/parts/zipf.json"
 
 # ---------------------------------------------------------------- hit path
-log "hit path: wrk at $CONC connections, ${SECS}s each, on A, B, C; redis-benchmark at the same concurrency"
+log "hit path: wrk at $CONC connections, ${SECS}s each, on A, F, B, C; redis-benchmark at the same concurrency"
 # shellcheck disable=SC2086
-"$PY" "$BENCH" hitpath --targets "near=$A" "redis=$B" "reference=$C" --metrics near redis \
+"$PY" "$BENCH" hitpath --targets "near=$A" "near-auth=$F" "redis=$B" "reference=$C" --metrics near near-auth redis \
     --conc $CONC --seconds "$SECS" --ids "$IDS" --redis-port "$TESTBED_REDIS_PORT" \
     --redis-n "$REDIS_N" --doc-bytes "$DOC_BYTES" --raw-log "$RAW" --part "$RUN/parts/hitpath.json"
 
@@ -276,7 +313,7 @@ settle
 # ---------------------------------------------------------------- memory
 log "memory: near cache of a fresh cache-api (E) at $MEM_COUNTS entries"
 settle
-proc stop --name reference; proc stop --name api-b; proc stop --name api-d
+proc stop --name reference; proc stop --name api-b; proc stop --name api-d; proc stop --name api-f
 MEM_MAX=$(($(echo "$MEM_COUNTS" | tr ' ' '\n' | sort -n | tail -n 1) + 10000))
 api api-e "$PORT_E" bench-e LOCAL_CACHE_MAX_ENTRIES="$MEM_MAX" LOCAL_CACHE_TTL_MS=3600000
 # shellcheck disable=SC2086

@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
           arg("--conc", type=int, nargs="+", default=[1, 16, 64, 256]), seconds(10),
           arg("--ids", required=True), REDIS_PORT, arg("--redis-n", type=int, default=200000),
           arg("--doc-bytes", type=int, required=True), RAW_LOG, PART)
+    phase("auth-cost", hitpath.cmd_auth_cost,
+          arg("--part", required=True, help="the hitpath phase's JSON"),
+          arg("--meta", required=True), arg("--machine", required=True), arg("--out", required=True))
     phase("latency", hitpath.cmd_latency,
           arg("--targets", nargs="+", required=True, help="NAME=URL_FILE"),
           arg("--rates", type=int, nargs="+", default=[2000, 5000, 10000, 20000]), seconds(10),

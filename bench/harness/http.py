@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 from urllib.parse import urlparse
 
 
+def auth_headers() -> dict:
+    """`Authorization: Bearer $CACHE_API_KEY` when the variable is set (a
+    service without credentials configured ignores it), else nothing."""
+    key = os.environ.get("CACHE_API_KEY", "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def auth_header_line() -> str:
+    """The same header as raw request text ("" without a key)."""
+    return "".join(f"{k}: {v}\r\n" for k, v in auth_headers().items())
+
+
 class Http:
-    """A keep-alive HTTP/1.1 client on one connection (reconnects on error)."""
+    """A keep-alive HTTP/1.1 client on one connection (reconnects on error);
+    every request carries `CACHE_API_KEY` when it is set."""
 
     def __init__(self, base: str, timeout: float = 10.0):
         u = urlparse(base)
@@ -23,7 +37,7 @@ class Http:
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self.conn.request(method, path, body=body, headers=headers or {})
+                self.conn.request(method, path, body=body, headers={**auth_headers(), **(headers or {})})
                 resp = self.conn.getresponse()
                 data = resp.read()
                 return resp.status, resp, data

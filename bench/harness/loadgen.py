@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .http import auth_headers
+
 BENCH_DIR = Path(__file__).resolve().parent.parent
 WRK_SCRIPTS = BENCH_DIR / "wrk"
 
@@ -19,10 +21,15 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
+def _shown(cmd: list[str]) -> str:
+    """The command as logged and recorded: the API key never appears."""
+    return " ".join("Authorization: Bearer ***" if c.startswith("Authorization:") else c for c in cmd)
+
+
 def _append_raw_log(raw_log, cmd: list[str], output: str) -> None:
     if raw_log:
         with open(raw_log, "a") as f:
-            f.write("$ " + " ".join(cmd) + "\n" + output + "\n")
+            f.write("$ " + _shown(cmd) + "\n" + output + "\n")
 
 
 def run_wrk(url: str, conc: int, seconds: float, script: Path, args: list[str], raw_log=None) -> dict:
@@ -43,7 +50,7 @@ def run_wrk(url: str, conc: int, seconds: float, script: Path, args: list[str], 
     errors = sum(data["errors"].values())
     return {
         "tool": "wrk",
-        "command": " ".join(cmd),
+        "command": _shown(cmd),
         "threads": threads,
         "connections": conc,
         "seconds": round(secs, 3),
@@ -86,7 +93,7 @@ def run_redis_benchmark(port: int, conc: int, n: int, size: int, raw_log=None) -
 
     return {
         "tool": "redis-benchmark",
-        "command": " ".join(cmd),
+        "command": _shown(cmd),
         "connections": conc,
         "requests": n,
         "value_bytes": size,
@@ -113,6 +120,8 @@ def run_oha(url_file: Path, rate: int, seconds: float, conc: int, raw_log=None) 
         "-c", str(conc), "--no-tui", "--output-format", "json",
         "--urls-from-file", str(url_file),
     ]
+    for name, value in auth_headers().items():
+        cmd[1:1] = ["-H", f"{name}: {value}"]
     proc = _run(cmd)
     _append_raw_log(raw_log, cmd, proc.stdout[:4000] + proc.stderr)  # the JSON is long; its head will do
     if proc.returncode != 0:
@@ -134,7 +143,7 @@ def run_oha(url_file: Path, rate: int, seconds: float, conc: int, raw_log=None) 
 
     return {
         "tool": "oha",
-        "command": " ".join(cmd),
+        "command": _shown(cmd),
         "offered_rps": rate,
         "achieved_rps": round(achieved, 1),
         "responses": total,

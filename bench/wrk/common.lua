@@ -21,11 +21,24 @@ function common.load_ids(path)
   return ids, n
 end
 
+-- Authorization: Bearer $CACHE_API_KEY when the variable is set (a service
+-- without credentials configured ignores it); nil keeps wrk's own headers.
+local api_key = os.getenv("CACHE_API_KEY")
+function common.headers(extra)
+  local headers = {}
+  for k, v in pairs(wrk.headers) do headers[k] = v end
+  for k, v in pairs(extra or {}) do headers[k] = v end
+  if api_key ~= nil and api_key ~= "" then
+    headers["Authorization"] = "Bearer " .. api_key
+  end
+  return headers
+end
+
 -- GET /api/features/{id}/, formatted once per id.
 function common.get(id)
   local req = cache[id]
   if req == nil then
-    req = wrk.format("GET", "/api/features/" .. id .. "/")
+    req = wrk.format("GET", "/api/features/" .. id .. "/", common.headers())
     cache[id] = req
   end
   return req

@@ -8,7 +8,7 @@
 local common = dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "common.lua")
 local ids, n = {}, 0
 local write_fraction = 0.05
-local post_headers = { ["Content-Type"] = "application/json" }
+local post_headers = common.headers({ ["Content-Type"] = "application/json" })
 local counter = 0
 
 function init(args)

@@ -5,6 +5,7 @@ would hide queueing."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -71,3 +72,46 @@ def cmd_latency(a):
         sat = next((r["offered_rps"] for r in rows if r["saturated"]), None)
         out["targets"][name] = {"runs": rows, "first_saturated_offered_rps": sat}
     write_json(a.part, out)
+
+
+def cmd_auth_cost(a):
+    """The hit path of A (open) and F (API key, rate limit, load shedding)
+    side by side: bench/results/NAME-auth.json and a Markdown table next to it."""
+    hp = json.loads(Path(a.part).read_text())
+    rows = []
+    for level in hp["levels"]:
+        t = level["targets"]
+        near, auth = t.get("near"), t.get("near-auth")
+        if not (near and auth):
+            continue
+        rows.append({
+            "connections": level["connections"],
+            "near_rps": near["rps"],
+            "near_auth_rps": auth["rps"],
+            "ratio": round(auth["rps"] / near["rps"], 3),
+            "near_p50_ms": near["latency_ms"]["p50"],
+            "near_auth_p50_ms": auth["latency_ms"]["p50"],
+            "near_p99_ms": near["latency_ms"]["p99"],
+            "near_auth_p99_ms": auth["latency_ms"]["p99"],
+            "errors": near["error_total"] + auth["error_total"],
+            "machine_busy_pct": [near["machine"].get("busy_pct"), auth["machine"].get("busy_pct")],
+        })
+    out = {
+        "meta": json.loads(Path(a.meta).read_text()),
+        "machine": json.loads(Path(a.machine).read_text()),
+        "seconds_per_cell": hp["seconds"],
+        "rows": rows,
+        "hitpath": hp,
+    }
+    write_json(a.out, out)
+    lines = [
+        "| conns | A req/s (open) | F req/s (key + rate limit + shedding) | F/A | p50 A / F ms | p99 A / F ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ] + [
+        f"| {r['connections']} | {r['near_rps']:,.0f} | {r['near_auth_rps']:,.0f} | {r['ratio']} | "
+        f"{r['near_p50_ms']} / {r['near_auth_p50_ms']} | {r['near_p99_ms']} / {r['near_auth_p99_ms']} | {r['errors']} |"
+        for r in rows
+    ]
+    Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        log(line)

@@ -10,7 +10,7 @@ import random
 import time
 from urllib.parse import urlparse
 
-from ..http import Http, delta, scrape, tier_counts
+from ..http import Http, auth_header_line, delta, scrape, tier_counts
 from ..output import log, write_json
 from ..stats import Window, summary_ms
 from ..system import customer_id, feature_path, redis_client, redis_key
@@ -65,7 +65,7 @@ async def _stampede_once(host: str, port: int, path: str, n: int) -> dict:
     for i in range(0, n, 100):  # connect in groups: the listen backlog is finite
         conns += await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(min(100, n - i))))
     await asyncio.sleep(0.2)  # every connection accepted before the burst
-    req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth_header_line()}\r\n".encode()
 
     async def one(reader, writer, t0):
         head = await reader.readuntil(b"\r\n\r\n")

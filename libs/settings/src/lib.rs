@@ -24,6 +24,7 @@ use feature_cache::{ControlKeys, NearCacheConfig, RedisConfig, RedisTls, TtlPoli
 use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
 use std::collections::HashMap;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 
 /// How much longer than `MONGO_TIMEOUT_MS` a read may take (the store's
@@ -216,8 +217,113 @@ impl Settings {
         ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)
     }
 
+    /// Admission control: credentials, rate limits, load shedding.
+    /// Call after [`load`], which refused contradictions.
+    pub fn access_config(&self) -> access::AccessConfig {
+        let jwks = match (&self.auth_jwt_jwks_url, &self.auth_jwt_jwks_file) {
+            (Some(url), _) => Some(access::JwksSource::Url(url.clone())),
+            (None, Some(path)) => Some(access::JwksSource::File(path.clone())),
+            (None, None) => None,
+        };
+        let jwt = jwks.and_then(|jwks| {
+            Some(access::JwtConfig {
+                jwks,
+                issuer: self.auth_jwt_issuer.clone()?,
+                audience: self.auth_jwt_audience.clone()?,
+            })
+        });
+        let rate_limit = self
+            .rate_limit_per_second
+            .and_then(NonZeroU32::new)
+            .map(|per_second| access::RateLimitConfig {
+                per_second,
+                burst: self
+                    .rate_limit_burst
+                    .and_then(NonZeroU32::new)
+                    .unwrap_or(per_second),
+            });
+        access::AccessConfig {
+            api_keys_file: self.api_keys_file.clone(),
+            dev_keys: self.api_keys.clone(),
+            jwt,
+            required: self.auth_required,
+            rate_limit,
+            max_concurrent_requests: self.max_concurrent_requests.and_then(NonZeroUsize::new),
+        }
+    }
+
+    /// The admission settings that only make sense together. The files
+    /// (`API_KEYS_FILE`, `AUTH_JWT_JWKS_FILE`) are read by the API when it
+    /// starts, which refuses to start when they cannot be read or parsed;
+    /// other binaries share the settings but not the files.
+    fn validate_access(&self) -> Result<(), SettingsError> {
+        let per_second = self.rate_limit_per_second.unwrap_or(0);
+        match self.rate_limit_burst {
+            Some(0) => {
+                return Err(SettingsError::invalid(
+                    "RATE_LIMIT_BURST",
+                    "must be greater than 0",
+                ));
+            }
+            Some(_) if per_second == 0 => {
+                return Err(SettingsError::contradiction(
+                    "RATE_LIMIT_BURST",
+                    "RATE_LIMIT_PER_SECOND",
+                    "a burst without a rate limits nothing; set RATE_LIMIT_PER_SECOND too",
+                ));
+            }
+            _ => {}
+        }
+        let jwks = match (&self.auth_jwt_jwks_url, &self.auth_jwt_jwks_file) {
+            (Some(_), Some(_)) => {
+                return Err(SettingsError::contradiction(
+                    "AUTH_JWT_JWKS_URL",
+                    "AUTH_JWT_JWKS_FILE",
+                    "the key set comes from one place; set only one",
+                ));
+            }
+            (Some(url), None) => {
+                check_jwks_url(url)?;
+                true
+            }
+            (None, Some(_)) => true,
+            (None, None) => false,
+        };
+        for (name, value) in [
+            ("AUTH_JWT_ISSUER", &self.auth_jwt_issuer),
+            ("AUTH_JWT_AUDIENCE", &self.auth_jwt_audience),
+        ] {
+            match (jwks, value) {
+                (true, None) => {
+                    return Err(SettingsError::contradiction(
+                        name,
+                        "AUTH_JWT_JWKS_URL",
+                        "tokens are only accepted for a known issuer and audience; set both",
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(SettingsError::contradiction(
+                        name,
+                        "AUTH_JWT_JWKS_URL",
+                        "an issuer or audience without AUTH_JWT_JWKS_URL or AUTH_JWT_JWKS_FILE checks nothing",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.auth_required && !self.access_config().authenticates() {
+            return Err(SettingsError::invalid(
+                "AUTH_REQUIRED",
+                "true, but no credentials are configured: set API_KEYS_FILE, API_KEYS or \
+                 AUTH_JWT_JWKS_URL/AUTH_JWT_JWKS_FILE",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks what no single setting's reader can.
     fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_access()?;
         if let Some(stream) = &self.invalidation_stream
             && feature_cache::keyspace::is_document_key(stream)
         {
@@ -337,6 +443,28 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+/// A JWKS is fetched over https; plain http only from this machine (tests,
+/// a sidecar), where nobody on the way can swap the keys.
+fn check_jwks_url(raw: &str) -> Result<(), SettingsError> {
+    let invalid = |reason: String| SettingsError::invalid("AUTH_JWT_JWKS_URL", reason);
+    let url = url::Url::parse(raw).map_err(|e| invalid(format!("{raw:?}: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(host)) => host == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(invalid(
+            "must be https (plain http only on loopback): anyone on the way could swap the keys"
+                .into(),
+        )),
+        other => Err(invalid(format!("unsupported scheme {other:?}"))),
     }
 }
 

@@ -131,3 +131,12 @@ fn default_instance_id() -> String {
         .unwrap_or_else(|| "localhost".to_owned());
     format!("{host}-{}", std::process::id())
 }
+
+pub(crate) fn opt_path(raw: Option<&str>) -> Read<Option<std::path::PathBuf>> {
+    Ok(raw.map(|raw| raw.trim().into()))
+}
+
+/// `API_KEYS`, hashed as it is read: the keys themselves are kept nowhere.
+pub(crate) fn dev_keys(raw: Option<&str>) -> Read<Vec<access::KeyEntry>> {
+    raw.map_or(Ok(Vec::new()), access::keys::parse_dev_keys)
+}

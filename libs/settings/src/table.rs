@@ -3,12 +3,13 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, instance_id, invalidation_mode, log_format, millis, mongo_uri, non_empty, opt_number,
-    opt_string, positive, positive_usize, seconds, socket_addr,
+    boolean, dev_keys, instance_id, invalidation_mode, log_format, millis, mongo_uri, non_empty,
+    opt_number, opt_path, opt_string, positive, positive_usize, seconds, socket_addr,
 };
 use crate::{Defaults, LogFormat, SettingsError, Source};
 use invalidation::InvalidationMode;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 macro_rules! settings {
@@ -118,4 +119,24 @@ settings! { binary =>
     max_document_bytes: usize = "MAX_DOCUMENT_BYTES", positive_usize, Some("262144");
     /// The largest batch response, in bytes of the documents it carries.
     max_batch_response_bytes: usize = "MAX_BATCH_RESPONSE_BYTES", positive_usize, Some("16777216");
+    // Authentication, authorization and admission (SECURITY.md). Nothing
+    // set: the API is open, as the original was.
+    /// TOML file of `[[keys]]` entries (`name`, `scopes`, `sha256` of the
+    /// key); reloaded on SIGHUP and when it changes.
+    api_keys_file: Option<PathBuf> = "API_KEYS_FILE", opt_path, None;
+    /// Development keys, `name:scope+scope:key,...`; only their hashes are kept.
+    api_keys: Vec<access::KeyEntry> = "API_KEYS", dev_keys, None;
+    /// The identity provider's key set (https, or http on loopback only).
+    auth_jwt_jwks_url: Option<String> = "AUTH_JWT_JWKS_URL", opt_string, None;
+    auth_jwt_jwks_file: Option<PathBuf> = "AUTH_JWT_JWKS_FILE", opt_path, None;
+    auth_jwt_issuer: Option<String> = "AUTH_JWT_ISSUER", opt_string, None;
+    auth_jwt_audience: Option<String> = "AUTH_JWT_AUDIENCE", opt_string, None;
+    /// Refuse to start without credentials configured.
+    auth_required: bool = "AUTH_REQUIRED", boolean, Some("false");
+    /// Requests per second per principal; unset or 0: no rate limit.
+    rate_limit_per_second: Option<u32> = "RATE_LIMIT_PER_SECOND", opt_number, None;
+    /// Requests a principal may make at once (default `RATE_LIMIT_PER_SECOND`).
+    rate_limit_burst: Option<u32> = "RATE_LIMIT_BURST", opt_number, None;
+    /// Requests in the service at once before it answers 503; 0: unlimited.
+    max_concurrent_requests: Option<usize> = "MAX_CONCURRENT_REQUESTS", opt_number, None;
 }

@@ -340,3 +340,117 @@ fn debug_output_shows_no_secret() {
     assert!(shown.contains("app:***@m1:27017,m2:27017"), "{shown}");
     assert!(shown.contains("mongo_db: \"cache_demo\""), "{shown}");
 }
+
+#[test]
+fn admission_is_off_by_default() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    let config = s.access_config();
+    assert!(!config.authenticates());
+    assert!(!config.required);
+    assert!(config.rate_limit.is_none());
+    assert!(config.max_concurrent_requests.is_none());
+    // 0 means off, as unset does.
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("RATE_LIMIT_PER_SECOND", "0"),
+            ("MAX_CONCURRENT_REQUESTS", "0"),
+        ]),
+    )
+    .unwrap();
+    assert!(s.access_config().rate_limit.is_none());
+    assert!(s.access_config().max_concurrent_requests.is_none());
+}
+
+#[test]
+fn admission_settings_map_onto_the_access_config() {
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            (
+                "API_KEYS",
+                "svc:features:read+features:write:0123456789abcdef",
+            ),
+            ("AUTH_JWT_JWKS_URL", "https://idp.example/jwks.json"),
+            ("AUTH_JWT_ISSUER", "https://idp.example/"),
+            ("AUTH_JWT_AUDIENCE", "cache-api"),
+            ("AUTH_REQUIRED", "true"),
+            ("RATE_LIMIT_PER_SECOND", "50"),
+            ("MAX_CONCURRENT_REQUESTS", "256"),
+        ]),
+    )
+    .unwrap();
+    let config = s.access_config();
+    assert!(config.authenticates() && config.required);
+    assert_eq!(&*config.dev_keys[0].name, "svc");
+    let jwt = config.jwt.unwrap();
+    assert_eq!(
+        jwt.jwks,
+        access::JwksSource::Url("https://idp.example/jwks.json".into())
+    );
+    assert_eq!(jwt.audience, "cache-api");
+    let limit = config.rate_limit.unwrap();
+    assert_eq!((limit.per_second.get(), limit.burst.get()), (50, 50));
+    assert_eq!(config.max_concurrent_requests.unwrap().get(), 256);
+    // The key itself is kept nowhere, not even in the settings' Debug.
+    assert!(!format!("{s:?}").contains("0123456789abcdef"));
+}
+
+#[test]
+fn admission_contradictions_are_refused_naming_both_settings() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("RATE_LIMIT_BURST", "10")], "RATE_LIMIT_PER_SECOND"),
+        (
+            &[("RATE_LIMIT_PER_SECOND", "5"), ("RATE_LIMIT_BURST", "0")],
+            "RATE_LIMIT_BURST",
+        ),
+        (
+            &[
+                ("AUTH_JWT_JWKS_URL", "https://idp.example/jwks"),
+                ("AUTH_JWT_JWKS_FILE", "/etc/jwks.json"),
+                ("AUTH_JWT_ISSUER", "i"),
+                ("AUTH_JWT_AUDIENCE", "a"),
+            ],
+            "AUTH_JWT_JWKS_FILE",
+        ),
+        (&[("AUTH_JWT_ISSUER", "i")], "AUTH_JWT_ISSUER"),
+        (
+            &[
+                ("AUTH_JWT_JWKS_FILE", "/etc/jwks.json"),
+                ("AUTH_JWT_ISSUER", "i"),
+            ],
+            "AUTH_JWT_AUDIENCE",
+        ),
+        (
+            &[
+                ("AUTH_JWT_JWKS_URL", "http://idp.example/jwks"),
+                ("AUTH_JWT_ISSUER", "i"),
+                ("AUTH_JWT_AUDIENCE", "a"),
+            ],
+            "https",
+        ),
+        (&[("AUTH_REQUIRED", "true")], "no credentials"),
+        (&[("API_KEYS", "svc:admin:short")], "API_KEYS"),
+        (
+            &[("API_KEYS", "svc:root:0123456789abcdef")],
+            "unknown scope",
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let err = load_from(Defaults::API, env(pairs))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{pairs:?}: {err}");
+        assert!(!err.contains("0123456789abcdef"), "{err}");
+    }
+    // http is fine on loopback (a sidecar, the tests).
+    load_from(
+        Defaults::API,
+        env(&[
+            ("AUTH_JWT_JWKS_URL", "http://127.0.0.1:9/jwks"),
+            ("AUTH_JWT_ISSUER", "i"),
+            ("AUTH_JWT_AUDIENCE", "a"),
+        ]),
+    )
+    .unwrap();
+}

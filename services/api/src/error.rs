@@ -83,6 +83,28 @@ pub enum ApiError {
     /// shown to the client beyond "internal error".
     #[error("internal error")]
     Internal(#[source] StoreError),
+    /// No credentials, or credentials that are not valid.
+    #[error("{}", unauthorized_message(*.0))]
+    Unauthorized(access::Denial),
+    /// Valid credentials without the scope the route needs.
+    #[error("this route needs scope {0}")]
+    Forbidden(access::Scope),
+    /// The principal is over `RATE_LIMIT_PER_SECOND`; retry after the seconds given.
+    #[error("rate limit exceeded; retry in {0} s")]
+    RateLimited(u64),
+    /// The service is at `MAX_CONCURRENT_REQUESTS`.
+    #[error("the service is at its limit of concurrent requests; retry")]
+    Overloaded,
+}
+
+fn unauthorized_message(denial: access::Denial) -> &'static str {
+    match denial {
+        access::Denial::Missing => {
+            "credentials required: Authorization: Bearer <key or token>, or X-API-Key"
+        }
+        access::Denial::Expired => "the token has expired",
+        access::Denial::Invalid | access::Denial::Scope(_) => "invalid credentials",
+    }
 }
 
 impl ApiError {
@@ -102,6 +124,10 @@ impl ApiError {
             Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -121,6 +147,10 @@ impl ApiError {
             Self::Conflict => "conflict",
             Self::Unavailable(_) => "service_unavailable",
             Self::Internal(_) => "internal_error",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -171,11 +201,39 @@ impl IntoResponse for ApiError {
             details,
         };
         let mut response = (status, Json(body)).into_response();
-        if let Self::Unavailable(_) | Self::RequestTimeout(_) = &self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+        let headers = response.headers_mut();
+        match &self {
+            Self::Unavailable(_) | Self::RequestTimeout(_) | Self::Overloaded => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                );
+            }
+            Self::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            // RFC 6750: the scheme to use, and what was wrong with the token.
+            Self::Unauthorized(denial) => {
+                let challenge = match denial {
+                    access::Denial::Missing => "Bearer realm=\"cache-api\"",
+                    access::Denial::Expired => {
+                        "Bearer realm=\"cache-api\", error=\"invalid_token\", error_description=\"expired\""
+                    }
+                    _ => "Bearer realm=\"cache-api\", error=\"invalid_token\"",
+                };
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            Self::Forbidden(scope) => {
+                if let Ok(challenge) = HeaderValue::from_str(&format!(
+                    "Bearer realm=\"cache-api\", error=\"insufficient_scope\", scope=\"{scope}\""
+                )) {
+                    headers.insert(header::WWW_AUTHENTICATE, challenge);
+                }
+            }
+            _ => {}
         }
         response
     }

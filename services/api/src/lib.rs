@@ -8,11 +8,15 @@
 //! - [`extract`]: the JSON body extractor that turns bad input into `ApiError`s.
 //! - [`server`]: the serving loop with its limits (connection cap, header
 //!   and idle timeouts, half-close, graceful drain) and the request deadline.
+//! - [`admission`]: which route needs which scope; the middleware that
+//!   sheds load, authenticates, authorizes and rate-limits (decisions in the
+//!   `access` crate).
 //! - [`middleware`]: per-request span (continuing the caller's trace), metrics
 //!   and the `traceparent` response header.
 //!
 //! The cache logic itself lives in `feature-cache`; this crate is wiring.
 
+pub mod admission;
 pub mod error;
 pub mod extract;
 pub mod middleware;

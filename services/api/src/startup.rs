@@ -1,7 +1,9 @@
+use crate::admission::admit;
 use crate::middleware::{RequestMetrics, observe};
 use crate::routes;
 use crate::server::{self, ServerLimits};
 use crate::state::AppState;
+use access::Access;
 use anyhow::Context;
 use axum::Router;
 use feature_cache::{NearCache, RedisTier, TieredStore};
@@ -45,19 +47,32 @@ impl Application {
                 tiers.redis().connection(),
             )
         });
+        let access = Arc::new(
+            Access::start(&settings.access_config())
+                .await
+                .context("authentication")?,
+        );
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
             invalidation: subscriber.as_ref().map(Subscriber::status),
             probes: Arc::default(),
+            access: access.clone(),
         };
-        let router = routes::router(settings.max_body_bytes)
+        let mut router = routes::router(settings.max_body_bytes)
             // Inside the metrics: a request cut by its deadline is counted
             // with the 503 it got.
             .layer(axum::middleware::from_fn_with_state(
                 settings.http_request_timeout,
                 server::deadline,
-            ))
+            ));
+        // Open mode costs nothing: without credentials or limits no request
+        // passes through admission at all. Outside the deadline: a request
+        // refused is refused at once.
+        if !access.is_open() {
+            router = router.layer(axum::middleware::from_fn_with_state(access, admit));
+        }
+        let router = router
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(RequestMetrics::default()),
                 observe,
@@ -98,6 +113,7 @@ impl Application {
         if let Some(subscriber) = subscriber {
             tokio::spawn(subscriber.run(shutdown.child_token()));
         }
+        tokio::spawn(state.access.clone().maintain(shutdown.child_token()));
         tokio::spawn(ensure_ttl_index(
             state.tiers.store().clone(),
             shutdown.child_token(),
@@ -106,6 +122,8 @@ impl Application {
             state.tiers.redis().clone(),
             shutdown.child_token(),
         ));
+        // The serving loop hands every request its peer address
+        // (`ConnectInfo`): admission limits anonymous clients by it.
         let limits = ServerLimits::from_settings(&state.settings);
         server::serve(listener, router, limits, shutdown).await;
         state.tiers.store().clone().shutdown().await;

@@ -12,4 +12,6 @@ pub struct AppState {
     pub invalidation: Option<Arc<Mutex<SubscriberStatus>>>,
     /// The probes' last answers, shared for a moment (see `routes::health`).
     pub probes: Arc<crate::routes::health::ProbeCache>,
+    /// Admission control (credentials, rate limits, load shedding).
+    pub access: Arc<access::Access>,
 }

@@ -37,7 +37,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Populate(args) => {
+        Command::Populate(mut args) => {
+            if let Some(api) = args.api.take() {
+                return populate::run_via_api(&api, args).await;
+            }
             let (tiers, telemetry) = connect().await?;
             let result = populate::run(&tiers, args).await;
             tiers.store().clone().shutdown().await;

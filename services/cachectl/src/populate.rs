@@ -25,15 +25,90 @@ pub struct PopulateArgs {
     model_version: String,
     #[arg(long, default_value_t = FeatureWrite::DEFAULT_TTL_DAYS)]
     ttl_days: u32,
+    /// Write through a running API (`POST /api/features/bulk/`) at this base
+    /// URL, e.g. http://127.0.0.1:8000, instead of straight into MongoDB and
+    /// Redis.
+    #[arg(long)]
+    pub api: Option<String>,
+    /// The API key (or token) for `--api`, sent as `Authorization: Bearer`;
+    /// needs scope `features:write`. Prefer the environment: command lines
+    /// are visible to every user of the machine.
+    #[arg(long, env = "CACHE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+impl PopulateArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        if !(1..=1000).contains(&self.batch) {
+            bail!("--batch must be 1-1000");
+        }
+        if !FeatureWrite::TTL_DAYS_RANGE.contains(&self.ttl_days) {
+            bail!("--ttl-days must be 1-30");
+        }
+        Ok(())
+    }
+}
+
+/// Populates through the API's bulk endpoint, with the key when one is given.
+pub async fn run_via_api(base: &str, args: PopulateArgs) -> anyhow::Result<()> {
+    args.check()?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .context("HTTP client")?;
+    let url = format!("{}/api/features/bulk/", base.trim_end_matches('/'));
+    let started = Instant::now();
+    let mut failed = 0usize;
+    let ids: Vec<u32> = (args.start..args.start + args.count).collect();
+    for chunk in ids.chunks(args.batch) {
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|n| json!({"customer_id": format!("CUST{n:05}"), "features": sample_features(&mut rand::rng())}))
+            .collect();
+        let body = json!({"features_list": items, "model_version": args.model_version, "ttl_days": args.ttl_days});
+        let mut request = client.post(&url).json(&body);
+        if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
+            request = request.bearer_auth(key);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let reply: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let hint = match status.as_u16() {
+                401 => " (set CACHE_API_KEY or --api-key)",
+                403 => " (the key needs scope features:write)",
+                _ => "",
+            };
+            bail!(
+                "POST {url}: {status}{hint}: {}",
+                reply["error"].as_str().unwrap_or_default()
+            );
+        }
+        failed += usize::try_from(reply["failed"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX);
+    }
+    report(args.count, failed, started)
+}
+
+fn report(count: u32, failed: usize, started: Instant) -> anyhow::Result<()> {
+    let elapsed = started.elapsed();
+    println!(
+        "populated {} customers ({} failed) in {:.1}s ({:.0}/s)",
+        (count as usize).saturating_sub(failed),
+        failed,
+        elapsed.as_secs_f64(),
+        f64::from(count) / elapsed.as_secs_f64().max(1e-9)
+    );
+    if failed > 0 {
+        bail!("{failed} writes failed");
+    }
+    Ok(())
 }
 
 pub async fn run(tiers: &TieredStore, args: PopulateArgs) -> anyhow::Result<()> {
-    if !(1..=1000).contains(&args.batch) {
-        bail!("--batch must be 1-1000");
-    }
-    if !FeatureWrite::TTL_DAYS_RANGE.contains(&args.ttl_days) {
-        bail!("--ttl-days must be 1-30");
-    }
+    args.check()?;
     tiers
         .store()
         .ensure_indexes()
@@ -67,18 +142,7 @@ pub async fn run(tiers: &TieredStore, args: PopulateArgs) -> anyhow::Result<()> 
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    let elapsed = started.elapsed();
-    println!(
-        "populated {} customers ({} failed) in {:.1}s ({:.0}/s)",
-        args.count as usize - failed,
-        failed,
-        elapsed.as_secs_f64(),
-        f64::from(args.count) / elapsed.as_secs_f64().max(1e-9)
-    );
-    if failed > 0 {
-        bail!("{failed} writes failed");
-    }
-    Ok(())
+    report(args.count, failed, started)
 }
 
 /// About ten credit-style features, as the original's sample data had.

@@ -1,0 +1,158 @@
+//! Admission control on every request: load shedding, authentication, the
+//! route's scope, the principal's rate limit, in that order — each step is
+//! cheaper than the next, and what a refused request costs stays small.
+//! The decisions are the `access` crate's; this module maps routes to
+//! scopes and refusals to [`ApiError`]s.
+//!
+//! Health, probes and the documentation pages stay open (and are never shed
+//! or limited: an orchestrator must see a busy replica as alive). A route
+//! this table does not name needs `admin`, so a new endpoint is closed until
+//! it is classified.
+
+use crate::error::ApiError;
+use access::{Access, Denial, Scope};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What a route needs: nothing (open) or one scope.
+pub fn required_scope(method: &Method, route: Option<&str>) -> Option<Scope> {
+    let Some(route) = route else {
+        // No route matched: a 404 that serves nothing.
+        return None;
+    };
+    let route = route.strip_suffix('/').unwrap_or(route);
+    match route {
+        "/api/health" | "/livez" | "/readyz" | "/api-docs/openapi.json" => None,
+        _ if route.starts_with("/swagger") || route.starts_with("/redoc") => None,
+        "/api/features/batch" => Some(Scope::FeaturesRead),
+        "/api/features" | "/api/features/bulk" | "/api/features/{customer_id}/delete" => {
+            Some(Scope::FeaturesWrite)
+        }
+        "/api/features/{customer_id}" => Some(if is_read(method) {
+            Scope::FeaturesRead
+        } else {
+            Scope::FeaturesWrite
+        }),
+        _ => Some(Scope::Admin),
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// The admission middleware; installed only when [`Access`] does anything.
+pub async fn admit(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let Some(scope) = required_scope(request.method(), route) else {
+        return next.run(request).await;
+    };
+    // Held until the response is produced.
+    let _permit = match access.try_enter() {
+        Ok(permit) => permit,
+        Err(access::Overloaded) => return ApiError::Overloaded.into_response(),
+    };
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let principal = match access.authenticate(request.headers()).await {
+        Ok(principal) => principal,
+        Err(denial) => {
+            // Failed attempts count against the client's address, so that
+            // guessing costs a rate-limited request each.
+            if let Err(secs) = access.check_rate(&access::RateKey::Ip(
+                client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            )) {
+                return ApiError::RateLimited(secs).into_response();
+            }
+            denial.count();
+            tracing::debug!(
+                reason = denial.reason(),
+                route = route.unwrap_or_default(),
+                "request denied"
+            );
+            return ApiError::Unauthorized(denial).into_response();
+        }
+    };
+    if !principal.scopes.contains(scope) {
+        let denial = Denial::Scope(scope);
+        denial.count();
+        tracing::debug!(reason = denial.reason(), principal = principal.name(), scope = %scope, "request denied");
+        return ApiError::Forbidden(scope).into_response();
+    }
+    if let Err(secs) = access.check_rate(&principal.rate_key(client)) {
+        return ApiError::RateLimited(secs).into_response();
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_need_their_scope() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let delete = Method::DELETE;
+        let cases = [
+            (
+                &get,
+                Some("/api/features/{customer_id}/"),
+                Some(Scope::FeaturesRead),
+            ),
+            (
+                &get,
+                Some("/api/features/{customer_id}"),
+                Some(Scope::FeaturesRead),
+            ),
+            (
+                &delete,
+                Some("/api/features/{customer_id}/"),
+                Some(Scope::FeaturesWrite),
+            ),
+            (
+                &Method::PUT,
+                Some("/api/features/{customer_id}/"),
+                Some(Scope::FeaturesWrite),
+            ),
+            (
+                &delete,
+                Some("/api/features/{customer_id}/delete/"),
+                Some(Scope::FeaturesWrite),
+            ),
+            (&post, Some("/api/features/"), Some(Scope::FeaturesWrite)),
+            (
+                &post,
+                Some("/api/features/bulk"),
+                Some(Scope::FeaturesWrite),
+            ),
+            (
+                &post,
+                Some("/api/features/batch/"),
+                Some(Scope::FeaturesRead),
+            ),
+            (&get, Some("/metrics"), Some(Scope::Admin)),
+            (&get, Some("/api/info/"), Some(Scope::Admin)),
+            (&get, Some("/api/some-new-endpoint"), Some(Scope::Admin)),
+            (&get, Some("/api/health/"), None),
+            (&get, Some("/livez"), None),
+            (&get, Some("/readyz"), None),
+            (&get, Some("/swagger/{*rest}"), None),
+            (&get, Some("/redoc"), None),
+            (&get, Some("/api-docs/openapi.json"), None),
+            (&get, None, None),
+        ];
+        for (method, route, scope) in cases {
+            assert_eq!(required_scope(method, route), scope, "{method} {route:?}");
+        }
+    }
+}
