@@ -3,7 +3,7 @@
 //! a JWKS written or served by the test, `AUTH_REQUIRED`, 429 and 503 with
 //! `Retry-After`, open mode as before, the denial counter, no secret in logs.
 
-use crate::support::{TestApi, TestStack, env};
+use crate::support::{Reply, TestApi, TestStack, env};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Method;
@@ -707,6 +707,18 @@ fn jwt_settings<'a>(source: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+/// `GET /api/features/NOPE/` with `token` as the bearer (404 once let in).
+async fn read_with_token(api: &TestApi, token: String) -> Reply {
+    send(
+        api,
+        Method::GET,
+        "/api/features/NOPE/",
+        None,
+        Auth::Bearer(&token),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn jwts_are_checked_against_the_jwks_file() {
     let dir = TempDir::new("auth-jwt");
@@ -716,16 +728,7 @@ async fn jwts_are_checked_against_the_jwks_file() {
     let file = file.to_str().unwrap();
     let stack = TestStack::start("auth_jwt", &jwt_settings(("AUTH_JWT_JWKS_FILE", file))).await;
     let api = &stack.api;
-    let get = |token: String| async move {
-        send(
-            api,
-            Method::GET,
-            "/api/features/NOPE/",
-            None,
-            Auth::Bearer(&token),
-        )
-        .await
-    };
+    let get = |token: String| read_with_token(api, token);
 
     assert_eq!(
         get(key.sign(&claims("openid features:read"))).await.status,
@@ -842,17 +845,7 @@ async fn jwts_are_checked_against_a_jwks_url_that_rotates() {
     )
     .await;
     let api = &stack.api;
-    let status = |token: String| async move {
-        send(
-            api,
-            Method::GET,
-            "/api/features/NOPE/",
-            None,
-            Auth::Bearer(&token),
-        )
-        .await
-        .status
-    };
+    let status = |token: String| async move { read_with_token(api, token).await.status };
     assert_eq!(status(old.sign(&claims("features:read"))).await, 404);
 
     // The provider rotates: the first token naming the new key makes the
