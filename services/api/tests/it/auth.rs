@@ -280,17 +280,7 @@ async fn the_key_file_is_reloaded_on_change_and_a_bad_file_keeps_the_keys() {
     );
     let stack = TestStack::start("auth_reload", &[("API_KEYS_FILE", file.to_str().unwrap())]).await;
     let api = &stack.api;
-    let status = |key: &'static str| async move {
-        send(
-            api,
-            Method::GET,
-            "/api/features/NOPE/",
-            None,
-            Auth::Bearer(key),
-        )
-        .await
-        .status
-    };
+    let status = |key: &'static str| async move { read_with_token(api, key).await.status };
     assert_eq!(status(READER).await, 404);
     assert_eq!(status(WRITER).await, 401);
 
@@ -299,13 +289,7 @@ async fn the_key_file_is_reloaded_on_change_and_a_bad_file_keeps_the_keys() {
         "keys.toml",
         &key_file_text(&[("second", &["features:read"], WRITER)]),
     );
-    eventually(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || async { status(WRITER).await == 404 },
-    )
-    .await
-    .unwrap();
+    soon(|| async { status(WRITER).await == 404 }).await;
     assert_eq!(status(READER).await, 401);
 
     // A broken file: the keys in force stay, and the error is logged once.
@@ -313,13 +297,7 @@ async fn the_key_file_is_reloaded_on_change_and_a_bad_file_keeps_the_keys() {
         "keys.toml",
         "[[keys]]\nname = \"third\"\nscopes = [\"features:rede\"]\nsha256 = \"00\"\n",
     );
-    eventually(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || async { logs.count("ERROR", "API_KEYS_FILE not reloaded") >= 1 },
-    )
-    .await
-    .unwrap();
+    soon(|| async { logs.count("ERROR", "API_KEYS_FILE not reloaded") >= 1 }).await;
     // Several more polls of the same bad content.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
@@ -336,13 +314,7 @@ async fn the_key_file_is_reloaded_on_change_and_a_bad_file_keeps_the_keys() {
 
     // A file with no keys is closed, not open.
     dir.write("keys.toml", "");
-    eventually(
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || async { status(WRITER).await == 401 },
-    )
-    .await
-    .unwrap();
+    soon(|| async { status(WRITER).await == 401 }).await;
     let reply = send(api, Method::GET, "/api/features/NOPE/", None, Auth::None).await;
     assert_unauthorized(&reply, "no keys at all");
     stack.finish().await;
@@ -497,15 +469,7 @@ async fn a_principal_over_its_rate_gets_429_with_retry_after() {
     )
     .await;
     let api = &stack.api;
-    let get = |key: &'static str| {
-        send(
-            api,
-            Method::GET,
-            "/api/features/NOPE/",
-            None,
-            Auth::Bearer(key),
-        )
-    };
+    let get = |key: &'static str| read_with_token(api, key);
     // The burst passes; a few more are refused (one per second replenishes,
     // so a slow machine may let one more through, but not twenty).
     let mut limited = None;
@@ -707,14 +671,25 @@ fn jwt_settings<'a>(source: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+/// Waits (up to 10 s) until `check` holds: a reload has taken effect.
+async fn soon<F, Fut>(check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually(Duration::from_secs(10), Duration::from_millis(50), check)
+        .await
+        .unwrap();
+}
+
 /// `GET /api/features/NOPE/` with `token` as the bearer (404 once let in).
-async fn read_with_token(api: &TestApi, token: String) -> Reply {
+async fn read_with_token(api: &TestApi, token: &str) -> Reply {
     send(
         api,
         Method::GET,
         "/api/features/NOPE/",
         None,
-        Auth::Bearer(&token),
+        Auth::Bearer(token),
     )
     .await
 }
@@ -728,7 +703,7 @@ async fn jwts_are_checked_against_the_jwks_file() {
     let file = file.to_str().unwrap();
     let stack = TestStack::start("auth_jwt", &jwt_settings(("AUTH_JWT_JWKS_FILE", file))).await;
     let api = &stack.api;
-    let get = |token: String| read_with_token(api, token);
+    let get = |token: String| async move { read_with_token(api, &token).await };
 
     assert_eq!(
         get(key.sign(&claims("openid features:read"))).await.status,
@@ -845,7 +820,7 @@ async fn jwts_are_checked_against_a_jwks_url_that_rotates() {
     )
     .await;
     let api = &stack.api;
-    let status = |token: String| async move { read_with_token(api, token).await.status };
+    let status = |token: String| async move { read_with_token(api, &token).await.status };
     assert_eq!(status(old.sign(&claims("features:read"))).await, 404);
 
     // The provider rotates: the first token naming the new key makes the
