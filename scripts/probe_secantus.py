@@ -440,29 +440,22 @@ def probe3(port, **_):
     # Resume with saved tokens.
     col.insert_one({"_id": "after1"})
     col.insert_one({"_id": "after2"})
-    for kw in ("resume_after", "start_after"):
+    def watched(label, **options):
+        """Opens a stream with `options`, reports what it delivers (or the error)."""
         try:
-            with col.watch(max_await_time_ms=200, **{kw: last_token}) as s:
+            with col.watch(max_await_time_ms=200, **options) as s:
                 evs = drain(s)
-                say(3, f"watch({kw}=<token of delete>) -> {[(e['operationType'], e['documentKey']) for e in evs]}")
+                say(3, f"watch({label}) -> {len(evs)} events: "
+                       f"{[(e['operationType'], e['documentKey']) for e in evs]}")
         except PyMongoError as e:
-            say(3, f"watch({kw}=<token>):", err_str(e))
-    try:
-        with col.watch(max_await_time_ms=200, resume_after=first_token) as s:
-            evs = drain(s)
-            say(3, f"watch(resume_after=<token of first insert>) -> {len(evs)} events: "
-                   f"{[e['operationType'] for e in evs]}")
-    except PyMongoError as e:
-        say(3, "watch(resume_after=first token):", err_str(e))
+            say(3, f"watch({label}):", err_str(e))
+
+    for kw in ("resume_after", "start_after"):
+        watched(f"{kw}=<token of delete>", **{kw: last_token})
+    watched("resume_after=<token of first insert>", resume_after=first_token)
     ot = c.admin.command("ping").get("operationTime")
     col.insert_one({"_id": "after3"})
-    try:
-        with col.watch(max_await_time_ms=200, start_at_operation_time=ot) as s:
-            evs = drain(s)
-            say(3, f"watch(start_at_operation_time=<ping operationTime>) -> "
-                   f"{[(e['operationType'], e['documentKey']) for e in evs]}")
-    except PyMongoError as e:
-        say(3, "start_at_operation_time:", err_str(e))
+    watched("start_at_operation_time=<ping operationTime>", start_at_operation_time=ot)
 
     # Database- and cluster-level streams.
     for name, target in (("db.watch()", db), ("client.watch()", c)):
@@ -561,15 +554,21 @@ def probe4(port, exe=None, tmp=None, **_):
                     col.insert_one({})
                     return next_event(s)["_id"]
 
+            def token_then_writes(n):
+                """A fresh token and a live stream (opened, not read yet), then
+                `n` writes; the token is tried again after them."""
+                token = fresh_token()
+                live = col.watch(max_await_time_ms=200)
+                live.try_next()
+                if "retention" in label:
+                    time.sleep(3)
+                for i in range(n):
+                    col.update_one({"_id": "seed"}, {"$set": {"i": i}})
+                try_resume(f"{label}, after {n} writes", col, token)
+                return token, live
+
             # (a) 200 writes, nothing else
-            token = fresh_token()
-            live = col.watch(max_await_time_ms=200)   # opened, not read yet
-            live.try_next()
-            if "retention" in label:
-                time.sleep(3)
-            for i in range(200):
-                col.update_one({"_id": "seed"}, {"$set": {"i": i}})
-            try_resume(f"{label}, after 200 writes", col, token)
+            token, live = token_then_writes(200)
             # (b) the same token after forcing a prune with SecantusDB's admin command
             try:
                 r = c.admin.command("secantusAdmin.pruneOplog")
@@ -579,14 +578,7 @@ def probe4(port, exe=None, tmp=None, **_):
             try_resume(f"{label}, after pruneOplog", col, token)
             read_live(f"{label}, after pruneOplog", live)
             # (c) a new token, then > 1000 writes (no admin command)
-            token = fresh_token()
-            live = col.watch(max_await_time_ms=200)
-            live.try_next()
-            if "retention" in label:
-                time.sleep(3)
-            for i in range(1100):
-                col.update_one({"_id": "seed"}, {"$set": {"i": i}})
-            try_resume(f"{label}, after 1100 writes", col, token)
+            token, live = token_then_writes(1100)
             read_live(f"{label}, after 1100 writes", live)
             c.close()
         finally:

@@ -9,6 +9,15 @@ def _table(title: str, header: str, align: str, rows: list[str], intro: str | No
     return [title, "", *([intro, ""] if intro else []), header, align, *rows, ""]
 
 
+def _section(key: str):
+    """A section that shows only when the run has the phase `key`."""
+    def wrap(render):
+        def section(res: dict) -> list[str]:
+            return render(res) if res.get(key) else []
+        return section
+    return wrap
+
+
 def _machine(res: dict) -> list[str]:
     m = res.get("machine", {})
     machine = (f"Machine: {m.get('nproc')} CPUs ({m.get('Model name')}, {m.get('Hypervisor vendor', 'bare')}), "
@@ -33,10 +42,9 @@ def _ratio_row(key: str, row: dict) -> str:
             f"{n.get('rps_vs_redis_benchmark')} | {r.get('rps_vs_redis_benchmark')} |")
 
 
+@_section("hitpath")
 def _hitpath(res: dict) -> list[str]:
-    hp = res.get("hitpath")
-    if not hp:
-        return []
+    hp = res["hitpath"]
     cells = _table(
         f"## Hit path (wrk, Zipf s=1.0 over 10,000 keys, {hp['seconds']} s per cell)",
         "| conns | target | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | machine busy/steal % | tiers (delta) |",
@@ -58,10 +66,9 @@ def _latency_row(name: str, r: dict) -> str:
             f"{l['p99']} | {l['p99.9']} | {l['max']} | {'yes' if r['saturated'] else 'no'} |")
 
 
+@_section("latency")
 def _latency(res: dict) -> list[str]:
-    lat = res.get("latency")
-    if not lat:
-        return []
+    lat = res["latency"]
     if "skipped" in lat:
         return [f"## Latency under fixed offered load: skipped ({lat['skipped']})", ""]
     return _table(
@@ -73,10 +80,9 @@ def _latency(res: dict) -> list[str]:
     )
 
 
+@_section("miss")
 def _miss(res: dict) -> list[str]:
-    miss = res.get("miss")
-    if not miss:
-        return []
+    miss = res["miss"]
     passes = [("cold key (Redis flushed, B restarted)", miss["cold"]),
               ("same keys again (warm)", miss["warm"])]
     if "near_hit_same_client" in miss:
@@ -90,10 +96,9 @@ def _miss(res: dict) -> list[str]:
                   rows)
 
 
+@_section("stampede")
 def _stampede(res: dict) -> list[str]:
-    st = res.get("stampede")
-    if not st:
-        return []
+    st = res["stampede"]
     rows = []
     for r in st["runs"]:
         d = r["metrics_delta"]
@@ -139,10 +144,9 @@ def _probes(res: dict) -> list[str]:
                   rows)
 
 
+@_section("lag")
 def _lag(res: dict) -> list[str]:
-    lag = res.get("lag")
-    if not lag:
-        return []
+    lag = res["lag"]
     rows = [f"| {path} | {target} | {v.get('p50')} | {v.get('p90')} | {v.get('p99')} | {v.get('max')} | "
             f"{v.get('seen_at_first_poll')} | {v['not_seen_within_timeout']} |"
             for path, row in lag["lag_ms"].items() for target, v in row.items()]
@@ -158,10 +162,9 @@ def _lag(res: dict) -> list[str]:
     return table + [acks, "", polls, ""]
 
 
+@_section("throughput")
 def _throughput(res: dict) -> list[str]:
-    tp = res.get("throughput")
-    if not tp:
-        return []
+    tp = res["throughput"]
     writes = (f"- writes acknowledged: {tp['writes_acknowledged']} in {tp['seconds']} s = {tp['write_rps']}/s; "
               f"write latency {tp['write_latency_ms']}")
     events = (f"- invalidator events/s over the same window: {tp['invalidator_events_per_s']}; events in all "
@@ -170,10 +173,9 @@ def _throughput(res: dict) -> list[str]:
     return ["## Invalidator throughput", "", f"- writer: {tp['writer']}", writes, events, cpu, ""]
 
 
+@_section("memory")
 def _memory(res: dict) -> list[str]:
-    mem = res.get("memory")
-    if not mem:
-        return []
+    mem = res["memory"]
     rows = [f"| {r['entries']} | {r['VmRSS'] / 2**20:.1f} | {r.get('RssAnon', 0) / 2**20:.1f} | "
             f"{r.get('rss_bytes_per_entry', '')} | {r.get('fill_seconds', '')} |"
             for r in mem["rows"]]

@@ -23,6 +23,14 @@ def _two_panel_legends(axes) -> None:
     axes[1].legend(fontsize=6, ncol=2)  # a line per target and percentile
 
 
+def _labelled(fig, ax, xlabel: str, ylabel: str, title: str, **legend):
+    """Axis labels, title, a light grid and the legend (`legend`: its options)."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    return fig
+
+
 def _hitpath(res: dict, plt):
     hp = res.get("hitpath")
     if not hp:
@@ -88,11 +96,8 @@ def _lag(res: dict, plt):
             ax.step(vals, ys, where="post", ls=styles[target], color=pcolors[path],
                     label=f"{path} write -> {'Redis' if target == 'redis' else 'replica ' + target}")
     ax.set_xscale("symlog", linthresh=0.1)
-    ax.set(xlabel="time from write acknowledgement to new content visible (ms)", ylabel="fraction of writes",
-           title="Invalidation lag (CDF)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
+    return _labelled(fig, ax, "time from write acknowledgement to new content visible (ms)",
+                      "fraction of writes", "Invalidation lag (CDF)", fontsize=7)
 
 
 def _memory(res: dict, plt):
@@ -109,10 +114,8 @@ def _memory(res: dict, plt):
         ax.annotate(f"{r['VmRSS'] / 2**20:.0f} MiB, {r.get('rss_bytes_per_entry', 0):.0f} B/entry",
                     (r["entries"], r["VmRSS"] / 2**20), textcoords="offset points", xytext=(-40, 8), fontsize=8)
     ax.set(xscale="log", yscale="log")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set(xlabel="near-cache entries", ylabel="RSS (MiB, log)", title="cache-api resident memory")
-    ax.grid(alpha=0.3)
-    return fig
+    return _labelled(fig, ax, "near-cache entries", "RSS (MiB, log)", "cache-api resident memory",
+                      fontsize=8, loc="upper left")
 
 
 def _tiers(res: dict, plt):

@@ -204,6 +204,15 @@ impl Settings {
 
     /// The invalidation subscriber, connecting with `redis` (the tier's
     /// client, so TLS and credentials are the same).
+    /// Logging (in `LOG_FORMAT`), metrics and trace export for the service
+    /// `name`, its spans tagged with `INSTANCE_ID`.
+    pub fn init_telemetry(
+        &self,
+        name: &str,
+    ) -> Result<telemetry::Telemetry, telemetry::TelemetryError> {
+        telemetry::init(name, &self.instance_id, self.log_format == LogFormat::Json)
+    }
+
     pub fn subscriber_config(&self, redis: redis::Client) -> SubscriberConfig {
         SubscriberConfig {
             redis,

@@ -98,6 +98,21 @@ impl Telemetry {
         self.provider.is_some()
     }
 
+    /// Runs a service until SIGTERM or Ctrl-C cancels the token it is given
+    /// ([`shutdown::on_signal`]), then flushes buffered spans: how every
+    /// service binary ends.
+    pub async fn serve<F, E>(
+        self,
+        service: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
+    ) -> Result<(), E>
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+    {
+        let result = service(shutdown::on_signal()).await;
+        self.shutdown();
+        result
+    }
+
     /// Flushes buffered spans; call once before the process exits.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider

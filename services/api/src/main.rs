@@ -9,13 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = settings::load(settings::Defaults::API).context("invalid configuration")?;
-    let telemetry = telemetry::init(
-        "cache-api",
-        &settings.instance_id,
-        settings.log_format == settings::LogFormat::Json,
-    )?;
+    let telemetry = settings.init_telemetry("cache-api")?;
     let app = Application::build(settings).await?;
-    let result = app.run(telemetry::shutdown::on_signal()).await;
-    telemetry.shutdown();
-    result
+    telemetry.serve(|shutdown| app.run(shutdown)).await
 }

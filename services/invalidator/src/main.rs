@@ -1,8 +1,8 @@
 use anyhow::Context;
 use cache_invalidator::Application;
 
-/// Every request allocates; mimalloc does that markedly cheaper than the
-/// system allocator (see BENCHMARKS.md).
+/// Every change is decoded, rendered and sent in fresh buffers; mimalloc
+/// allocates markedly cheaper than the system allocator (see BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -10,13 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let settings =
         settings::load(settings::Defaults::INVALIDATOR).context("invalid configuration")?;
-    let telemetry = telemetry::init(
-        "cache-invalidator",
-        &settings.instance_id,
-        settings.log_format == settings::LogFormat::Json,
-    )?;
+    let telemetry = settings.init_telemetry("cache-invalidator")?;
     let app = Application::build(settings).await?;
-    let result = app.run(telemetry::shutdown::on_signal()).await;
-    telemetry.shutdown();
-    result
+    telemetry.serve(|shutdown| app.run(shutdown)).await
 }
