@@ -119,6 +119,22 @@ impl TestMongo {
             .expect("mongodb client")
     }
 
+    /// Sets the `failCommand` fail point (the server must run with
+    /// `--enable-test-commands`): the next `times` commands named in
+    /// `data.failCommands` fail, or are held, as `data` says.
+    pub async fn fail_commands(&self, times: i32, data: bson::Document) {
+        self.client()
+            .await
+            .database("admin")
+            .run_command(bson::doc! {
+                "configureFailPoint": "failCommand",
+                "mode": { "times": times },
+                "data": data,
+            })
+            .await
+            .expect("configureFailPoint (needs --enable-test-commands)");
+    }
+
     /// Runs `{"secantusAdmin.pruneOplog": 1}` against the admin database:
     /// trims the oplog to its configured bound now. Returns the reply.
     pub async fn prune_oplog(&self) -> bson::Document {

@@ -353,6 +353,8 @@ async fn a_document_of_16_mib_is_stored_and_one_byte_more_is_refused() {
     // calls would time out behind it.
     let stack = TestStack::start_on_own_mongo(
         "exact_size",
+        &[],
+        "",
         &[
             NEAR_OFF,
             ("MAX_BODY_BYTES", "18000000"),

@@ -3,14 +3,12 @@
 //! document and batch bounds; Redis batches in chunks; the probes while
 //! Redis is down.
 
-use crate::support::{TestApi, TestStack, env};
+use crate::support::{NEAR_OFF, TestApi, TestStack, env};
 use serde_json::{Value, json};
 use std::time::Duration;
 use testkit::{TestRedis, eventually, unique_db};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-const NEAR_OFF: (&str, &str) = ("LOCAL_CACHE_ENABLED", "false");
 
 /// How long a test waits for what must happen; far past every timeout the
 /// tests set, so only a missing limit makes it run out.
@@ -529,31 +527,25 @@ async fn probes_follow_a_redis_outage() {
 /// Runs a stand-in of its own (fail points need `--enable-test-commands`).
 #[tokio::test]
 async fn bulk_writes_holding_mongodb_leave_single_key_reads_served() {
-    let mongo = testkit::secantus::TestMongo::start(&["--enable-test-commands"]).await;
-    let redis = TestRedis::start().await;
-    let db = unique_db("limits_fairness");
-    let uri = mongo.uri();
-    let api = TestApi::start(
-        &redis.url(),
-        &db,
-        env(&[NEAR_OFF, ("MONGO_URI", &uri), ("MONGO_TIMEOUT_MS", "1000")]),
+    let stack = TestStack::start_on_own_mongo(
+        "limits_fairness",
+        &["--enable-test-commands"],
+        "",
+        &[NEAR_OFF, ("MONGO_TIMEOUT_MS", "1000")],
     )
     .await;
-    mongo
-        .client()
-        .await
-        .database("admin")
-        .run_command(bson::doc! {
-            "configureFailPoint": "failCommand",
-            "mode": { "times": 50 },
-            "data": {
+    let api = &stack.api;
+    stack
+        .own_mongo()
+        .fail_commands(
+            50,
+            bson::doc! {
                 "failCommands": ["update"],
                 "blockConnection": true,
                 "blockTimeMS": 3000,
             },
-        })
-        .await
-        .expect("configureFailPoint (needs --enable-test-commands)");
+        )
+        .await;
     // More bulk writes than the pool has connections.
     let bodies: Vec<Value> = (0..12)
         .map(|i| json!({"features_list": [{"customer_id": format!("BULK{i}"), "features": {}}]}))
@@ -570,5 +562,10 @@ async fn bulk_writes_holding_mongodb_leave_single_key_reads_served() {
     };
     let (_, single) = tokio::join!(bulks, single);
     single.expect_error(404, "not_found");
+    let TestStack {
+        api,
+        own_mongo: _mongo,
+        ..
+    } = stack;
     api.shutdown().await.unwrap();
 }

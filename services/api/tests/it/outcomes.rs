@@ -7,80 +7,66 @@
 //! `writeConcernError`s MongoDB sends in a failover (the write-concern ones
 //! after applying the write, as MongoDB does).
 
-use crate::support::{Reply, TestApi, env};
+use crate::support::{NEAR_OFF, Reply, TestStack};
 use bson::{Bson, Document, doc};
 use redis::AsyncCommands;
 use serde_json::json;
 use std::time::Duration;
-use testkit::mongo::create_feature_collection;
-use testkit::secantus::TestMongo;
-use testkit::{TestRedis, eventually, unique_db};
+use testkit::eventually;
 
-struct Bed {
-    mongo: TestMongo,
-    redis: TestRedis,
-    db: String,
-    api: TestApi,
+/// A [`TestStack`] on a stand-in of its own with fail points, the near
+/// cache off.
+struct Bed(TestStack);
+
+impl std::ops::Deref for Bed {
+    type Target = TestStack;
+    fn deref(&self) -> &TestStack {
+        &self.0
+    }
 }
 
 impl Bed {
     async fn start(prefix: &str, mongo_args: &[&str], overrides: &[(&str, &str)]) -> Self {
-        let mongo = TestMongo::start(mongo_args).await;
-        let redis = TestRedis::start().await;
-        let db = unique_db(prefix);
-        create_feature_collection(&mongo.client().await, &db).await;
         // An error injected by `failCommand` changes nothing on the server,
         // so the driver's streaming monitor (which marks the server unknown
         // after a "not primary" error) only hears of it again at its next
         // heartbeat: 10 s by default, longer than a retry waits. In a real
         // failover the server's state changes, and the monitor hears at once.
-        let uri = format!("{}&heartbeatFrequencyMS=500", mongo.uri());
-        let mut settings = vec![
-            ("MONGO_URI", uri.as_str()),
-            ("LOCAL_CACHE_ENABLED", "false"),
-        ];
+        let mut settings = vec![NEAR_OFF];
         settings.extend_from_slice(overrides);
-        let api = TestApi::start(&redis.url(), &db, env(&settings)).await;
-        Self {
-            mongo,
-            redis,
-            db,
-            api,
-        }
+        let stack = TestStack::start_on_own_mongo(
+            prefix,
+            mongo_args,
+            "&heartbeatFrequencyMS=500",
+            &settings,
+        )
+        .await;
+        Self(stack)
     }
 
     /// Makes the next `times` commands named in `commands` fail as `data`
     /// says (`errorCode`, `writeConcernError`, `closeConnection`).
     async fn fail_next(&self, times: i32, commands: &[&str], mut data: Document) {
         data.insert("failCommands", commands.to_vec());
-        self.mongo
-            .client()
-            .await
-            .database("admin")
-            .run_command(doc! {
-                "configureFailPoint": "failCommand",
-                "mode": { "times": times },
-                "data": data,
-            })
-            .await
-            .expect("configureFailPoint (needs --enable-test-commands)");
+        self.own_mongo().fail_commands(times, data).await;
     }
 
     /// What Redis holds for `id`: a document or a tombstone. A write
     /// reserves its key before it goes to MongoDB; the reservation is no
     /// content (never served, and it expires), so it counts as nothing.
     async fn cached(&self, id: &str) -> Option<String> {
-        let mut redis = self.redis.client().await;
-        let value: Option<String> = redis.get(format!("features:{id}")).await.unwrap();
+        let value: Option<String> = self
+            .redis_conn()
+            .await
+            .get(format!("features:{id}"))
+            .await
+            .unwrap();
         value.filter(|v| !is_reservation(v))
     }
 
     async fn stored(&self, id: &str) -> Option<Document> {
-        self.mongo
-            .client()
-            .await
-            .database(&self.db)
-            .collection::<Document>(testkit::mongo::DEFAULT_COLLECTION)
+        self.db
+            .features()
             .find_one(doc! { "_id": id })
             .await
             .unwrap()
@@ -200,17 +186,8 @@ async fn a_write_mongodb_did_not_confirm_is_not_a_success_and_is_not_cached() {
 async fn the_write_concern_of_the_uri_applies_to_every_write() {
     // `w=2` on a one-node replica set: the server itself answers every write
     // with a writeConcernError (UnsatisfiableWriteConcern) after applying it.
-    let mongo = TestMongo::start(&[]).await;
-    let redis = TestRedis::start().await;
-    let uri = format!("{}&w=2", mongo.uri());
-    let db = unique_db("outcomes_w2");
-    create_feature_collection(&mongo.client().await, &db).await;
-    let api = TestApi::start(
-        &redis.url(),
-        &db,
-        env(&[("MONGO_URI", &uri), ("LOCAL_CACHE_ENABLED", "false")]),
-    )
-    .await;
+    let stack = TestStack::start_on_own_mongo("outcomes_w2", &[], "&w=2", &[NEAR_OFF]).await;
+    let api = &stack.api;
     let reply = api
         .post(
             "/api/features/",
@@ -225,7 +202,7 @@ async fn the_write_concern_of_the_uri_applies_to_every_write() {
         )
         .await;
     reply.expect_error(500, "internal_error");
-    let mut conn = redis.client().await;
+    let mut conn = stack.redis_conn().await;
     for id in ["W2", "W3"] {
         let value: Option<String> = conn.get(format!("features:{id}")).await.unwrap();
         assert!(value.is_none_or(|v| is_reservation(&v)), "{id}");
@@ -338,7 +315,7 @@ async fn a_stepped_down_primary_is_503_with_retry_after_until_it_is_back() {
     .expect("a first write succeeds");
 
     // The stand-in stays secondary for about 10 s after a forced step-down.
-    bed.mongo
+    bed.own_mongo()
         .client()
         .await
         .database("admin")

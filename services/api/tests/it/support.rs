@@ -258,7 +258,7 @@ pub struct TestStack {
     pub db: TestDb,
     pub api: TestApi,
     /// The MongoDB stand-in of this test's own, if it has one.
-    own_mongo: Option<TestMongo>,
+    pub own_mongo: Option<TestMongo>,
 }
 
 impl TestStack {
@@ -276,14 +276,21 @@ impl TestStack {
         }
     }
 
-    /// As [`TestStack::start`], on a MongoDB stand-in of the test's own: for
-    /// work heavy enough (16 MiB documents) to hold up the shared one's
-    /// other clients.
-    pub async fn start_on_own_mongo(prefix: &str, overrides: &[(&str, &str)]) -> Self {
-        let mongo = TestMongo::start(&[]).await;
+    /// As [`TestStack::start`], on a MongoDB stand-in of the test's own,
+    /// started with `mongo_args` and reached with `uri_options` added to its
+    /// URI (`&name=value…`): for server flags the shared one lacks (fail
+    /// points), client options (a write concern), or work heavy enough
+    /// (16 MiB documents) to hold up the shared one's other clients.
+    pub async fn start_on_own_mongo(
+        prefix: &str,
+        mongo_args: &[&str],
+        uri_options: &str,
+        overrides: &[(&str, &str)],
+    ) -> Self {
+        let mongo = TestMongo::start(mongo_args).await;
         let redis = TestRedis::start().await;
         let db = TestDb::on(mongo.client().await, prefix).await;
-        let uri = mongo.uri();
+        let uri = format!("{}{uri_options}", mongo.uri());
         let mut settings = vec![("MONGO_URI", uri.as_str())];
         settings.extend_from_slice(overrides);
         let api = TestApi::start(&redis.url(), db.name(), env(&settings)).await;
@@ -293,6 +300,13 @@ impl TestStack {
             api,
             own_mongo: Some(mongo),
         }
+    }
+
+    /// The stand-in of [`TestStack::start_on_own_mongo`].
+    pub fn own_mongo(&self) -> &TestMongo {
+        self.own_mongo
+            .as_ref()
+            .expect("a stack started with start_on_own_mongo")
     }
 
     /// Writes a new customer's features through the API: the stored
