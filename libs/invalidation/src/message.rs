@@ -12,6 +12,9 @@ pub enum Op {
     /// The collection was dropped, renamed or invalidated, or the change
     /// history was lost: every cached document is suspect.
     Flush,
+    /// An operator asked to drop the customer's entry everywhere (not a
+    /// change of the document): applied like an unordered change.
+    Evict,
 }
 
 impl Op {
@@ -22,6 +25,7 @@ impl Op {
             Self::Replace => "replace",
             Self::Delete => "delete",
             Self::Flush => "flush",
+            Self::Evict => "evict",
         }
     }
 }

@@ -221,6 +221,15 @@ impl Settings {
         }
     }
 
+    /// The invalidator's continuous consistency audit.
+    pub fn audit_config(&self) -> consistency::AuditConfig {
+        consistency::AuditConfig {
+            sample_rate: self.audit_sample_rate,
+            delay: self.audit_delay,
+            window: self.audit_window,
+        }
+    }
+
     /// The invalidators' keys for this collection.
     pub fn control_keys(&self) -> ControlKeys {
         ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)

@@ -54,6 +54,16 @@ pub(crate) fn seconds(raw: Option<&str>) -> Read<Duration> {
     at_most_a_year(Duration::from_secs(secs))
 }
 
+/// A number from 0 to 1 (a probability).
+pub(crate) fn fraction(raw: Option<&str>) -> Read<f64> {
+    let raw = present(raw)?;
+    match raw.trim().parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        Ok(_) => Err(format!("{raw:?} is not between 0 and 1")),
+        Err(_) => Err(format!("{raw:?} is not a number")),
+    }
+}
+
 pub(crate) fn non_empty(raw: Option<&str>) -> Read<String> {
     let raw = present(raw)?;
     if raw.trim().is_empty() {

@@ -1,6 +1,7 @@
 //! `cachectl`: operator tasks through the same library code paths as the
 //! services (same configuration, same store, same cache tiers).
 
+mod audit;
 mod populate;
 mod reference;
 
@@ -8,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use feature_cache::{RedisTier, TieredStore};
 use feature_store::FeatureStore;
+use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Compare every key in Redis with MongoDB (`--full`), print a summary,
+    /// `--repair` what differs; exit status 1 while inconsistencies remain.
+    Audit(audit::AuditArgs),
     /// Create realistic sample customers (CUST00001…) with bulk writes.
     Populate(populate::PopulateArgs),
     /// Serve a constant JSON body at GET /api/features/{id}/: the HTTP
@@ -35,27 +40,40 @@ enum Command {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Populate(mut args) => {
             if let Some(api) = args.api.take() {
-                return populate::run_via_api(&api, args).await;
+                populate::run_via_api(&api, args).await?;
+                return Ok(ExitCode::SUCCESS);
             }
-            let (tiers, telemetry) = connect().await?;
+            let (tiers, telemetry) =
+                connect(|name, instance| telemetry::init(name, instance, false)).await?;
             let result = populate::run(&tiers, args).await;
+            tiers.store().clone().shutdown().await;
+            telemetry.shutdown();
+            result.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Audit(args) => {
+            // Its standard output is the summary: logs go to standard error.
+            let (tiers, telemetry) = connect(telemetry::init_cli).await?;
+            let checker = consistency::Checker::new(tiers.redis().clone(), tiers.store().clone());
+            let result = audit::run(tiers.redis().clone(), checker, args).await;
             tiers.store().clone().shutdown().await;
             telemetry.shutdown();
             result
         }
-        Command::ReferenceServer(args) => reference::run(args).await,
+        Command::ReferenceServer(args) => reference::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
 /// The store and Redis as the services see them (no near cache: a CLI run
 /// is too short for one to help).
-async fn connect() -> anyhow::Result<(TieredStore, telemetry::Telemetry)> {
+async fn connect(
+    init_telemetry: impl FnOnce(&str, &str) -> Result<telemetry::Telemetry, telemetry::TelemetryError>,
+) -> anyhow::Result<(TieredStore, telemetry::Telemetry)> {
     let settings = settings::load(settings::Defaults::API).context("invalid configuration")?;
-    let telemetry = telemetry::init("cachectl", &settings.instance_id, false)?;
+    let telemetry = init_telemetry("cachectl", &settings.instance_id)?;
     let store = FeatureStore::connect(&settings.store_config("cachectl"))
         .await
         .context("MONGO_URI")?;

@@ -3,6 +3,7 @@
 //! replica, both behind the term's fence. An [`Apply`] is made once per
 //! leadership term.
 
+use crate::audit::{AuditHandle, Repairs};
 use crate::worker::{Sequence, WorkerStatus};
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier,
@@ -193,6 +194,8 @@ pub struct Apply {
     mode: InvalidationMode,
     sequence: Arc<Sequence>,
     status: Arc<WorkerStatus>,
+    audit: AuditHandle,
+    repairs: Repairs,
 }
 
 /// What an [`Apply`] is made of, apart from the term's fence.
@@ -204,6 +207,10 @@ pub struct ApplyParts {
     pub mode: InvalidationMode,
     pub sequence: Arc<Sequence>,
     pub status: Arc<WorkerStatus>,
+    /// Samples applied changes for the consistency audit.
+    pub audit: AuditHandle,
+    /// Keys the audit found inconsistent, evicted between changes.
+    pub repairs: Repairs,
 }
 
 impl Apply {
@@ -218,6 +225,8 @@ impl Apply {
             mode: parts.mode,
             sequence: Arc::clone(&parts.sequence),
             status: Arc::clone(&parts.status),
+            audit: parts.audit.clone(),
+            repairs: parts.repairs.clone(),
         }
     }
 
@@ -318,6 +327,10 @@ impl Apply {
                     }
                 }
             }
+            // Applied: the audit's clock starts now (in this span, whose
+            // trace the audit's log and repair carry).
+            self.audit
+                .offer(&change.kind, telemetry::propagation::current_traceparent);
             Ok(Next::Continue)
         }
         .instrument(span)
@@ -356,6 +369,53 @@ impl Apply {
         Ok(Removed::Yes { stamp })
     }
 
+    /// Evicts the keys the audit found inconsistent, oldest first; a repair
+    /// that fails is put back and tried again after the next change.
+    pub async fn repair_pending(&self) -> Result<(), ApplyError> {
+        while let Some(repair) = self.repairs.take() {
+            let evicted = self
+                .evict(&repair.customer_id, "audit", repair.traceparent.as_deref())
+                .await;
+            if let Err(err) = evicted {
+                self.repairs.put_back(repair);
+                return Err(err);
+            }
+            metrics::counter!("cache_inconsistencies_repaired_total").increment(1);
+        }
+        Ok(())
+    }
+
+    /// Evicts a customer's entry everywhere: removes the Redis entry behind
+    /// the fence, then announces an unordered `evict` (every replica drops
+    /// the entry and refuses fills that began before).
+    pub async fn evict(
+        &self,
+        customer_id: &str,
+        reason: &'static str,
+        traceparent: Option<&str>,
+    ) -> Result<(), ApplyError> {
+        let span = tracing::info_span!(
+            "invalidator.evict",
+            otel.kind = "producer",
+            customer_id,
+            reason
+        );
+        if let Some(parent) = traceparent {
+            telemetry::propagation::continue_from_traceparent(&span, parent);
+        }
+        async {
+            self.writer.remove(customer_id).await?;
+            let traceparent = telemetry::propagation::current_traceparent();
+            self.announce_in_place(Some(customer_id), Op::Evict, traceparent)
+                .await?;
+            metrics::counter!("invalidator_evictions_total", "reason" => reason).increment(1);
+            tracing::info!(customer_id, reason, "evicted the key everywhere");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Saves the feed's position alone (no change to announce).
     pub async fn save_position(&self, position: &str) -> Result<(), ApplyError> {
         Ok(self.announcer.save_position(position).await?)
@@ -366,18 +426,29 @@ impl Apply {
         let removed = self.redis.flush_documents().await?;
         tracing::warn!(reason, removed, "flushed the cache");
         metrics::counter!("invalidator_flushes_total", "reason" => reason).increment(1);
+        self.announce_in_place(None, Op::Flush, None).await
+    }
+
+    /// Announces an unordered message that is no change of the feed (a
+    /// flush, an eviction): it moves the feed nowhere, so it re-saves the
+    /// saved position.
+    async fn announce_in_place(
+        &self,
+        customer_id: Option<&str>,
+        op: Op,
+        traceparent: Option<String>,
+    ) -> Result<(), ApplyError> {
         let message = Invalidation {
-            customer_id: None,
-            op: Op::Flush,
+            customer_id: customer_id.map(str::to_owned),
+            op,
             version: 0,
             cluster_time: ClusterTime { t: 0, i: 0 },
             seq: self.sequence.next(),
             run_id: self.sequence.run_id().to_owned(),
-            traceparent: None,
+            traceparent,
             ordered: false,
             stream_id: None,
         };
-        // The flush moves the feed nowhere: it re-saves the saved position.
         let saved = self
             .positions
             .saved_position()

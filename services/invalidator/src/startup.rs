@@ -1,4 +1,5 @@
 use crate::apply::ApplyParts;
+use crate::audit::{self, Auditor, Repairs};
 use crate::health::{self, HealthState};
 use crate::leadership::Lease;
 use crate::tail::{self, Tail};
@@ -20,6 +21,7 @@ pub struct Application {
     store: FeatureStore,
     redis: RedisTier,
     health: HealthState,
+    auditor: Option<Auditor>,
 }
 
 impl Application {
@@ -44,6 +46,9 @@ impl Application {
             settings.leader_lease,
             format!("{}:{run_id}", settings.instance_id),
         );
+        let repairs = Repairs::default();
+        let checker = consistency::Checker::new(redis.clone(), store.clone());
+        let (audit, auditor) = audit::start(&settings.audit_config(), checker, repairs.clone());
         let status = Arc::new(WorkerStatus::default());
         let stall_bound = lease.stall_bound();
         let worker = Worker {
@@ -60,6 +65,8 @@ impl Application {
                 mode: settings.invalidation_mode,
                 sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
+                audit,
+                repairs,
             },
         };
         let listener = TcpListener::bind(settings.http_addr)
@@ -78,6 +85,7 @@ impl Application {
                 mode: settings.invalidation_mode,
                 stall_bound,
             },
+            auditor,
         })
     }
 
@@ -96,9 +104,13 @@ impl Application {
             store,
             redis,
             health,
+            auditor,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, run_id = %health.run_id, mode = health.mode.as_str(), "cache-invalidator started");
         let worker = tokio::spawn(worker.run(shutdown.clone()));
+        if let Some(auditor) = auditor {
+            tokio::spawn(auditor.run(shutdown.child_token()));
+        }
         tokio::spawn(feature_cache::eviction::report_eviction_policy(
             redis,
             shutdown.child_token(),

@@ -229,6 +229,7 @@ impl Tail {
                             .await?;
                     }
                     last_saved = Instant::now();
+                    apply.repair_pending().await?;
                 }
                 Ok(None) => {
                     self.progress.mark();
@@ -237,6 +238,7 @@ impl Tail {
                         save(apply, feed.position()).await?;
                         last_saved = Instant::now();
                     }
+                    apply.repair_pending().await?;
                 }
                 Err(FeedError::HistoryLost(err)) => {
                     tracing::error!(error = %telemetry::ErrorChain(&err), "change history lost while tailing; flushing every cache");

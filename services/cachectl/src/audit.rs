@@ -1,0 +1,353 @@
+//! `cachectl audit --full`: every `features:*` key in Redis against MongoDB,
+//! in batches (a SCAN page, one MGET, one `$in` query), judged by the same
+//! rules as the invalidator's continuous audit (`consistency::verdict`).
+//!
+//! A key found inconsistent is read once more after `--settle-ms`, so a
+//! write in flight between the two reads of the scan (Redis first, then
+//! MongoDB) is not reported; what still differs is reported and, with
+//! `--repair`, evicted.
+
+use anyhow::Context;
+use clap::Args;
+use consistency::{Checker, KeyState, Mismatch, Verdict};
+use feature_cache::RedisTier;
+use feature_cache::keyspace::{DOCUMENT_PREFIX, document_key};
+use feature_store::CustomerId;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Scan every key in Redis (the continuous, sampled audit runs in the
+    /// invalidator: AUDIT_SAMPLE_RATE).
+    #[arg(long, required = true)]
+    full: bool,
+    /// Evict every key that differs from MongoDB.
+    #[arg(long)]
+    repair: bool,
+    /// Print the summary as JSON, for scripts (no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Keys per batch: one SCAN page, one MGET, one MongoDB query.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch: u64,
+    /// How long to wait before reading a key found inconsistent once more
+    /// (a write in flight is not an inconsistency).
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
+}
+
+/// One tier of one key that differs from MongoDB.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub customer_id: String,
+    pub tier: &'static str,
+    /// The replica, for a near cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub mismatch: &'static str,
+    pub cached_version: Option<i64>,
+    pub stored_version: Option<i64>,
+}
+
+/// What an audit found; `--json` prints it as is.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    /// Keys read.
+    pub scanned: u64,
+    /// Keys every tier agrees on with MongoDB.
+    pub consistent: u64,
+    /// Keys some tier disagrees on.
+    pub inconsistent: u64,
+    /// Findings per tier and kind (`stale`, `ahead`, `content`, `orphan`).
+    pub by_kind: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Inconsistent keys evicted (`--repair`).
+    pub repaired: u64,
+    /// Keys whose repair failed.
+    pub repair_failed: u64,
+    /// Keys under `features:` whose id no client could ask for.
+    pub skipped: u64,
+    /// Whether replicas' near caches were asked.
+    pub near_checked: bool,
+    pub seconds: f64,
+    pub findings: Vec<Finding>,
+}
+
+impl Summary {
+    /// Inconsistent keys left after repairs.
+    pub fn remaining(&self) -> u64 {
+        self.inconsistent
+            .saturating_sub(self.repaired)
+            .max(self.repair_failed)
+    }
+}
+
+/// How an inconsistent key is fixed: removed, so the next read takes
+/// MongoDB's document (absence is always safe).
+enum Repairer {
+    /// `DEL features:{id}` in Redis.
+    Redis(redis::aio::ConnectionManager),
+}
+
+impl Repairer {
+    async fn evict(&self, customer_id: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Redis(conn) => {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(document_key(customer_id))
+                    .query_async(&mut conn.clone())
+                    .await
+                    .with_context(|| format!("DEL {}", document_key(customer_id)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(redis: RedisTier, checker: Checker, args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut summary = Summary {
+        near_checked: checker.checks_near(),
+        ..Summary::default()
+    };
+    let progress = progress_bar(&redis, args.json).await;
+    let mut suspects: Vec<CustomerId> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys) = redis
+            .scan_documents(cursor, args.batch)
+            .await
+            .context("SCAN of features:* in Redis")?;
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in &keys {
+            match key.strip_prefix(DOCUMENT_PREFIX).map(CustomerId::parse) {
+                Some(Ok(id)) => ids.push(id),
+                _ => summary.skipped += 1,
+            }
+        }
+        summary.scanned += keys.len() as u64;
+        if !ids.is_empty() {
+            let (states, _) = checker.read(&ids).await.context("reading a batch")?;
+            let now = chrono::Utc::now();
+            suspects.extend(
+                states
+                    .iter()
+                    .filter(|state| !findings(state, now).is_empty())
+                    .filter_map(|state| CustomerId::parse(&state.customer_id).ok()),
+            );
+        }
+        progress.inc(keys.len() as u64);
+        progress.set_message(format!("{} suspect", suspects.len()));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    progress.finish_and_clear();
+
+    // What still differs once writes in flight have landed (SCAN may
+    // return a key twice: each is judged once).
+    suspects.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    suspects.dedup_by(|a, b| a.as_str() == b.as_str());
+    if !suspects.is_empty() {
+        tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+    }
+    let repairer = Repairer::Redis(redis.connection());
+    for chunk in suspects.chunks(usize::try_from(args.batch).unwrap_or(500)) {
+        let (states, _) = checker
+            .read(chunk)
+            .await
+            .context("reading suspects again")?;
+        let now = chrono::Utc::now();
+        for state in &states {
+            let found = findings(state, now);
+            if found.is_empty() {
+                continue;
+            }
+            summary.inconsistent += 1;
+            for finding in &found {
+                *summary
+                    .by_kind
+                    .entry(finding.tier)
+                    .or_default()
+                    .entry(finding.mismatch)
+                    .or_default() += 1;
+            }
+            summary.findings.extend(found);
+            if args.repair {
+                match repairer.evict(&state.customer_id).await {
+                    Ok(()) => summary.repaired += 1,
+                    Err(err) => {
+                        summary.repair_failed += 1;
+                        eprintln!("repair of {} failed: {err:#}", state.customer_id);
+                    }
+                }
+            }
+        }
+    }
+    summary.consistent = summary
+        .scanned
+        .saturating_sub(summary.skipped)
+        .saturating_sub(summary.inconsistent);
+    summary.seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", render(&summary, args.repair));
+    }
+    Ok(if summary.remaining() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A bar over Redis's key count (an estimate: it counts every key), or
+/// nothing for `--json`.
+async fn progress_bar(redis: &RedisTier, json: bool) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let total: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut redis.connection())
+        .await
+        .unwrap_or(0);
+    let progress = ProgressBar::new(total);
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/~{len} keys ({per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress
+}
+
+/// Every tier of `state` that differs from MongoDB.
+fn findings(state: &KeyState, now: chrono::DateTime<chrono::Utc>) -> Vec<Finding> {
+    let stored_version = state.truth.as_ref().map(|t| t.version);
+    let finding = |tier, instance: Option<&str>, cached: Option<i64>, mismatch: Mismatch| Finding {
+        customer_id: state.customer_id.clone(),
+        tier,
+        instance: instance.map(str::to_owned),
+        mismatch: mismatch.as_str(),
+        cached_version: cached,
+        stored_version,
+    };
+    let mut found = Vec::new();
+    if let Verdict::Inconsistent(mismatch) = state.redis_verdict(now) {
+        found.push(finding("redis", None, state.redis.version(), mismatch));
+    }
+    for (instance, observed, verdict) in state.near_verdicts(now) {
+        if let Verdict::Inconsistent(mismatch) = verdict {
+            found.push(finding(
+                "near",
+                Some(instance),
+                observed.version(),
+                mismatch,
+            ));
+        }
+    }
+    found
+}
+
+/// The summary table.
+fn render(summary: &Summary, repair: bool) -> String {
+    let mut rows: Vec<(String, String)> = vec![
+        ("keys scanned".into(), summary.scanned.to_string()),
+        ("consistent".into(), summary.consistent.to_string()),
+        ("inconsistent".into(), summary.inconsistent.to_string()),
+    ];
+    for (tier, kinds) in &summary.by_kind {
+        for mismatch in Mismatch::ALL {
+            if let Some(n) = kinds.get(mismatch.as_str()) {
+                rows.push((format!("  {tier} {}", mismatch.as_str()), n.to_string()));
+            }
+        }
+    }
+    if repair {
+        rows.push(("repaired".into(), summary.repaired.to_string()));
+        if summary.repair_failed > 0 {
+            rows.push(("repair failed".into(), summary.repair_failed.to_string()));
+        }
+    }
+    if summary.skipped > 0 {
+        rows.push((
+            "skipped (not a customer id)".into(),
+            summary.skipped.to_string(),
+        ));
+    }
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let value_width = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let mut out = format!(
+        "audit of Redis{} against MongoDB in {:.1}s\n",
+        if summary.near_checked {
+            " and every near cache"
+        } else {
+            ""
+        },
+        summary.seconds
+    );
+    for (name, value) in rows {
+        out.push_str(&format!("  {name:<width$}  {value:>value_width$}\n"));
+    }
+    for finding in summary.findings.iter().take(20) {
+        out.push_str(&format!(
+            "  ! {} {}{}: {} (cached v{}, MongoDB {})\n",
+            finding.customer_id,
+            finding.tier,
+            finding
+                .instance
+                .as_deref()
+                .map(|i| format!(" {i}"))
+                .unwrap_or_default(),
+            finding.mismatch,
+            finding
+                .cached_version
+                .map_or_else(|| "-".into(), |v| v.to_string()),
+            finding
+                .stored_version
+                .map_or_else(|| "has none".into(), |v| format!("v{v}")),
+        ));
+    }
+    if summary.findings.len() > 20 {
+        out.push_str(&format!(
+            "  … and {} more (--json lists them all)\n",
+            summary.findings.len() - 20
+        ));
+    }
+    let remaining = summary.remaining();
+    out.push_str(&if remaining == 0 {
+        "result: consistent\n".to_owned()
+    } else if repair {
+        format!("result: {remaining} inconsistent keys left\n")
+    } else {
+        format!("result: {remaining} inconsistent keys (--repair evicts them)\n")
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_remains_decides_the_exit_status() {
+        let mut summary = Summary {
+            scanned: 10,
+            consistent: 8,
+            inconsistent: 2,
+            ..Summary::default()
+        };
+        assert_eq!(summary.remaining(), 2);
+        assert!(render(&summary, false).contains("--repair evicts them"));
+        summary.repaired = 2;
+        assert_eq!(summary.remaining(), 0);
+        assert!(render(&summary, true).ends_with("result: consistent\n"));
+        summary.repaired = 1;
+        summary.repair_failed = 1;
+        assert_eq!(summary.remaining(), 1);
+    }
+}

@@ -1,0 +1,324 @@
+//! Consistency, measured: the invalidator's continuous audit finds a value
+//! planted straight into Redis (same version, other features), logs it with
+//! the key and evicts it, while an untouched key counts as consistent; and
+//! `cachectl audit --full` reports planted entries of every kind, repairs
+//! them, and then finds everything consistent.
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use system_tests::{Cached, Deployment, Options, POLL};
+use testkit::services::workspace_bin;
+
+/// How long the audit may take to check, report and repair a sample.
+const AUDIT_BOUND: Duration = Duration::from_secs(20);
+
+/// A cached document as the services write it (`version` first), with the
+/// stored document's fields and `features` replaced.
+fn planted(stored: &Value, version: i64, features: Value) -> String {
+    format!(
+        r#"{{"version":{version},"customer_id":{},"features":{features},"calculated_at":{},"model_version":{},"expires_at":{}}}"#,
+        stored["customer_id"],
+        stored["calculated_at"],
+        stored["model_version"],
+        stored["expires_at"],
+    )
+}
+
+fn audited(sample_rate: &str) -> Options {
+    Options {
+        invalidator_env: vec![
+            ("AUDIT_SAMPLE_RATE".into(), sample_rate.into()),
+            ("AUDIT_DELAY_MS".into(), "1500".into()),
+            ("AUDIT_WINDOW_S".into(), "60".into()),
+        ],
+        ..Options::default()
+    }
+}
+
+async fn checks(deployment: &Deployment, tier: &str, result: &str) -> f64 {
+    deployment
+        .metric(
+            &deployment.invalidators[0],
+            "cache_consistency_checks_total",
+            &[("tier", tier), ("result", result)],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everywhere() {
+    let deployment = Deployment::start("audit_planted", audited("1")).await;
+
+    // Untouched: consistent, and nothing is reported.
+    deployment
+        .post(&deployment.a, "AUDIT-OK", json!({"score": 1}))
+        .await;
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        checks(&deployment, "redis", "consistent").await >= 1.0
+    })
+    .await
+    .expect("the untouched key is checked and consistent");
+    assert_eq!(checks(&deployment, "redis", "inconsistent").await, 0.0);
+
+    // Planted before the audit's delay passes: MongoDB's version, other
+    // features. The version guard keeps it (same version), so only a
+    // comparison of content can see it.
+    let id = "AUDIT-PLANTED";
+    let stored = deployment
+        .post(&deployment.a, id, json!({"score": 1}))
+        .await;
+    let version = stored["version"].as_i64().expect("version");
+    deployment
+        .redis_set(
+            &format!("features:{id}"),
+            &planted(&stored, version, json!({"score": 666})),
+        )
+        .await;
+    let served = deployment.get(&deployment.b, id).await;
+    assert_eq!(
+        served.features().and_then(|f| f.get("score")),
+        Some(&json!(666)),
+        "the planted value is served until the audit repairs it"
+    );
+
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        checks(&deployment, "redis", "inconsistent").await >= 1.0
+    })
+    .await
+    .expect("the auditor counts the planted value as inconsistent");
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        let log = deployment.invalidators[0].log_text();
+        log.lines()
+            .any(|line| line.contains(id) && line.contains("disagrees with MongoDB"))
+    })
+    .await
+    .expect("the inconsistency is logged with its key");
+    let log = deployment.invalidators[0].log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains(id) && line.contains("disagrees with MongoDB"))
+        .expect("logged");
+    assert!(
+        line.contains("content") && line.contains(&version.to_string()),
+        "the kind and the versions seen: {line}"
+    );
+
+    // Repaired: Redis no longer holds it, every replica serves the truth
+    // (B had copied the planted value into its near cache: the eviction is
+    // announced to every replica).
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        match deployment.cached(id).await {
+            Cached::Document { features, .. } if features.get("score") == Some(&json!(666)) => {
+                Err("Redis still holds the planted value".to_owned())
+            }
+            _ => Ok(()),
+        }
+    })
+    .await
+    .expect("the planted value is evicted from Redis");
+    assert!(
+        deployment
+            .metric(
+                &deployment.invalidators[0],
+                "cache_inconsistencies_repaired_total",
+                &[]
+            )
+            .await
+            >= 1.0
+    );
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        let found = deployment.mismatches(id).await;
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(found.join("\n"))
+        }
+    })
+    .await
+    .expect("every tier serves MongoDB's document after the repair");
+    for replica in deployment.replicas() {
+        let served = deployment.get(replica, id).await;
+        assert_eq!(served.version(), Some(version));
+        assert_eq!(
+            served.features().and_then(|f| f.get("score")),
+            Some(&json!(1))
+        );
+    }
+    // The ratio over the window shows the one bad check among the good.
+    let ratio = deployment
+        .metric(
+            &deployment.invalidators[0],
+            "cache_consistency_ratio",
+            &[("tier", "redis")],
+        )
+        .await;
+    assert!(ratio < 1.0 && ratio > 0.0, "ratio {ratio}");
+    deployment.finish().await;
+}
+
+/// Runs `cachectl audit --full` with `extra` flags against the deployment.
+fn cachectl_audit(deployment: &Deployment, extra: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(workspace_bin("cachectl"))
+        .args(["audit", "--full", "--batch", "7", "--settle-ms", "200"])
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("REDIS_URL", deployment.redis.url())
+        .env("MONGO_URI", &deployment.mongo_uri)
+        .env("MONGO_DB", &deployment.db_name)
+        .env("LOG_FORMAT", "pretty")
+        .output()
+        .expect("cachectl runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds_all_consistent() {
+    // The continuous audit is off: only cachectl may find the planted entries.
+    let deployment = Deployment::start("audit_full", audited("0")).await;
+    let ids: Vec<String> = (0..30).map(|n| format!("FULL-{n:02}")).collect();
+    let mut stored = Vec::new();
+    for id in &ids {
+        stored.push(deployment.post(&deployment.a, id, json!({"n": id})).await);
+    }
+    // Every write applied by the invalidator, so none refreshes a planted entry.
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        deployment
+            .metric(&deployment.invalidators[0], "invalidator_events_total", &[])
+            .await
+            >= ids.len() as f64
+    })
+    .await
+    .expect("the invalidator applied every write");
+    deployment
+        .wait_consistent(&ids, system_tests::LAG_BOUND)
+        .await;
+
+    let version = |n: usize| stored[n]["version"].as_i64().expect("version");
+    // One of each kind, and two harmless values (a marker, a value nobody
+    // wrote) that are not inconsistencies.
+    let wrong = [
+        (
+            0,
+            planted(&stored[0], version(0), json!({"n": "other"})),
+            "content",
+        ),
+        (
+            1,
+            planted(&stored[1], version(1) - 1, stored[1]["features"].clone()),
+            "stale",
+        ),
+        (
+            2,
+            planted(&stored[2], version(2) + 1, stored[2]["features"].clone()),
+            "ahead",
+        ),
+    ];
+    for (n, value, _) in &wrong {
+        deployment
+            .redis_set(&format!("features:{}", ids[*n]), value)
+            .await;
+    }
+    deployment
+        .redis_set(
+            "features:FULL-GONE",
+            &planted(&stored[3], version(3), json!({"n": "gone"})).replace("FULL-03", "FULL-GONE"),
+        )
+        .await;
+    deployment
+        .redis_set(
+            &format!("features:{}", ids[4]),
+            &format!(r#"{{"version":{},"deleted":true}}"#, version(4)),
+        )
+        .await;
+    deployment
+        .redis_set(&format!("features:{}", ids[5]), "not json")
+        .await;
+
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--json"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "inconsistencies left: exit 1\n{stdout}\n{stderr}"
+    );
+    let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
+    assert_eq!(summary["scanned"], 31, "{summary}");
+    assert_eq!(summary["inconsistent"], 4, "{summary}");
+    assert_eq!(summary["consistent"], 27, "{summary}");
+    for kind in ["content", "stale", "ahead", "orphan"] {
+        assert_eq!(summary["by_kind"]["redis"][kind], 1, "{kind}: {summary}");
+    }
+    assert_eq!(summary["repaired"], 0);
+    // Nothing was changed without --repair.
+    assert!(matches!(
+        deployment.cached(&ids[0]).await,
+        Cached::Document { .. }
+    ));
+
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--repair"]);
+    assert_eq!(code, Some(0), "all repaired: exit 0\n{stdout}\n{stderr}");
+    assert!(stdout.contains("repaired"), "{stdout}");
+    assert!(stdout.contains("result: consistent"), "{stdout}");
+    for (n, _, kind) in &wrong {
+        assert!(
+            stdout.contains(&format!("redis {kind}")),
+            "{kind} in the table:\n{stdout}"
+        );
+        assert!(
+            !matches!(deployment.cached(&ids[*n]).await, Cached::Document { .. }),
+            "{} ({kind}) still cached",
+            ids[*n]
+        );
+    }
+    assert_eq!(deployment.redis_get("features:FULL-GONE").await, None);
+
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--json"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
+    assert_eq!(summary["inconsistent"], 0, "{summary}");
+    // Every repaired key is served as MongoDB holds it (FULL-05 keeps the
+    // value nobody wrote: never served, so never an inconsistency).
+    let served: Vec<String> = ids.iter().filter(|id| *id != "FULL-05").cloned().collect();
+    deployment
+        .wait_consistent(&served, system_tests::LAG_BOUND)
+        .await;
+    deployment.finish().await;
+}
+
+/// Every dashboard is valid JSON with unique panel ids, and the overview
+/// shows the audit's ratio per tier and its inconsistencies.
+#[test]
+fn the_dashboards_are_valid_and_show_consistency_per_tier() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../otel/grafana/dashboards");
+    let mut queries = String::new();
+    for entry in std::fs::read_dir(&dir).expect("dashboards") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("dashboard");
+        let dashboard: Value =
+            serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        let panels = dashboard["panels"].as_array().expect("panels");
+        let mut ids: Vec<i64> = panels.iter().filter_map(|p| p["id"].as_i64()).collect();
+        let count = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), count, "{}: panel ids repeat", path.display());
+        for panel in panels {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                queries.push_str(target["expr"].as_str().unwrap_or_default());
+                queries.push('\n');
+            }
+        }
+    }
+    for metric in [
+        "cache_consistency_ratio",
+        "cache_consistency_checks_total{result=\"inconsistent\"}",
+        "cache_inconsistencies_repaired_total",
+    ] {
+        assert!(queries.contains(metric), "no panel queries {metric}");
+    }
+}
