@@ -139,4 +139,11 @@ settings! { binary =>
     rate_limit_burst: Option<u32> = "RATE_LIMIT_BURST", opt_number, None;
     /// Requests in the service at once before it answers 503; 0: unlimited.
     max_concurrent_requests: Option<usize> = "MAX_CONCURRENT_REQUESTS", opt_number, None;
+
+    // The fleet view (admin API, cachectl): replica heartbeats and the
+    // near-cache fan-out.
+    /// How often each API replica publishes its heartbeat (it expires after three).
+    heartbeat_interval: Duration = "HEARTBEAT_INTERVAL_MS", millis, Some("2000");
+    /// How long an admin query waits for every live replica's near-cache answer.
+    admin_fanout_timeout: Duration = "ADMIN_FANOUT_TIMEOUT_MS", millis, Some("500");
 }
