@@ -8,7 +8,8 @@
 //! - [`read`]: [`Checker`], the reads of one batch of keys in every tier,
 //!   caches before MongoDB (so a cache is never judged against a newer
 //!   truth than the one it could have seen), one MGET and one `$in` query.
-//! - [`near`]: [`NearTier`], where the replicas' near caches plug in.
+//! - [`near`]: [`NearTier`], where the replicas' near caches plug in, and
+//!   [`FleetNear`], the fleet's fan-out.
 //! - [`sample`]: [`Sampler`], which changes are audited.
 //! - [`window`]: [`RatioWindow`], the consistency ratio over a sliding window.
 //! - [`config`]: [`AuditConfig`], the auditor's settings.
@@ -21,7 +22,7 @@ pub mod verdict;
 pub mod window;
 
 pub use config::AuditConfig;
-pub use near::{NearError, NearSnapshot, NearTier};
+pub use near::{FleetNear, NearError, NearSnapshot, NearTier};
 pub use read::{CheckError, Checker, KeyState};
 pub use sample::Sampler;
 pub use verdict::{Expect, Mismatch, Observed, Truth, Verdict};

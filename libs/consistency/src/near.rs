@@ -1,8 +1,11 @@
 //! Where the replicas' near caches plug into a check: anything that can ask
-//! every live replica what it holds for some keys, within a deadline.
-//! Replicas that do not answer in time are listed, never judged.
+//! every live replica what it holds for some keys, within a deadline
+//! ([`FleetNear`]: the fleet's fan-out over Redis). Replicas that do not
+//! answer in time are listed, never judged.
 
 use crate::verdict::Observed;
+use fleet::{EntryView, FleetClient};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,4 +31,81 @@ pub trait NearTier: Send + Sync {
         customer_ids: &'a [String],
         deadline: Duration,
     ) -> BoxFuture<'a, Result<NearSnapshot, NearError>>;
+}
+
+/// The near-cache tier through the fleet: one fan-out query
+/// (`near_entries_many`) answered by every live replica.
+#[derive(Clone)]
+pub struct FleetNear(pub FleetClient);
+
+impl NearTier for FleetNear {
+    fn entries<'a>(
+        &'a self,
+        customer_ids: &'a [String],
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<NearSnapshot, NearError>> {
+        async move {
+            let report = self
+                .0
+                .near_entries_many(customer_ids, deadline)
+                .await
+                .map_err(|err| NearError(err.to_string()))?;
+            Ok(NearSnapshot {
+                answers: report
+                    .answers
+                    .into_iter()
+                    .map(|(instance, entries)| {
+                        let entries = entries
+                            .into_iter()
+                            .map(|(id, view)| (id, observed(view)))
+                            .collect();
+                        (instance, entries)
+                    })
+                    .collect(),
+                silent: report.silent,
+            })
+        }
+        .boxed()
+    }
+}
+
+/// What a replica's answer means here: a document with its JSON, else a
+/// marker (tombstone, floor, anything else a replica never serves).
+fn observed(view: EntryView) -> Observed {
+    match view.document {
+        Some(body) if view.kind == "document" => Observed::Document {
+            version: view.version,
+            body,
+        },
+        _ => Observed::Marker {
+            version: view.version,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_s_documents_are_judged_and_its_markers_are_not_served() {
+        let body = serde_json::json!({"version": 3, "customer_id": "C1"});
+        let view = |kind: &str, document: Option<serde_json::Value>| EntryView {
+            kind: kind.into(),
+            version: 3,
+            document,
+        };
+        assert_eq!(
+            observed(view("document", Some(body.clone()))),
+            Observed::Document { version: 3, body }
+        );
+        assert_eq!(
+            observed(view("tombstone", None)),
+            Observed::Marker { version: 3 }
+        );
+        assert_eq!(
+            observed(view("floor", None)),
+            Observed::Marker { version: 3 }
+        );
+    }
 }

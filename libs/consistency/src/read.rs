@@ -111,7 +111,7 @@ impl Checker {
             _ => self.redis.get_many(&keys).await?,
         };
         let stored = self.store.get_many(ids).await?;
-        let mut truths: HashMap<String, Truth> = stored
+        let truths: HashMap<String, Truth> = stored
             .iter()
             .map(|doc| (doc.customer_id.clone(), Truth::of(doc)))
             .collect();
@@ -133,7 +133,8 @@ impl Checker {
                         )
                     })
                     .collect(),
-                truth: truths.remove(&customer_id),
+                // `get`, not `remove`: an id may be asked for twice.
+                truth: truths.get(&customer_id).cloned(),
                 customer_id,
             })
             .collect();

@@ -38,6 +38,15 @@ pub struct ControlKeys {
     pub feed_position: String,
     /// The invalidation stream's default key: one stream per collection.
     pub stream: String,
+    /// The live replicas: a sorted set of instance id → last heartbeat (unix ms).
+    pub replicas: String,
+    /// Each replica's heartbeat JSON lives at this prefix + its instance id,
+    /// expiring when the replica stops beating ([`ControlKeys::replica`]).
+    pub replica_prefix: String,
+    /// The stream of operator requests (evictions) for the leading invalidator.
+    pub requests: String,
+    /// The id of the last request the invalidator handled.
+    pub requests_position: String,
 }
 
 impl ControlKeys {
@@ -48,7 +57,16 @@ impl ControlKeys {
             fencing_counter: format!("{base}:fence"),
             feed_position: format!("{base}:resume-token"),
             stream: format!("{base}:changes"),
+            replicas: format!("{base}:replicas"),
+            replica_prefix: format!("{base}:replica:"),
+            requests: format!("{base}:requests"),
+            requests_position: format!("{base}:requests-position"),
         }
+    }
+
+    /// The heartbeat key of one replica.
+    pub fn replica(&self, instance_id: &str) -> String {
+        format!("{}{instance_id}", self.replica_prefix)
     }
 }
 
@@ -100,11 +118,23 @@ mod tests {
             &keys.fencing_counter,
             &keys.feed_position,
             &keys.stream,
+            &keys.replicas,
+            &keys.replica("api-1"),
+            &keys.requests,
+            &keys.requests_position,
         ] {
             assert!(!is_document_key(key), "{key}");
         }
         assert!(is_document_key(&document_key("C1")));
         assert_eq!(document_key("C1"), "features:C1");
+        assert_eq!(
+            keys.replica("api-1"),
+            "cache-invalidator:db.features:replica:api-1"
+        );
+        assert_eq!(
+            keys.requests_position,
+            "cache-invalidator:db.features:requests-position"
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   refuses fills across a flush.
 //! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set, the
 //!   fenced writer the invalidator writes through, and flushes.
+//! - [`inspect`]: what Redis holds for one customer as an operator sees it
+//!   (reservations too), with its remaining TTL.
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
@@ -21,6 +23,7 @@ pub mod coalesce;
 pub mod entry;
 pub mod eviction;
 pub mod fence;
+pub mod inspect;
 pub mod keyspace;
 pub mod near;
 pub mod redis_tier;
@@ -29,6 +32,7 @@ pub mod tiered;
 
 pub use entry::{CachedDocument, Entry};
 pub use fence::Fence;
+pub use inspect::{StoredEntry, StoredKind};
 pub use keyspace::{ControlKeys, TtlPolicy};
 pub use near::{NearCache, NearCacheConfig};
 pub use redis_tier::{

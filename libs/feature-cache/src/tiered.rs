@@ -7,6 +7,7 @@ use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, Sto
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use telemetry::Condition;
 use tracing::Instrument;
 
@@ -75,6 +76,10 @@ struct ReadCounters {
     redis_hit: Counter,
     redis_miss: Counter,
     coalesced_waits: Counter,
+    /// Near-cache hits and misses since start, readable (for the replica's
+    /// heartbeat; the counters above only export).
+    near_hits: AtomicU64,
+    near_misses: AtomicU64,
 }
 
 impl ReadCounters {
@@ -85,6 +90,8 @@ impl ReadCounters {
             redis_hit: counter!("cache_requests_total", "tier" => "redis", "result" => "hit"),
             redis_miss: counter!("cache_requests_total", "tier" => "redis", "result" => "miss"),
             coalesced_waits: counter!("cache_coalesced_waits_total"),
+            near_hits: AtomicU64::new(0),
+            near_misses: AtomicU64::new(0),
         }
     }
 }
@@ -122,6 +129,15 @@ impl TieredStore {
         self.inner.near.clone()
     }
 
+    /// Single reads served by the near cache and those it missed, since start.
+    pub fn near_reads(&self) -> (u64, u64) {
+        let counters = &self.inner.counters;
+        (
+            counters.near_hits.load(Ordering::Relaxed),
+            counters.near_misses.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn redis(&self) -> &RedisTier {
         &self.inner.redis
     }
@@ -144,6 +160,10 @@ impl TieredStore {
             {
                 span.record("cache.hit", true);
                 self.inner.counters.local_hit.increment(1);
+                self.inner
+                    .counters
+                    .near_hits
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(customer_id = %id, source = "local", "served");
                 return Ok(Some(Lookup {
                     document: doc,
@@ -152,6 +172,10 @@ impl TieredStore {
             }
             span.record("cache.hit", false);
             self.inner.counters.local_miss.increment(1);
+            self.inner
+                .counters
+                .near_misses
+                .fetch_add(1, Ordering::Relaxed);
         }
         self.load(id).await
     }

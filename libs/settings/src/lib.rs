@@ -230,6 +230,16 @@ impl Settings {
         }
     }
 
+    /// The fleet of this collection's API replicas (heartbeats, near-cache
+    /// queries, operator requests).
+    pub fn fleet_config(&self) -> fleet::FleetConfig {
+        fleet::FleetConfig::new(
+            &self.control_keys(),
+            &self.invalidation_channel,
+            self.heartbeat_interval,
+        )
+    }
+
     /// The invalidators' keys for this collection.
     pub fn control_keys(&self) -> ControlKeys {
         ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)

@@ -149,4 +149,11 @@ settings! { binary =>
     audit_delay: Duration = "AUDIT_DELAY_MS", millis, Some("1000");
     /// The sliding window of `cache_consistency_ratio`.
     audit_window: Duration = "AUDIT_WINDOW_S", seconds, Some("300");
+
+    // The fleet view (admin API, cachectl): replica heartbeats and the
+    // near-cache fan-out.
+    /// How often each API replica publishes its heartbeat (it expires after three).
+    heartbeat_interval: Duration = "HEARTBEAT_INTERVAL_MS", millis, Some("2000");
+    /// How long an admin query waits for every live replica's near-cache answer.
+    admin_fanout_timeout: Duration = "ADMIN_FANOUT_TIMEOUT_MS", millis, Some("500");
 }

@@ -489,3 +489,42 @@ fn admission_contradictions_are_refused_naming_both_settings() {
     )
     .unwrap();
 }
+
+#[test]
+fn fleet_settings_have_their_defaults_and_refuse_zero() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    assert_eq!(s.heartbeat_interval, Duration::from_millis(2000));
+    assert_eq!(s.admin_fanout_timeout, Duration::from_millis(500));
+    let fleet = s.fleet_config();
+    assert_eq!(
+        fleet.replicas_key,
+        "cache-invalidator:cache_demo.customer_features:replicas"
+    );
+    assert_eq!(fleet.query_channel, "features:invalidations:admin");
+    assert_eq!(fleet.heartbeat_expiry(), Duration::from_millis(6000));
+
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("HEARTBEAT_INTERVAL_MS", "250"),
+            ("ADMIN_FANOUT_TIMEOUT_MS", "1500"),
+            ("INVALIDATION_CHANNEL", "inv"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.fleet_config().heartbeat_interval,
+        Duration::from_millis(250)
+    );
+    assert_eq!(s.admin_fanout_timeout, Duration::from_millis(1500));
+    assert_eq!(s.fleet_config().reply_channel("r"), "inv:admin:reply:r");
+
+    for name in ["HEARTBEAT_INTERVAL_MS", "ADMIN_FANOUT_TIMEOUT_MS"] {
+        for value in ["0", "soon", "-5"] {
+            let err = load_from(Defaults::API, env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+}

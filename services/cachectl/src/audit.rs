@@ -2,21 +2,27 @@
 //! in batches (a SCAN page, one MGET, one `$in` query), judged by the same
 //! rules as the invalidator's continuous audit (`consistency::verdict`).
 //!
-//! A key found inconsistent is read once more after `--settle-ms`, so a
-//! write in flight between the two reads of the scan (Redis first, then
-//! MongoDB) is not reported; what still differs is reported and, with
-//! `--repair`, evicted.
+//! With `--near`, every live replica's near cache is asked about each batch
+//! too (the fleet's fan-out, within `ADMIN_FANOUT_TIMEOUT_MS`). A key found
+//! inconsistent is read once more after `--settle-ms`, so a write in flight
+//! between the reads of the scan (caches first, then MongoDB) is not
+//! reported; what still differs is reported and, with `--repair`, evicted
+//! everywhere through the fleet's eviction requests, which the leading
+//! invalidator handles (the Redis entry removed behind its fence, every
+//! replica told).
 
 use anyhow::Context;
 use clap::Args;
-use consistency::{Checker, KeyState, Mismatch, Verdict};
-use feature_cache::RedisTier;
-use feature_cache::keyspace::{DOCUMENT_PREFIX, document_key};
+use consistency::{Checker, FleetNear, KeyState, Mismatch, Verdict};
+use feature_cache::keyspace::DOCUMENT_PREFIX;
+use feature_cache::{RedisTier, TieredStore};
 use feature_store::CustomerId;
+use fleet::FleetClient;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Args)]
@@ -25,9 +31,16 @@ pub struct AuditArgs {
     /// invalidator: AUDIT_SAMPLE_RATE).
     #[arg(long, required = true)]
     full: bool,
-    /// Evict every key that differs from MongoDB.
+    /// Also ask every live replica's near cache about each scanned key.
+    #[arg(long)]
+    near: bool,
+    /// Evict every key that differs from MongoDB, everywhere (needs a
+    /// leading invalidator, which handles the evictions).
     #[arg(long)]
     repair: bool,
+    /// How long `--repair` waits for the invalidator to handle the evictions.
+    #[arg(long, default_value_t = 10_000)]
+    repair_wait_ms: u64,
     /// Print the summary as JSON, for scripts (no progress bar).
     #[arg(long)]
     json: bool,
@@ -85,35 +98,26 @@ impl Summary {
     }
 }
 
-/// How an inconsistent key is fixed: removed, so the next read takes
-/// MongoDB's document (absence is always safe).
-enum Repairer {
-    /// `DEL features:{id}` in Redis.
-    Redis(redis::aio::ConnectionManager),
-}
-
-impl Repairer {
-    async fn evict(&self, customer_id: &str) -> anyhow::Result<()> {
-        match self {
-            Self::Redis(conn) => {
-                let _: i64 = redis::cmd("DEL")
-                    .arg(document_key(customer_id))
-                    .query_async(&mut conn.clone())
-                    .await
-                    .with_context(|| format!("DEL {}", document_key(customer_id)))?;
-            }
-        }
-        Ok(())
+pub async fn run(
+    settings: &settings::Settings,
+    tiers: &TieredStore,
+    args: AuditArgs,
+) -> anyhow::Result<ExitCode> {
+    let redis = tiers.redis();
+    let fleet = FleetClient::new(redis.client(), redis.connection(), settings.fleet_config());
+    let mut checker = Checker::new(redis.clone(), tiers.store().clone());
+    if args.near {
+        checker = checker.with_near(
+            Arc::new(FleetNear(fleet.clone())),
+            settings.admin_fanout_timeout,
+        );
     }
-}
-
-pub async fn run(redis: RedisTier, checker: Checker, args: AuditArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut summary = Summary {
         near_checked: checker.checks_near(),
         ..Summary::default()
     };
-    let progress = progress_bar(&redis, args.json).await;
+    let progress = progress_bar(redis, args.json).await;
     let mut suspects: Vec<CustomerId> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -155,7 +159,7 @@ pub async fn run(redis: RedisTier, checker: Checker, args: AuditArgs) -> anyhow:
     if !suspects.is_empty() {
         tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
     }
-    let repairer = Repairer::Redis(redis.connection());
+    let mut last_request: Option<String> = None;
     for chunk in suspects.chunks(usize::try_from(args.batch).unwrap_or(500)) {
         let (states, _) = checker
             .read(chunk)
@@ -178,14 +182,35 @@ pub async fn run(redis: RedisTier, checker: Checker, args: AuditArgs) -> anyhow:
             }
             summary.findings.extend(found);
             if args.repair {
-                match repairer.evict(&state.customer_id).await {
-                    Ok(()) => summary.repaired += 1,
+                match fleet
+                    .request_eviction(&state.customer_id, "audit --full", None)
+                    .await
+                {
+                    Ok(id) => {
+                        summary.repaired += 1;
+                        last_request = Some(id);
+                    }
                     Err(err) => {
                         summary.repair_failed += 1;
                         eprintln!("repair of {} failed: {err:#}", state.customer_id);
                     }
                 }
             }
+        }
+    }
+    // The leader handles requests in order: the last one handled, all are.
+    if let Some(last) = last_request {
+        let handled = fleet
+            .wait_handled(&last, Duration::from_millis(args.repair_wait_ms))
+            .await
+            .context("waiting for the invalidator to handle the evictions")?;
+        if !handled {
+            eprintln!(
+                "the evictions were requested but not handled within {} ms: is an invalidator leading?",
+                args.repair_wait_ms
+            );
+            summary.repair_failed += summary.repaired;
+            summary.repaired = 0;
         }
     }
     summary.consistent = summary

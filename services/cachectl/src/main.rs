@@ -1,6 +1,7 @@
 //! `cachectl`: operator tasks through the same library code paths as the
 //! services (same configuration, same store, same cache tiers).
 
+mod admin;
 mod audit;
 mod populate;
 mod reference;
@@ -29,6 +30,13 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Create realistic sample customers (CUST00001…) with bulk writes.
     Populate(populate::PopulateArgs),
+    /// One key in every tier: MongoDB, Redis (with its TTL) and each live
+    /// replica's near cache (through the API's admin routes).
+    Inspect(admin::KeyArgs),
+    /// Remove one key from Redis and every replica's near cache.
+    Evict(admin::KeyArgs),
+    /// The live API replicas, from their heartbeats.
+    Replicas(admin::ApiArgs),
     /// Serve a constant JSON body at GET /api/features/{id}/: the HTTP
     /// stack's reference point for the benchmarks (needs no Redis or MongoDB).
     ReferenceServer(reference::ReferenceArgs),
@@ -47,7 +55,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 populate::run_via_api(&api, args).await?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let (tiers, telemetry) =
+            let (_, tiers, telemetry) =
                 connect(|name, instance| telemetry::init(name, instance, false)).await?;
             let result = populate::run(&tiers, args).await;
             tiers.store().clone().shutdown().await;
@@ -56,27 +64,29 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Audit(args) => {
             // Its standard output is the summary: logs go to standard error.
-            let (tiers, telemetry) = connect(telemetry::init_cli).await?;
-            let checker = consistency::Checker::new(tiers.redis().clone(), tiers.store().clone());
-            let result = audit::run(tiers.redis().clone(), checker, args).await;
+            let (settings, tiers, telemetry) = connect(telemetry::init_cli).await?;
+            let result = audit::run(&settings, &tiers, args).await;
             tiers.store().clone().shutdown().await;
             telemetry.shutdown();
             result
         }
         Command::ReferenceServer(args) => reference::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => admin::inspect(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Evict(args) => admin::evict(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Replicas(args) => admin::replicas(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
-/// The store and Redis as the services see them (no near cache: a CLI run
-/// is too short for one to help).
+/// The settings, and the store and Redis as the services see them (no near
+/// cache: a CLI run is too short for one to help).
 async fn connect(
     init_telemetry: impl FnOnce(&str, &str) -> Result<telemetry::Telemetry, telemetry::TelemetryError>,
-) -> anyhow::Result<(TieredStore, telemetry::Telemetry)> {
+) -> anyhow::Result<(settings::Settings, TieredStore, telemetry::Telemetry)> {
     let settings = settings::load(settings::Defaults::API).context("invalid configuration")?;
     let telemetry = init_telemetry("cachectl", &settings.instance_id)?;
     let store = FeatureStore::connect(&settings.store_config("cachectl"))
         .await
         .context("MONGO_URI")?;
     let redis = RedisTier::connect(&settings.redis_config()).context("REDIS_URL")?;
-    Ok((TieredStore::new(None, redis, store), telemetry))
+    Ok((settings, TieredStore::new(None, redis, store), telemetry))
 }

@@ -1,14 +1,16 @@
 //! One change's cache work: what the change means for the caches (a pure
 //! [`plan`]), then the guarded write to Redis and the announcement to every
 //! replica, both behind the term's fence. An [`Apply`] is made once per
-//! leadership term.
+//! leadership term. Operator requests (evictions) are cache work of the
+//! same kind and go the same way ([`Apply::requests`]).
 
-use crate::audit::{AuditHandle, Repairs};
+use crate::audit::AuditHandle;
 use crate::worker::{Sequence, WorkerStatus};
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier,
 };
 use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
+use fleet::{FencedRequestQueue, OperatorRequest, RequestKind, RequestQueue};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -183,10 +185,14 @@ pub enum Next {
     Reopen,
 }
 
+/// Operator requests handled per look at the requests stream.
+const REQUESTS_BATCH: usize = 100;
+
 /// Applies changes for one leadership term.
 pub struct Apply {
     writer: FencedWriter,
     announcer: FencedAnnouncer,
+    requests: FencedRequestQueue,
     /// Reads the saved position (flushes re-save it).
     positions: Announcer,
     redis: RedisTier,
@@ -195,7 +201,6 @@ pub struct Apply {
     sequence: Arc<Sequence>,
     status: Arc<WorkerStatus>,
     audit: AuditHandle,
-    repairs: Repairs,
 }
 
 /// What an [`Apply`] is made of, apart from the term's fence.
@@ -203,14 +208,13 @@ pub struct Apply {
 pub struct ApplyParts {
     pub redis: RedisTier,
     pub announcer: Announcer,
+    pub requests: RequestQueue,
     pub store: FeatureStore,
     pub mode: InvalidationMode,
     pub sequence: Arc<Sequence>,
     pub status: Arc<WorkerStatus>,
     /// Samples applied changes for the consistency audit.
     pub audit: AuditHandle,
-    /// Keys the audit found inconsistent, evicted between changes.
-    pub repairs: Repairs,
 }
 
 impl Apply {
@@ -219,6 +223,7 @@ impl Apply {
         Self {
             writer: parts.redis.fenced(fence.clone()),
             announcer: parts.announcer.fenced(fence.clone()),
+            requests: parts.requests.fenced(fence.clone()),
             positions: parts.announcer.clone(),
             redis: parts.redis.clone(),
             store: parts.store.clone(),
@@ -226,7 +231,6 @@ impl Apply {
             sequence: Arc::clone(&parts.sequence),
             status: Arc::clone(&parts.status),
             audit: parts.audit.clone(),
-            repairs: parts.repairs.clone(),
         }
     }
 
@@ -369,47 +373,70 @@ impl Apply {
         Ok(Removed::Yes { stamp })
     }
 
-    /// Evicts the keys the audit found inconsistent, oldest first; a repair
-    /// that fails is put back and tried again after the next change.
-    pub async fn repair_pending(&self) -> Result<(), ApplyError> {
-        while let Some(repair) = self.repairs.take() {
-            let evicted = self
-                .evict(&repair.customer_id, "audit", repair.traceparent.as_deref())
-                .await;
-            if let Err(err) = evicted {
-                self.repairs.put_back(repair);
-                return Err(err);
+    /// Handles the operator requests queued since the last one handled
+    /// (evictions), each like a change: its Redis work behind the fence, an
+    /// announcement every replica applies, then the requests' position,
+    /// saved behind the fence too. Only a lost fence is an error: Redis
+    /// trouble is logged and the requests are tried again at the next look
+    /// (the change feed goes on meanwhile).
+    pub async fn requests(&self) -> Result<(), ApplyError> {
+        let pending = match self.requests.pending(REQUESTS_BATCH).await {
+            Ok(pending) => pending,
+            Err(err) => return quiet(ApplyError::Redis(err)),
+        };
+        for request in pending {
+            let handled = match &request.kind {
+                RequestKind::Evict { customer_id } => self.evict(customer_id, &request).await,
+                RequestKind::Unknown { op } => {
+                    tracing::warn!(id = %request.id, op = %op, "skipping an operator request of an unknown kind");
+                    Ok(())
+                }
+            };
+            if let Err(err) = handled {
+                return quiet(err);
             }
-            metrics::counter!("cache_inconsistencies_repaired_total").increment(1);
+            if let Err(err) = self.requests.save_position(&request.id).await {
+                return quiet(if Fence::refused(&err) {
+                    ApplyError::Fenced
+                } else {
+                    ApplyError::Redis(err)
+                });
+            }
         }
         Ok(())
     }
 
-    /// Evicts a customer's entry everywhere: removes the Redis entry behind
-    /// the fence, then announces an unordered `evict` (every replica drops
-    /// the entry and refuses fills that began before).
-    pub async fn evict(
-        &self,
-        customer_id: &str,
-        reason: &'static str,
-        traceparent: Option<&str>,
-    ) -> Result<(), ApplyError> {
+    /// Evicts one customer everywhere: removes the Redis entry (and any
+    /// fill's reservation) behind the fence and announces `evict`, which
+    /// replicas apply like an unordered change — the near-cache entry is
+    /// dropped and fills that began before are refused.
+    async fn evict(&self, customer_id: &str, request: &OperatorRequest) -> Result<(), ApplyError> {
         let span = tracing::info_span!(
             "invalidator.evict",
-            otel.kind = "producer",
-            customer_id,
-            reason
+            otel.kind = "consumer",
+            customer_id = tracing::field::Empty,
+            request_id = %request.id,
+            reason = %request.reason,
         );
-        if let Some(parent) = traceparent {
+        if let Some(parent) = &request.traceparent {
             telemetry::propagation::continue_from_traceparent(&span, parent);
         }
         async {
-            self.writer.remove(customer_id).await?;
-            let traceparent = telemetry::propagation::current_traceparent();
-            self.announce_in_place(Some(customer_id), Op::Evict, traceparent)
-                .await?;
-            metrics::counter!("invalidator_evictions_total", "reason" => reason).increment(1);
-            tracing::info!(customer_id, reason, "evicted the key everywhere");
+            if CustomerId::parse(customer_id).is_err() {
+                tracing::warn!(id = %request.id, "skipping an eviction of an invalid customer id");
+                return Ok(());
+            }
+            tracing::Span::current().record("customer_id", customer_id);
+            metrics::counter!("invalidator_events_total", "op" => Op::Evict.as_str()).increment(1);
+            self.status.events.fetch_add(1, Ordering::Relaxed);
+            let removed = self.writer.remove(customer_id).await?;
+            self.announce_in_place(
+                Some(customer_id),
+                Op::Evict,
+                telemetry::propagation::current_traceparent(),
+            )
+            .await?;
+            tracing::info!(customer_id, removed, reason = %request.reason, "evicted on request");
             Ok(())
         }
         .instrument(span)
@@ -429,9 +456,8 @@ impl Apply {
         self.announce_in_place(None, Op::Flush, None).await
     }
 
-    /// Announces an unordered message that is no change of the feed (a
-    /// flush, an eviction): it moves the feed nowhere, so it re-saves the
-    /// saved position.
+    /// Announces a message that moves the feed nowhere (a flush, an
+    /// eviction): unordered, at version 0, re-saving the saved position.
     async fn announce_in_place(
         &self,
         customer_id: Option<&str>,
@@ -505,6 +531,19 @@ impl Apply {
                 error = %telemetry::ErrorChain(&err),
                 "could not stamp a version; the document stays fenced until it changes"
             ),
+        }
+    }
+}
+
+/// A failed look at the operator requests: a lost fence ends the term;
+/// anything else waits for the next look.
+fn quiet(err: ApplyError) -> Result<(), ApplyError> {
+    match err {
+        ApplyError::Fenced => Err(ApplyError::Fenced),
+        ApplyError::Redis(err) => {
+            metrics::counter!("invalidator_request_failures_total").increment(1);
+            tracing::warn!(error = %telemetry::ErrorChain(&err), "handling operator requests failed; trying again shortly");
+            Ok(())
         }
     }
 }

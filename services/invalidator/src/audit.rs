@@ -11,16 +11,17 @@
 //! run in the [`Auditor`]'s own task, a bounded number at a time.
 //!
 //! Every inconsistency is logged (key, versions seen, the change's trace
-//! id), counted, and queued in [`Repairs`]: the tail loop evicts the key
-//! everywhere between changes, behind the term's fence, announced like any
-//! invalidation ([`crate::apply::Apply::repair_pending`]).
+//! id), counted, and repaired: an eviction is requested through the fleet's
+//! request path (`FleetClient::request_eviction`), which the leader handles
+//! between changes like an operator's — the Redis entry removed behind the
+//! fence and an `evict` announced to every replica.
 
 use chrono::Utc;
 use consistency::{
     AuditConfig, Checker, Expect, KeyState, Observed, RatioWindow, Sampler, Verdict,
 };
 use feature_store::{ChangeKind, CustomerId};
-use std::collections::VecDeque;
+use fleet::FleetClient;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -29,10 +30,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Samples waiting for their delay; beyond, samples are dropped (and counted).
 const QUEUE_CAPACITY: usize = 4096;
-/// Checks reading the tiers at once.
-const CHECKS_IN_FLIGHT: usize = 8;
-/// Keys waiting for their repair; beyond, repairs are dropped (and counted).
-const REPAIR_CAPACITY: usize = 1024;
+/// Batches of checks reading the tiers at once.
+const CHECKS_IN_FLIGHT: usize = 4;
+/// Most samples read back together (one near-cache fan-out, one MGET, one
+/// `$in` query): the ones due by the time a batch starts.
+const BATCH: usize = 100;
+/// Repairs waiting for the leader to handle them at once; beyond, a repair
+/// is dropped (and counted).
+const REPAIRS_IN_FLIGHT: usize = 64;
+/// How long a repair waits for the leader to confirm its eviction.
+const REPAIR_WAIT: Duration = Duration::from_secs(5);
 /// How often the ratio gauges are recomputed (checks age out of the window).
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
@@ -119,57 +126,6 @@ fn audited(kind: &ChangeKind) -> Option<(&str, Expect, Option<&str>)> {
     }
 }
 
-/// A key to evict everywhere, found inconsistent.
-#[derive(Debug, Clone)]
-pub struct Repair {
-    pub customer_id: String,
-    /// The audited change's trace, continued by the eviction.
-    pub traceparent: Option<String>,
-}
-
-/// Keys waiting for the tail loop to evict them (bounded; one entry per key).
-#[derive(Clone, Default)]
-pub struct Repairs {
-    queue: Arc<Mutex<VecDeque<Repair>>>,
-}
-
-impl Repairs {
-    /// Queues a repair unless the key already waits for one; false when full.
-    pub fn push(&self, repair: Repair) -> bool {
-        let Ok(mut queue) = self.queue.lock() else {
-            return false;
-        };
-        if queue.iter().any(|r| r.customer_id == repair.customer_id) {
-            return true;
-        }
-        if queue.len() >= REPAIR_CAPACITY {
-            return false;
-        }
-        queue.push_back(repair);
-        true
-    }
-
-    /// The oldest waiting repair.
-    pub fn take(&self) -> Option<Repair> {
-        self.queue.lock().ok()?.pop_front()
-    }
-
-    /// Puts back a repair that could not be done, to be done first.
-    pub fn put_back(&self, repair: Repair) {
-        if let Ok(mut queue) = self.queue.lock() {
-            queue.push_front(repair);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.queue.lock().map_or(0, |q| q.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The per-tier ratio windows, on a monotonic clock in seconds.
 struct Windows {
     base: std::time::Instant,
@@ -230,7 +186,7 @@ impl Outcome {
     }
 }
 
-/// Reads samples back once due, judges them and queues repairs.
+/// Reads samples back once due, judges them and requests repairs.
 pub struct Auditor {
     queue: mpsc::Receiver<Sample>,
     shared: Arc<Shared>,
@@ -239,15 +195,16 @@ pub struct Auditor {
 struct Shared {
     checker: Checker,
     windows: Mutex<Windows>,
-    repairs: Repairs,
+    fleet: FleetClient,
+    repairs: Arc<Semaphore>,
 }
 
 /// The auditor for `config`: its handle for the change feed, and the task
-/// (`None` when `AUDIT_SAMPLE_RATE` is 0).
+/// (`None` when `AUDIT_SAMPLE_RATE` is 0). Repairs go through `fleet`.
 pub fn start(
     config: &AuditConfig,
     checker: Checker,
-    repairs: Repairs,
+    fleet: FleetClient,
 ) -> (AuditHandle, Option<Auditor>) {
     if !config.enabled() {
         return (AuditHandle::off(), None);
@@ -266,15 +223,17 @@ pub fn start(
         shared: Arc::new(Shared {
             checker,
             windows: Mutex::new(Windows::new(config.window)),
-            repairs,
+            fleet,
+            repairs: Arc::new(Semaphore::new(REPAIRS_IN_FLIGHT)),
         }),
     };
     (handle, Some(auditor))
 }
 
 impl Auditor {
-    /// Runs until `shutdown`: each sample is checked once due, up to
-    /// [`CHECKS_IN_FLIGHT`] at a time; the gauges are refreshed every second.
+    /// Runs until `shutdown`: samples are read back once due, in batches of
+    /// those due together, up to [`CHECKS_IN_FLIGHT`] batches at a time;
+    /// the gauges are refreshed every second.
     pub async fn run(self, shutdown: CancellationToken) {
         let Self { mut queue, shared } = self;
         let near = shared.checker.checks_near();
@@ -291,26 +250,43 @@ impl Auditor {
             }
         });
         let permits = Arc::new(Semaphore::new(CHECKS_IN_FLIGHT));
+        // A sample taken off the queue that was not due yet.
+        let mut next: Option<Sample> = None;
         loop {
-            let sample = tokio::select! {
-                () = shutdown.cancelled() => return,
-                sample = queue.recv() => match sample {
-                    Some(sample) => sample,
-                    None => return,
+            let first = match next.take() {
+                Some(sample) => sample,
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    sample = queue.recv() => match sample {
+                        Some(sample) => sample,
+                        None => return,
+                    },
                 },
             };
             // Samples arrive in the order they are due (one delay for all):
             // the queue is the delay queue.
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep_until(sample.due) => {}
+                () = tokio::time::sleep_until(first.due) => {}
             }
             let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                 return;
             };
+            let mut batch = vec![first];
+            let now = Instant::now();
+            while batch.len() < BATCH {
+                match queue.try_recv() {
+                    Ok(sample) if sample.due <= now => batch.push(sample),
+                    Ok(sample) => {
+                        next = Some(sample);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                shared.check(sample).await;
+                shared.check(batch).await;
                 drop(permit);
             });
         }
@@ -334,46 +310,70 @@ impl Shared {
         }
     }
 
-    async fn check(&self, sample: Sample) {
-        let read = self
-            .checker
-            .read(std::slice::from_ref(&sample.customer_id))
-            .await;
-        let (state, silent) = match read {
-            Ok((states, silent)) => match states.into_iter().next() {
-                Some(state) => (state, silent),
-                None => return,
-            },
+    /// Reads a batch of samples back in every tier and judges each.
+    async fn check(self: &Arc<Self>, batch: Vec<Sample>) {
+        let ids: Vec<CustomerId> = batch.iter().map(|s| s.customer_id.clone()).collect();
+        let (states, silent) = match self.checker.read(&ids).await {
+            Ok(read) => read,
             Err(err) => {
                 metrics::counter!("cache_audit_dropped_total", "reason" => "read_failed")
-                    .increment(1);
-                tracing::warn!(customer_id = %sample.customer_id, error = %telemetry::ErrorChain(&err), "audit: could not read the key back; check skipped");
+                    .increment(batch.len() as u64);
+                tracing::warn!(keys = batch.len(), error = %telemetry::ErrorChain(&err), "audit: could not read the keys back; checks skipped");
                 return;
             }
         };
         if !silent.is_empty() {
-            tracing::debug!(customer_id = %sample.customer_id, ?silent, "audit: replicas did not answer");
+            tracing::debug!(?silent, "audit: replicas did not answer");
         }
-        let (redis, near) = outcomes(&sample, &state);
-        self.record(REDIS, redis);
-        if let Some(near) = near {
-            self.record(NEAR, near);
+        for (sample, state) in batch.into_iter().zip(states) {
+            let (redis, near) = outcomes(&sample, &state);
+            self.record(REDIS, redis);
+            if let Some(near) = near {
+                self.record(NEAR, near);
+            }
+            let wrong =
+                |o: Option<Outcome>| matches!(o, Some(Outcome::Judged(Verdict::Inconsistent(_))));
+            if wrong(Some(redis)) || wrong(near) {
+                report(&sample, &state);
+                self.repair(state.customer_id, sample.traceparent);
+                self.publish(near.is_some());
+            }
         }
-        let judged_wrong =
-            |o: Option<Outcome>| matches!(o, Some(Outcome::Judged(Verdict::Inconsistent(_))));
-        if !judged_wrong(Some(redis)) && !judged_wrong(near) {
+    }
+
+    /// Requests an eviction of the key everywhere, and counts it repaired
+    /// once the leader has handled it (in a task of its own: a check never
+    /// waits for the leader).
+    fn repair(self: &Arc<Self>, customer_id: String, traceparent: Option<String>) {
+        let Ok(permit) = Arc::clone(&self.repairs).try_acquire_owned() else {
+            metrics::counter!("cache_audit_dropped_total", "reason" => "repairs_full").increment(1);
             return;
-        }
-        report(&sample, &state);
-        let queued = self.repairs.push(Repair {
-            customer_id: state.customer_id.clone(),
-            traceparent: sample.traceparent.clone(),
+        };
+        let fleet = self.fleet.clone();
+        tokio::spawn(async move {
+            let requested = fleet
+                .request_eviction(&customer_id, "audit", traceparent)
+                .await;
+            let handled = match requested {
+                Ok(id) => fleet.wait_handled(&id, REPAIR_WAIT).await,
+                Err(err) => Err(err),
+            };
+            match handled {
+                Ok(true) => {
+                    metrics::counter!("cache_inconsistencies_repaired_total").increment(1);
+                }
+                Ok(false) => tracing::warn!(
+                    customer_id,
+                    "audit: eviction requested, not yet handled by the leader"
+                ),
+                Err(err) => {
+                    metrics::counter!("cache_audit_dropped_total", "reason" => "repair_failed")
+                        .increment(1);
+                    tracing::warn!(customer_id, error = %telemetry::ErrorChain(&err), "audit: could not request the eviction");
+                }
+            }
+            drop(permit);
         });
-        if !queued {
-            metrics::counter!("cache_audit_dropped_total", "reason" => "repair_queue_full")
-                .increment(1);
-        }
-        self.publish(near.is_some());
     }
 }
 
@@ -589,25 +589,5 @@ mod tests {
             outcomes(&sample(Expect::Absent), &state(cached(5), vec![], None)).0,
             Outcome::Judged(Verdict::Inconsistent(Mismatch::Orphan))
         );
-    }
-
-    #[test]
-    fn repairs_are_bounded_and_one_per_key() {
-        let repairs = Repairs::default();
-        let repair = |id: &str| Repair {
-            customer_id: id.into(),
-            traceparent: None,
-        };
-        assert!(repairs.push(repair("C1")));
-        assert!(repairs.push(repair("C1")));
-        assert_eq!(repairs.len(), 1);
-        for n in 1..REPAIR_CAPACITY {
-            assert!(repairs.push(repair(&format!("K{n}"))));
-        }
-        assert!(!repairs.push(repair("ONE-TOO-MANY")));
-        let first = repairs.take().unwrap();
-        assert_eq!(first.customer_id, "C1");
-        repairs.put_back(first);
-        assert_eq!(repairs.take().unwrap().customer_id, "C1");
     }
 }

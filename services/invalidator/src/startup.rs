@@ -1,5 +1,5 @@
 use crate::apply::ApplyParts;
-use crate::audit::{self, Auditor, Repairs};
+use crate::audit::{self, Auditor};
 use crate::health::{self, HealthState};
 use crate::leadership::Lease;
 use crate::tail::{self, Tail};
@@ -46,9 +46,15 @@ impl Application {
             settings.leader_lease,
             format!("{}:{run_id}", settings.instance_id),
         );
-        let repairs = Repairs::default();
-        let checker = consistency::Checker::new(redis.clone(), store.clone());
-        let (audit, auditor) = audit::start(&settings.audit_config(), checker, repairs.clone());
+        // The audit reads every replica's near cache and repairs through the
+        // fleet's eviction requests, which this process handles as leader.
+        let fleet =
+            fleet::FleetClient::new(redis.client(), connection.clone(), settings.fleet_config());
+        let checker = consistency::Checker::new(redis.clone(), store.clone()).with_near(
+            Arc::new(consistency::FleetNear(fleet.clone())),
+            settings.admin_fanout_timeout,
+        );
+        let (audit, auditor) = audit::start(&settings.audit_config(), checker, fleet);
         let status = Arc::new(WorkerStatus::default());
         let stall_bound = lease.stall_bound();
         let worker = Worker {
@@ -59,6 +65,7 @@ impl Application {
                 status.progress.clone(),
             ),
             apply: ApplyParts {
+                requests: fleet::RequestQueue::new(connection.clone(), &settings.fleet_config()),
                 redis: redis.clone(),
                 announcer,
                 store: store.clone(),
@@ -66,7 +73,6 @@ impl Application {
                 sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
                 audit,
-                repairs,
             },
         };
         let listener = TcpListener::bind(settings.http_addr)

@@ -1,8 +1,9 @@
 //! Consistency, measured: the invalidator's continuous audit finds a value
-//! planted straight into Redis (same version, other features), logs it with
-//! the key and evicts it, while an untouched key counts as consistent; and
-//! `cachectl audit --full` reports planted entries of every kind, repairs
-//! them, and then finds everything consistent.
+//! planted straight into Redis (same version, other features) and one only
+//! in a replica's near cache, logs them with the key and evicts them
+//! everywhere, while an untouched key counts as consistent in both tiers;
+//! and `cachectl audit --full [--near]` reports planted entries of every
+//! kind, repairs them, and then finds everything consistent.
 
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -46,19 +47,21 @@ async fn checks(deployment: &Deployment, tier: &str, result: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everywhere() {
+async fn the_auditor_finds_values_planted_in_redis_and_a_near_cache_logs_and_evicts_them() {
     let deployment = Deployment::start("audit_planted", audited("1")).await;
 
     // Untouched: consistent, and nothing is reported.
     deployment
         .post(&deployment.a, "AUDIT-OK", json!({"score": 1}))
         .await;
-    testkit::eventually(AUDIT_BOUND, POLL, || async {
-        checks(&deployment, "redis", "consistent").await >= 1.0
-    })
-    .await
-    .expect("the untouched key is checked and consistent");
-    assert_eq!(checks(&deployment, "redis", "inconsistent").await, 0.0);
+    for tier in ["redis", "near"] {
+        testkit::eventually(AUDIT_BOUND, POLL, || async {
+            checks(&deployment, tier, "consistent").await >= 1.0
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the untouched key is checked in {tier} and consistent"));
+        assert_eq!(checks(&deployment, tier, "inconsistent").await, 0.0);
+    }
 
     // Planted before the audit's delay passes: MongoDB's version, other
     // features. The version guard keeps it (same version), so only a
@@ -81,11 +84,43 @@ async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everyw
         "the planted value is served until the audit repairs it"
     );
 
+    // Only in B's near cache: planted in Redis, read through B, and Redis
+    // put back as it was.
+    let near_only = "AUDIT-NEAR";
+    deployment
+        .post(&deployment.a, near_only, json!({"score": 1}))
+        .await;
+    let key = format!("features:{near_only}");
+    let original = deployment
+        .redis_get(&key)
+        .await
+        .expect("cached by the write");
+    let near_stored: Value = serde_json::from_str(&original).expect("cached JSON");
+    let near_version = near_stored["version"].as_i64().expect("version");
+    deployment
+        .redis_set(
+            &key,
+            &planted(&near_stored, near_version, json!({"score": 777})),
+        )
+        .await;
+    let served = deployment.get(&deployment.b, near_only).await;
+    assert_eq!(
+        served.features().and_then(|f| f.get("score")),
+        Some(&json!(777))
+    );
+    deployment.redis_set(&key, &original).await;
+
     testkit::eventually(AUDIT_BOUND, POLL, || async {
         checks(&deployment, "redis", "inconsistent").await >= 1.0
+            && checks(&deployment, "near", "inconsistent").await >= 2.0
     })
     .await
-    .expect("the auditor counts the planted value as inconsistent");
+    .expect("the auditor counts the planted values as inconsistent");
+    assert_eq!(
+        checks(&deployment, "redis", "inconsistent").await,
+        1.0,
+        "Redis was put back for {near_only}"
+    );
     testkit::eventually(AUDIT_BOUND, POLL, || async {
         let log = deployment.invalidators[0].log_text();
         log.lines()
@@ -102,6 +137,13 @@ async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everyw
         line.contains("content") && line.contains(&version.to_string()),
         "the kind and the versions seen: {line}"
     );
+    let log = deployment.invalidators[0].log_text();
+    assert!(
+        log.lines().any(|line| line.contains(near_only)
+            && line.contains("disagrees with MongoDB")
+            && line.contains("api-b")),
+        "the near-cache inconsistency is logged with the replica"
+    );
 
     // Repaired: Redis no longer holds it, every replica serves the truth
     // (B had copied the planted value into its near cache: the eviction is
@@ -116,18 +158,21 @@ async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everyw
     })
     .await
     .expect("the planted value is evicted from Redis");
-    assert!(
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
         deployment
             .metric(
                 &deployment.invalidators[0],
                 "cache_inconsistencies_repaired_total",
-                &[]
+                &[],
             )
             .await
-            >= 1.0
-    );
+            >= 2.0
+    })
+    .await
+    .expect("both keys are counted repaired");
     testkit::eventually(AUDIT_BOUND, POLL, || async {
-        let found = deployment.mismatches(id).await;
+        let mut found = deployment.mismatches(id).await;
+        found.extend(deployment.mismatches(near_only).await);
         if found.is_empty() {
             Ok(())
         } else {
@@ -144,7 +189,7 @@ async fn the_auditor_finds_a_value_planted_in_redis_logs_it_and_evicts_it_everyw
             Some(&json!(1))
         );
     }
-    // The ratio over the window shows the one bad check among the good.
+    // The ratio over the window shows the bad checks among the good.
     let ratio = deployment
         .metric(
             &deployment.invalidators[0],
@@ -177,7 +222,8 @@ fn cachectl_audit(deployment: &Deployment, extra: &[&str]) -> (Option<i32>, Stri
 }
 
 #[tokio::test]
-async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds_all_consistent() {
+async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and_then_finds_all_consistent()
+ {
     // The continuous audit is off: only cachectl may find the planted entries.
     let deployment = Deployment::start("audit_full", audited("0")).await;
     let ids: Vec<String> = (0..30).map(|n| format!("FULL-{n:02}")).collect();
@@ -238,6 +284,35 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds
     deployment
         .redis_set(&format!("features:{}", ids[5]), "not json")
         .await;
+    // Wrong only in B's near cache (a key B has not read yet): planted in
+    // Redis, read through B, and Redis put back as it was.
+    let near_only = "FULL-NEAR";
+    let near_stored = deployment
+        .post(&deployment.a, near_only, json!({"n": near_only}))
+        .await;
+    testkit::eventually(AUDIT_BOUND, POLL, || async {
+        deployment
+            .metric(&deployment.invalidators[0], "invalidator_events_total", &[])
+            .await
+            > ids.len() as f64
+    })
+    .await
+    .expect("the invalidator applied the write");
+    let key = format!("features:{near_only}");
+    let original = deployment.redis_get(&key).await.expect("cached");
+    let near_version = near_stored["version"].as_i64().expect("version");
+    deployment
+        .redis_set(
+            &key,
+            &planted(&near_stored, near_version, json!({"n": "near"})),
+        )
+        .await;
+    let served = deployment.get(&deployment.b, near_only).await;
+    assert_eq!(
+        served.features().and_then(|f| f.get("n")),
+        Some(&json!("near"))
+    );
+    deployment.redis_set(&key, &original).await;
 
     let (code, stdout, stderr) = cachectl_audit(&deployment, &["--json"]);
     assert_eq!(
@@ -246,9 +321,9 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds
         "inconsistencies left: exit 1\n{stdout}\n{stderr}"
     );
     let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
-    assert_eq!(summary["scanned"], 31, "{summary}");
+    assert_eq!(summary["scanned"], 32, "{summary}");
     assert_eq!(summary["inconsistent"], 4, "{summary}");
-    assert_eq!(summary["consistent"], 27, "{summary}");
+    assert_eq!(summary["consistent"], 28, "{summary}");
     for kind in ["content", "stale", "ahead", "orphan"] {
         assert_eq!(summary["by_kind"]["redis"][kind], 1, "{kind}: {summary}");
     }
@@ -258,8 +333,29 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds
         deployment.cached(&ids[0]).await,
         Cached::Document { .. }
     ));
+    // With --near, B's copy too.
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--near", "--json"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "{stdout}
+{stderr}"
+    );
+    let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
+    assert_eq!(summary["inconsistent"], 5, "{summary}");
+    assert_eq!(summary["near_checked"], true, "{summary}");
+    assert_eq!(summary["by_kind"]["near"]["content"], 1, "{summary}");
+    let near_finding = summary["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["tier"] == "near")
+        .cloned()
+        .expect("a near finding");
+    assert_eq!(near_finding["customer_id"], near_only);
+    assert_eq!(near_finding["instance"], "api-b");
 
-    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--repair"]);
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--near", "--repair"]);
     assert_eq!(code, Some(0), "all repaired: exit 0\n{stdout}\n{stderr}");
     assert!(stdout.contains("repaired"), "{stdout}");
     assert!(stdout.contains("result: consistent"), "{stdout}");
@@ -274,15 +370,21 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_and_then_finds
             ids[*n]
         );
     }
+    assert!(stdout.contains("near content"), "{stdout}");
     assert_eq!(deployment.redis_get("features:FULL-GONE").await, None);
 
-    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--json"]);
+    let (code, stdout, stderr) = cachectl_audit(&deployment, &["--near", "--json"]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
     assert_eq!(summary["inconsistent"], 0, "{summary}");
     // Every repaired key is served as MongoDB holds it (FULL-05 keeps the
     // value nobody wrote: never served, so never an inconsistency).
-    let served: Vec<String> = ids.iter().filter(|id| *id != "FULL-05").cloned().collect();
+    let served: Vec<String> = ids
+        .iter()
+        .filter(|id| *id != "FULL-05")
+        .cloned()
+        .chain([near_only.to_owned()])
+        .collect();
     deployment
         .wait_consistent(&served, system_tests::LAG_BOUND)
         .await;
