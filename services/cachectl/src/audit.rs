@@ -278,36 +278,45 @@ fn findings(state: &KeyState, now: chrono::DateTime<chrono::Utc>) -> Vec<Finding
     found
 }
 
-/// The summary table.
+/// The summary: the counts, then the findings (the first [`SHOWN`]).
 fn render(summary: &Summary, repair: bool) -> String {
-    let mut rows: Vec<(String, String)> = vec![
-        ("keys scanned".into(), summary.scanned.to_string()),
-        ("consistent".into(), summary.consistent.to_string()),
-        ("inconsistent".into(), summary.inconsistent.to_string()),
-    ];
+    let mut totals = crate::admin::table(&["keys", ""]);
+    totals.add_row(vec!["scanned".to_owned(), summary.scanned.to_string()]);
+    totals.add_row(vec![
+        "consistent".to_owned(),
+        summary.consistent.to_string(),
+    ]);
+    totals.add_row(vec![
+        "inconsistent".to_owned(),
+        summary.inconsistent.to_string(),
+    ]);
     for (tier, kinds) in &summary.by_kind {
         for mismatch in Mismatch::ALL {
             if let Some(n) = kinds.get(mismatch.as_str()) {
-                rows.push((format!("  {tier} {}", mismatch.as_str()), n.to_string()));
+                totals.add_row(vec![
+                    format!("  {tier} {}", mismatch.as_str()),
+                    n.to_string(),
+                ]);
             }
         }
     }
     if repair {
-        rows.push(("repaired".into(), summary.repaired.to_string()));
+        totals.add_row(vec!["repaired".to_owned(), summary.repaired.to_string()]);
         if summary.repair_failed > 0 {
-            rows.push(("repair failed".into(), summary.repair_failed.to_string()));
+            totals.add_row(vec![
+                "repair failed".to_owned(),
+                summary.repair_failed.to_string(),
+            ]);
         }
     }
     if summary.skipped > 0 {
-        rows.push((
-            "skipped (not a customer id)".into(),
+        totals.add_row(vec![
+            "skipped (not a customer id)".to_owned(),
             summary.skipped.to_string(),
-        ));
+        ]);
     }
-    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
-    let value_width = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     let mut out = format!(
-        "audit of Redis{} against MongoDB in {:.1}s\n",
+        "audit of Redis{} against MongoDB in {:.1}s\n{totals}\n",
         if summary.near_checked {
             " and every near cache"
         } else {
@@ -315,33 +324,36 @@ fn render(summary: &Summary, repair: bool) -> String {
         },
         summary.seconds
     );
-    for (name, value) in rows {
-        out.push_str(&format!("  {name:<width$}  {value:>value_width$}\n"));
-    }
-    for finding in summary.findings.iter().take(20) {
-        out.push_str(&format!(
-            "  ! {} {}{}: {} (cached v{}, MongoDB {})\n",
-            finding.customer_id,
-            finding.tier,
-            finding
-                .instance
-                .as_deref()
-                .map(|i| format!(" {i}"))
-                .unwrap_or_default(),
-            finding.mismatch,
-            finding
-                .cached_version
-                .map_or_else(|| "-".into(), |v| v.to_string()),
-            finding
-                .stored_version
-                .map_or_else(|| "has none".into(), |v| format!("v{v}")),
-        ));
-    }
-    if summary.findings.len() > 20 {
-        out.push_str(&format!(
-            "  … and {} more (--json lists them all)\n",
-            summary.findings.len() - 20
-        ));
+    if !summary.findings.is_empty() {
+        let mut findings = crate::admin::table(&[
+            "customer",
+            "tier",
+            "replica",
+            "kind",
+            "cached version",
+            "MongoDB version",
+        ]);
+        for finding in summary.findings.iter().take(SHOWN) {
+            findings.add_row(vec![
+                finding.customer_id.clone(),
+                finding.tier.to_owned(),
+                finding.instance.clone().unwrap_or_default(),
+                finding.mismatch.to_owned(),
+                finding
+                    .cached_version
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                finding
+                    .stored_version
+                    .map_or_else(|| "none".into(), |v| v.to_string()),
+            ]);
+        }
+        out.push_str(&format!("{findings}\n"));
+        if summary.findings.len() > SHOWN {
+            out.push_str(&format!(
+                "… and {} more (--json lists them all)\n",
+                summary.findings.len() - SHOWN
+            ));
+        }
     }
     let remaining = summary.remaining();
     out.push_str(&if remaining == 0 {
@@ -353,6 +365,9 @@ fn render(summary: &Summary, repair: bool) -> String {
     });
     out
 }
+
+/// Findings the table shows (`--json` has them all).
+const SHOWN: usize = 20;
 
 #[cfg(test)]
 mod tests {
