@@ -150,8 +150,8 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     let redis = TestRedis::start().await;
     let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));
     let reserved = |r: Reservation| match r {
-        Reservation::Reserved(writer) => writer,
-        Reservation::Document(entry) => panic!("unexpected document v{}", entry.version()),
+        Reservation::Reserved(writer) | Reservation::Lease { writer, .. } => writer,
+        other => panic!("unexpected {other:?}"),
     };
     let fill = |writer: Writer, entry: Entry| {
         let tier = tier.clone();
@@ -159,11 +159,11 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     };
 
     // Reserved, read, filled.
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
     assert_eq!(fill(writer.clone(), doc(1, 1)).await, Offer::Stored);
     // The next reader finds the document instead of a reservation.
     assert!(matches!(
-        tier.reserve_many(&["C1"]).await.unwrap().remove(0),
+        tier.reserve_many(&["C1"], false).await.unwrap().remove(0),
         Reservation::Document(_)
     ));
 
@@ -177,7 +177,7 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
             .unwrap();
     };
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     assert!(
         !fill(writer, doc(2, 2)).await.accepted(),
@@ -185,19 +185,19 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     );
     // The same after the change's marker is evicted (DEL stands in for eviction).
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     del(conn.clone()).await;
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     // A flush takes the reservations with it.
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
     assert!(tier.flush_documents().await.unwrap() >= 1);
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     assert!(tier.get("C1").await.unwrap().is_none());
 
     // Fillers that reserve while a reservation stands share it.
-    let first = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
-    let second = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let first = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let second = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
     assert_eq!(first, second);
     assert_eq!(fill(second, doc(4, 4)).await, Offer::Stored);
     assert_eq!(fill(first, doc(4, 4)).await, Offer::AlreadyCurrent);
@@ -563,6 +563,7 @@ fn near_cache() -> NearCache {
         max_entries: 1000,
         max_bytes: 64 << 20,
         ttl: Duration::from_secs(60),
+        negative_ttl: Duration::from_secs(5),
     })
 }
 
@@ -574,6 +575,7 @@ fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -
         ttl: TtlPolicy {
             document_ttl,
             marker_ttl,
+            negative_ttl: Duration::from_secs(5),
         },
     })
     .unwrap()
