@@ -273,7 +273,8 @@ impl Writer {
 pub enum Reservation {
     /// The key holds a document: serve it (no fill needed).
     Document(Entry),
-    /// The key holds a cached absence (reads only): serve "not found".
+    /// The key holds a cached absence, or (serving absences) a tombstone:
+    /// serve "not found" (reads only).
     Absent(Entry),
     /// A fill is accepted as this writer.
     Reserved(Writer),
@@ -306,7 +307,9 @@ impl Reservation {
             "document" | "absent" => {
                 match believable(Entry::from_redis_value(customer_id, payload)) {
                     Some(entry @ Entry::Document(_)) => Self::Document(entry),
-                    Some(entry @ Entry::Absent { .. }) => Self::Absent(entry),
+                    Some(entry @ (Entry::Absent { .. } | Entry::Tombstone { .. })) => {
+                        Self::Absent(entry)
+                    }
                     // Not an entry we can read: fill as if it held a document.
                     _ => Self::Reserved(Writer::Held),
                 }
@@ -316,6 +319,31 @@ impl Reservation {
                 kept: parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1),
                 placed: parts.next().is_some_and(|placed| placed == "1"),
             },
+        }
+    }
+}
+
+/// Who reserves a key, and so what the reservation answers instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveFor {
+    /// A write: only a document is answered; any marker, a cached absence
+    /// included, is replaced (the write's fill must land whatever its order).
+    Write,
+    /// A read: a document or a cached absence is answered; `serve_absence`
+    /// (negative caching on) answers a tombstone as an absence too.
+    Read { serve_absence: bool },
+}
+
+impl ReserveFor {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Read {
+                serve_absence: false,
+            } => "read",
+            Self::Read {
+                serve_absence: true,
+            } => "negative",
         }
     }
 }
@@ -489,12 +517,13 @@ impl RedisTier {
 
     /// Reserves each key for a fill that is about to read MongoDB (one
     /// pipeline); a key that holds a document answers with it instead, and
-    /// (unless `for_write`) one that holds a cached absence with that.
+    /// for a read one that holds a cached absence (or, serving absences, a
+    /// tombstone) with that.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = customer_ids.len()))]
     pub async fn reserve_many(
         &self,
         customer_ids: &[&str],
-        for_write: bool,
+        purpose: ReserveFor,
     ) -> Result<Vec<Reservation>, TierError> {
         if customer_ids.is_empty() {
             return Ok(Vec::new());
@@ -510,7 +539,7 @@ impl RedisTier {
                     .arg(new_token())
                     .arg(ttl_ms)
                     .arg(horizon())
-                    .arg(if for_write { "write" } else { "read" });
+                    .arg(purpose.as_arg());
                 pipe.invoke_script(&invocation);
             }
             let replies: Vec<Vec<String>> = self.query_scripts(&pipe, &self.reserve).await?;

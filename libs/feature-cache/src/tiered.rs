@@ -2,7 +2,7 @@ use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
 use crate::lease::{Waited, wait_for_fill};
 use crate::near::{NearCache, Ticket};
-use crate::redis_tier::{Offer, RedisTier, Reservation, Writer};
+use crate::redis_tier::{Offer, RedisTier, Reservation, ReserveFor, Writer};
 use crate::refresh::RefreshAhead;
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
@@ -86,6 +86,9 @@ struct Inner {
     loads: Coalescer<CustomerId, LoadResult>,
     counters: ReadCounters,
     policy: ReadPolicy,
+    /// Negative caching is on (`NEGATIVE_TTL_MS` > 0): absences are cached,
+    /// and tombstones are served as "not found" too.
+    serve_absence: bool,
     refresh: Option<RefreshAhead>,
     /// While Redis is down every request fails against it: these log the
     /// outage once when it starts and once when it ends (each failure is
@@ -142,6 +145,7 @@ impl TieredStore {
         policy: ReadPolicy,
     ) -> Self {
         let refresh = RefreshAhead::new(policy.refresh_ahead_fraction, redis.ttl().document_ttl);
+        let serve_absence = !redis.ttl().negative_ttl.is_zero();
         Self {
             inner: Arc::new(Inner {
                 near: near.map(Arc::new),
@@ -150,6 +154,7 @@ impl TieredStore {
                 loads: Coalescer::default(),
                 counters: ReadCounters::register(),
                 policy,
+                serve_absence,
                 refresh,
                 redis_reads: Condition::new(
                     "redis_read",
@@ -201,7 +206,7 @@ impl TieredStore {
                         source: Source::Local,
                     }));
                 }
-                Some(Entry::Absent { .. }) => {
+                Some(entry) if self.is_absence(&entry) => {
                     span.record("cache.hit", true);
                     self.inner.counters.local_negative_hit.increment(1);
                     tracing::debug!(customer_id = %id, source = "local", "absent");
@@ -266,7 +271,7 @@ impl TieredStore {
                 }
                 Found::Document(self.served_from_redis(doc, ticket))
             }
-            Ok((Some(absent @ Entry::Absent { .. }), _)) => {
+            Ok((Some(absent), _)) if self.is_absence(&absent) => {
                 counters.redis_negative_hit.increment(1);
                 self.served_absent(absent, ticket);
                 Found::Absent
@@ -279,6 +284,17 @@ impl TieredStore {
                 self.inner.redis_reads.fail(&err);
                 Found::Miss
             }
+        }
+    }
+
+    /// Whether `entry` is served as "not found": a cached absence, and with
+    /// negative caching on a tombstone (deleted at its version: any create
+    /// replaces it as it replaces an absence).
+    fn is_absence(&self, entry: &Entry) -> bool {
+        match entry {
+            Entry::Absent { .. } => true,
+            Entry::Tombstone { .. } => self.inner.serve_absence,
+            Entry::Document(_) | Entry::Floor { .. } => false,
         }
     }
 
@@ -444,7 +460,7 @@ impl TieredStore {
         &self,
         misses: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)>,
     ) {
-        let cache_absence = !self.inner.redis.ttl().negative_ttl.is_zero();
+        let cache_absence = self.inner.serve_absence;
         let mut absences = Vec::new();
         let mut released = Vec::new();
         for (id, writer, kept, ticket) in misses {
@@ -486,7 +502,7 @@ impl TieredStore {
                     document: doc,
                     source: Source::Local,
                 }),
-                Some(Entry::Absent { .. }) => {
+                Some(entry) if self.is_absence(&entry) => {
                     self.inner.counters.local_negative_hit.increment(1);
                     absent.push(id.clone());
                 }
@@ -673,7 +689,14 @@ impl TieredStore {
         if keys.is_empty() {
             return Vec::new();
         }
-        match self.inner.redis.reserve_many(&keys, for_write).await {
+        let purpose = if for_write {
+            ReserveFor::Write
+        } else {
+            ReserveFor::Read {
+                serve_absence: self.inner.serve_absence,
+            }
+        };
+        match self.inner.redis.reserve_many(&keys, purpose).await {
             Ok(reservations) => {
                 condition.recover();
                 reservations

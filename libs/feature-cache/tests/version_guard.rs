@@ -2,7 +2,7 @@
 //! read/write race through the tiered store against the MongoDB stand-in.
 
 use chrono::{Duration as ChronoDuration, Utc};
-use feature_cache::redis_tier::{Reservation, Writer};
+use feature_cache::redis_tier::{Reservation, ReserveFor, Writer};
 use feature_cache::{
     CacheTier, CachedDocument, Entry, Fence, FencedWriteError, Lookup, NearCache, NearCacheConfig,
     Offer, RedisConfig, RedisTier, TieredStore, TtlPolicy,
@@ -159,11 +159,29 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     };
 
     // Reserved, read, filled.
-    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let writer = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
     assert_eq!(fill(writer.clone(), doc(1, 1)).await, Offer::Stored);
     // The next reader finds the document instead of a reservation.
     assert!(matches!(
-        tier.reserve_many(&["C1"], false).await.unwrap().remove(0),
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false
+            }
+        )
+        .await
+        .unwrap()
+        .remove(0),
         Reservation::Document(_)
     ));
 
@@ -177,7 +195,17 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
             .unwrap();
     };
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let writer = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
     assert!(tier.offer(tombstone(3)).await.unwrap());
     assert!(
         !fill(writer, doc(2, 2)).await.accepted(),
@@ -185,19 +213,59 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     );
     // The same after the change's marker is evicted (DEL stands in for eviction).
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let writer = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
     assert!(tier.offer(tombstone(3)).await.unwrap());
     del(conn.clone()).await;
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     // A flush takes the reservations with it.
-    let writer = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let writer = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
     assert!(tier.flush_documents().await.unwrap() >= 1);
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     assert!(tier.get("C1").await.unwrap().is_none());
 
     // Fillers that reserve while a reservation stands share it.
-    let first = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
-    let second = reserved(tier.reserve_many(&["C1"], false).await.unwrap().remove(0));
+    let first = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
+    let second = reserved(
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await
+        .unwrap()
+        .remove(0),
+    );
     assert_eq!(first, second);
     assert_eq!(fill(second, doc(4, 4)).await, Offer::Stored);
     assert_eq!(fill(first, doc(4, 4)).await, Offer::AlreadyCurrent);
@@ -575,7 +643,10 @@ fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -
         ttl: TtlPolicy {
             document_ttl,
             marker_ttl,
-            negative_ttl: Duration::from_secs(5),
+            // Absences not cached: these tests read what MongoDB holds after
+            // changes no invalidator announces (negative caching has its own
+            // tests, services/api/tests/it/absence.rs).
+            negative_ttl: Duration::ZERO,
         },
     })
     .unwrap()

@@ -5,7 +5,7 @@
 
 use crate::support::{NEAR_OFF, TestStack};
 use feature_cache::Entry;
-use feature_cache::redis_tier::{Offer, Reservation};
+use feature_cache::redis_tier::{Offer, Reservation, ReserveFor};
 use serde_json::json;
 use testkit::prometheus;
 
@@ -129,6 +129,35 @@ async fn batch_reads_cache_absences_and_a_create_replaces_them() {
     }
 }
 
+/// A delete leaves a tombstone at the deleted version; with negative
+/// caching on it is served as 404 like an absence (and stays: it orders a
+/// late replay of an older change), until a create replaces it.
+#[tokio::test]
+async fn a_tombstone_is_served_as_404_without_mongodb() {
+    let stack = TestStack::start("absent_tombstone", &[NEAR_OFF]).await;
+    stack.create("DELETED", json!({"n": 1})).await;
+    assert_eq!(stack.api.delete("/api/features/DELETED/").await.status, 204);
+    let (finds_before, hits_before) = finds_and_negative_hits(&stack, "redis").await;
+    for _ in 0..3 {
+        stack
+            .api
+            .get("/api/features/DELETED/")
+            .await
+            .expect_error(404, "not_found");
+    }
+    let (finds, hits) = finds_and_negative_hits(&stack, "redis").await;
+    assert_eq!(finds - finds_before, 0.0);
+    assert_eq!(hits - hits_before, 3.0);
+    assert!(matches!(
+        redis_entry(&stack, "DELETED").await,
+        Some(Entry::Tombstone { .. })
+    ));
+    let created = stack.create("DELETED", json!({"n": 2})).await;
+    let reply = stack.api.get("/api/features/DELETED/").await;
+    assert_eq!(reply.json()["version"], created["version"]);
+    stack.finish().await;
+}
+
 /// A reader reserved the key and found nothing in MongoDB; a create lands
 /// before the reader's fill of the absence. The fill loses in Redis and in
 /// the near cache, and the document is served.
@@ -140,7 +169,12 @@ async fn an_absence_fill_racing_a_create_loses() {
     let ticket = near.ticket("RACE");
     let reservation = tiers
         .redis()
-        .reserve_many(&["RACE"], false)
+        .reserve_many(
+            &["RACE"],
+            ReserveFor::Read {
+                serve_absence: true,
+            },
+        )
         .await
         .unwrap()
         .remove(0);
@@ -211,7 +245,12 @@ async fn a_miss_waits_for_the_lease_holders_fill() {
         ..
     } = tiers
         .redis()
-        .reserve_many(&["HELD"], false)
+        .reserve_many(
+            &["HELD"],
+            ReserveFor::Read {
+                serve_absence: true,
+            },
+        )
         .await
         .unwrap()
         .remove(0)
@@ -256,7 +295,12 @@ async fn a_miss_falls_back_to_mongodb_when_the_lease_holder_never_fills() {
     assert!(matches!(
         tiers
             .redis()
-            .reserve_many(&["ORPHAN"], false)
+            .reserve_many(
+                &["ORPHAN"],
+                ReserveFor::Read {
+                    serve_absence: true
+                }
+            )
             .await
             .unwrap()
             .remove(0),
