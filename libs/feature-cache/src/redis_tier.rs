@@ -415,15 +415,20 @@ impl RedisTier {
 
     #[tracing::instrument(skip(self), fields(db.system = "redis", db.operation = "GET"))]
     pub async fn get(&self, customer_id: &str) -> Result<Option<Entry>, TierError> {
-        let raw: Option<String> = self
+        let raw = self.get_raw(customer_id).await?;
+        Ok(believable(
+            raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)),
+        ))
+    }
+
+    /// The key's value as stored.
+    async fn get_raw(&self, customer_id: &str) -> Result<Option<String>, TierError> {
+        Ok(self
             .conn
             .clone()
             .get(document_key(customer_id))
             .await
-            .inspect_err(|_| count_error("GET"))?;
-        Ok(believable(
-            raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)),
-        ))
+            .inspect_err(|_| count_error("GET"))?)
     }
 
     /// The key's entry and its remaining TTL, in one round trip (GET and
@@ -450,13 +455,7 @@ impl RedisTier {
     /// waiting on another's reservation polls.
     #[tracing::instrument(skip(self), fields(db.system = "redis", db.operation = "GET"))]
     pub async fn peek(&self, customer_id: &str) -> Result<Peek, TierError> {
-        let raw: Option<String> = self
-            .conn
-            .clone()
-            .get(document_key(customer_id))
-            .await
-            .inspect_err(|_| count_error("GET"))?;
-        let Some(raw) = raw else {
+        let Some(raw) = self.get_raw(customer_id).await? else {
             return Ok(Peek::Nothing);
         };
         if let Some(token) = reservation_token(&raw) {

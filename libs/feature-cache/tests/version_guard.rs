@@ -16,6 +16,11 @@ use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
 use testkit::proxy::GatedProxy;
 use testkit::redis::TestRedis;
 
+/// A read's reservation, absences not served.
+const READ: ReserveFor = ReserveFor::Read {
+    serve_absence: false,
+};
+
 fn doc(version: i64, marker: i64) -> Entry {
     doc_expiring(version, marker, Utc::now() + ChronoDuration::days(1))
 }
@@ -159,17 +164,7 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     };
 
     // Reserved, read, filled.
-    let writer = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert_eq!(fill(writer.clone(), doc(1, 1)).await, Offer::Stored);
     // The next reader finds the document instead of a reservation.
     assert!(matches!(
@@ -195,17 +190,7 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
             .unwrap();
     };
     del(conn.clone()).await;
-    let writer = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     assert!(
         !fill(writer, doc(2, 2)).await.accepted(),
@@ -213,59 +198,19 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     );
     // The same after the change's marker is evicted (DEL stands in for eviction).
     del(conn.clone()).await;
-    let writer = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     del(conn.clone()).await;
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     // A flush takes the reservations with it.
-    let writer = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.flush_documents().await.unwrap() >= 1);
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     assert!(tier.get("C1").await.unwrap().is_none());
 
     // Fillers that reserve while a reservation stands share it.
-    let first = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
-    let second = reserved(
-        tier.reserve_many(
-            &["C1"],
-            ReserveFor::Read {
-                serve_absence: false,
-            },
-        )
-        .await
-        .unwrap()
-        .remove(0),
-    );
+    let first = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
+    let second = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert_eq!(first, second);
     assert_eq!(fill(second, doc(4, 4)).await, Offer::Stored);
     assert_eq!(fill(first, doc(4, 4)).await, Offer::AlreadyCurrent);

@@ -24,15 +24,29 @@ async fn finds_and_negative_hits(stack: &TestStack, tier: &str) -> (f64, f64) {
     )
 }
 
+/// Reads `id` `n` times, each a 404; returns the growth of MongoDB finds
+/// and of `tier`'s negative hits.
+async fn reads_404(stack: &TestStack, id: &str, n: usize, tier: &str) -> (f64, f64) {
+    let (finds_before, hits_before) = finds_and_negative_hits(stack, tier).await;
+    for _ in 0..n {
+        stack
+            .api
+            .get(&format!("/api/features/{id}/"))
+            .await
+            .expect_error(404, "not_found");
+    }
+    let (finds, hits) = finds_and_negative_hits(stack, tier).await;
+    (finds - finds_before, hits - hits_before)
+}
+
 /// What Redis holds for `id`, as an entry.
 async fn redis_entry(stack: &TestStack, id: &str) -> Option<Entry> {
     stack.api.state().tiers.redis().get(id).await.unwrap()
 }
 
 async fn negative_hits_then_a_create(stack: TestStack, tier: &str) {
-    let (finds_before, hits_before) = finds_and_negative_hits(&stack, tier).await;
-    let reply = stack.api.get("/api/features/NOPE/").await;
-    reply.expect_error(404, "not_found");
+    let (finds, _) = reads_404(&stack, "NOPE", 1, tier).await;
+    assert_eq!(finds, 1.0);
     assert!(
         matches!(
             redis_entry(&stack, "NOPE").await,
@@ -40,13 +54,9 @@ async fn negative_hits_then_a_create(stack: TestStack, tier: &str) {
         ),
         "the absence is cached in Redis"
     );
-    for _ in 0..20 {
-        let reply = stack.api.get("/api/features/NOPE/").await;
-        reply.expect_error(404, "not_found");
-    }
-    let (finds, hits) = finds_and_negative_hits(&stack, tier).await;
-    assert_eq!(finds - finds_before, 1.0, "one MongoDB find for 21 reads");
-    assert_eq!(hits - hits_before, 20.0, "negative hits on {tier}");
+    let (finds, hits) = reads_404(&stack, "NOPE", 20, tier).await;
+    assert_eq!(finds, 0.0, "no MongoDB find for 20 more reads");
+    assert_eq!(hits, 20.0, "negative hits on {tier}");
 
     // A create through the API replaces the absence at once, in every tier.
     let created = stack.create("NOPE", json!({"n": 1})).await;
@@ -75,16 +85,8 @@ async fn a_404_is_served_from_redis_until_a_create_replaces_it() {
 #[tokio::test]
 async fn with_negative_caching_off_every_404_reads_mongodb() {
     let stack = TestStack::start("absent_off", &[NEAR_OFF, ("NEGATIVE_TTL_MS", "0")]).await;
-    let (finds_before, _) = finds_and_negative_hits(&stack, "redis").await;
-    for _ in 0..3 {
-        stack
-            .api
-            .get("/api/features/NOPE/")
-            .await
-            .expect_error(404, "not_found");
-    }
-    let (finds, _) = finds_and_negative_hits(&stack, "redis").await;
-    assert_eq!(finds - finds_before, 3.0);
+    let (finds, _) = reads_404(&stack, "NOPE", 3, "redis").await;
+    assert_eq!(finds, 3.0);
     assert!(redis_entry(&stack, "NOPE").await.is_none());
     stack.finish().await;
 }
@@ -137,17 +139,8 @@ async fn a_tombstone_is_served_as_404_without_mongodb() {
     let stack = TestStack::start("absent_tombstone", &[NEAR_OFF]).await;
     stack.create("DELETED", json!({"n": 1})).await;
     assert_eq!(stack.api.delete("/api/features/DELETED/").await.status, 204);
-    let (finds_before, hits_before) = finds_and_negative_hits(&stack, "redis").await;
-    for _ in 0..3 {
-        stack
-            .api
-            .get("/api/features/DELETED/")
-            .await
-            .expect_error(404, "not_found");
-    }
-    let (finds, hits) = finds_and_negative_hits(&stack, "redis").await;
-    assert_eq!(finds - finds_before, 0.0);
-    assert_eq!(hits - hits_before, 3.0);
+    let (finds, hits) = reads_404(&stack, "DELETED", 3, "redis").await;
+    assert_eq!((finds, hits), (0.0, 3.0));
     assert!(matches!(
         redis_entry(&stack, "DELETED").await,
         Some(Entry::Tombstone { .. })
