@@ -290,14 +290,6 @@ pub enum Reservation {
 }
 
 impl Reservation {
-    /// The writer a fill after this reservation offers as, if any.
-    pub fn writer(&self) -> Option<&Writer> {
-        match self {
-            Self::Reserved(writer) | Self::Lease { writer, .. } => Some(writer),
-            Self::Document(_) | Self::Absent(_) => None,
-        }
-    }
-
     /// Reads `reserve.lua`'s reply for `customer_id`.
     fn of_reply(customer_id: &str, reply: Vec<String>) -> Self {
         let mut parts = reply.into_iter();

@@ -22,7 +22,7 @@ pub struct RefreshAhead {
 impl RefreshAhead {
     /// `None` when `fraction` is 0 (or not a fraction above 0): no refresh.
     pub fn new(fraction: f64, document_ttl: Duration) -> Option<Self> {
-        if !(fraction > 0.0) {
+        if fraction.is_nan() || fraction <= 0.0 {
             return None;
         }
         Some(Self {

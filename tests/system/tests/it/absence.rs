@@ -168,25 +168,43 @@ async fn a_storm_of_gets_for_missing_ids_costs_one_find_per_id() {
     deployment.finish().await;
 }
 
-/// Sends `n` GETs of `id` to `replica` at once (released by one barrier
-/// after every connection is open); returns the answers' sources.
-async fn burst(
+/// `GET url`, tried again (up to 10 times, briefly apart) when the
+/// connection is refused or reset: thousands of connections opened at once
+/// can overflow a listen backlog on a busy test machine.
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.get(url).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                return (status, response.json().await.unwrap_or_default());
+            }
+            Err(err) if attempt < 10 && (err.is_connect() || err.is_request()) => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            Err(err) => panic!("GET {url}: {err}"),
+        }
+    }
+}
+
+/// Sends `n` GETs of `path` to `replica` at once (released by one barrier
+/// shared with the other replicas' GETs).
+fn burst(
     client: &reqwest::Client,
     replica: &ServiceProcess,
-    id: &str,
+    path: &str,
     n: usize,
-    barrier: Arc<Barrier>,
+    barrier: &Arc<Barrier>,
 ) -> Vec<tokio::task::JoinHandle<(u16, serde_json::Value)>> {
     (0..n)
         .map(|_| {
             let client = client.clone();
-            let url = replica.url(&format!("/api/features/{id}/"));
-            let barrier = Arc::clone(&barrier);
+            let url = replica.url(path);
+            let barrier = Arc::clone(barrier);
             tokio::spawn(async move {
                 barrier.wait().await;
-                let response = client.get(url).send().await.expect("GET");
-                let status = response.status().as_u16();
-                (status, response.json().await.unwrap_or_default())
+                get_json(&client, &url).await
             })
         })
         .collect()
@@ -222,29 +240,23 @@ async fn replicas_missing_one_key_together_read_mongodb_once() {
     let barrier = Arc::new(Barrier::new(PER_REPLICA * replicas.len()));
     let mut warmups = Vec::new();
     for replica in replicas {
-        let url = replica.url("/api/info/");
-        for _ in 0..PER_REPLICA {
-            let (client, url, barrier) = (client.clone(), url.clone(), Arc::clone(&barrier));
-            warmups.push(tokio::spawn(async move {
-                barrier.wait().await;
-                client
-                    .get(url)
-                    .send()
-                    .await
-                    .expect("GET /api/info/")
-                    .status()
-            }));
-        }
+        warmups.extend(burst(&client, replica, "/api/info/", PER_REPLICA, &barrier));
     }
     for warmup in warmups {
-        assert_eq!(warmup.await.unwrap(), 200);
+        assert_eq!(warmup.await.unwrap().0, 200);
     }
 
     let before = finds(&deployment, &replicas).await;
     let barrier = Arc::new(Barrier::new(PER_REPLICA * replicas.len()));
     let mut reads = Vec::new();
     for replica in replicas {
-        reads.extend(burst(&client, replica, "COLD", PER_REPLICA, Arc::clone(&barrier)).await);
+        reads.extend(burst(
+            &client,
+            replica,
+            "/api/features/COLD/",
+            PER_REPLICA,
+            &barrier,
+        ));
     }
     let mut sources = std::collections::BTreeMap::<String, usize>::new();
     for read in reads {
