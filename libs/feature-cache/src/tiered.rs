@@ -229,6 +229,10 @@ impl TieredStore {
                 Some(entry) if self.is_absence(&entry) => {
                     span.record("cache.hit", true);
                     self.inner.counters.local_negative_hit.increment(1);
+                    self.inner
+                        .counters
+                        .near_hits
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(customer_id = %id, source = "local", "absent");
                     return Ok(None);
                 }
