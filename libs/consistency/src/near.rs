@@ -69,13 +69,17 @@ impl NearTier for FleetNear {
     }
 }
 
-/// What a replica's answer means here: a document with its JSON, else a
-/// marker (tombstone, floor, anything else a replica never serves).
+/// What a replica's answer means here: a document with its JSON, a cached
+/// "not found", else a marker (tombstone, floor, anything else a replica
+/// never serves).
 fn observed(view: EntryView) -> Observed {
-    match view.document {
-        Some(body) if view.kind == "document" => Observed::Document {
+    match (view.kind.as_str(), view.document) {
+        ("document", Some(body)) => Observed::Document {
             version: view.version,
             body,
+        },
+        ("absent", _) => Observed::NotFound {
+            version: view.version,
         },
         _ => Observed::Marker {
             version: view.version,

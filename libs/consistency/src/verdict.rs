@@ -2,10 +2,10 @@
 //! MongoDB holds.
 //!
 //! A tier is consistent for a key when a reader can only be served
-//! MongoDB's document from it: it holds nothing, a marker (a tombstone or
+//! MongoDB's answer from it: it holds nothing, a marker (a tombstone or
 //! version floor, never served), a value it would not serve (a reservation,
-//! an expired document), or exactly MongoDB's document — the same version
-//! *and* the same content. A document with MongoDB's version but other
+//! an expired document), exactly MongoDB's document — the same version
+//! *and* the same content — or a cached "not found" while MongoDB has none. A document with MongoDB's version but other
 //! content is inconsistent: versions alone would miss a value planted or
 //! corrupted without a new version.
 
@@ -22,6 +22,8 @@ pub enum Observed {
     Absent,
     /// A tombstone or a version floor: never served.
     Marker { version: i64 },
+    /// A cached "not found" (negative caching): served as a 404.
+    NotFound { version: i64 },
     /// A document, as served (its JSON).
     Document { version: i64, body: Value },
 }
@@ -34,6 +36,7 @@ impl Observed {
             Some(Entry::Floor { version, .. } | Entry::Tombstone { version, .. }) => {
                 Self::Marker { version: *version }
             }
+            Some(Entry::Absent { version, .. }) => Self::NotFound { version: *version },
             // Rendered by us from a document: it parses. Should it not, the
             // content differs from any truth, which is what it is.
             Some(Entry::Document(doc)) => Self::Document {
@@ -47,7 +50,9 @@ impl Observed {
     pub fn version(&self) -> Option<i64> {
         match self {
             Self::Absent => None,
-            Self::Marker { version } | Self::Document { version, .. } => Some(*version),
+            Self::Marker { version }
+            | Self::NotFound { version }
+            | Self::Document { version, .. } => Some(*version),
         }
     }
 
@@ -56,6 +61,7 @@ impl Observed {
         match self {
             Self::Absent => "absent",
             Self::Marker { .. } => "marker",
+            Self::NotFound { .. } => "not_found",
             Self::Document { .. } => "document",
         }
     }
@@ -89,10 +95,18 @@ pub enum Mismatch {
     Content,
     /// A document MongoDB does not have (deleted or expired there).
     Orphan,
+    /// A cached "not found" of a document MongoDB has (a stale 404).
+    Negative,
 }
 
 impl Mismatch {
-    pub const ALL: [Mismatch; 4] = [Self::Stale, Self::Ahead, Self::Content, Self::Orphan];
+    pub const ALL: [Mismatch; 5] = [
+        Self::Stale,
+        Self::Ahead,
+        Self::Content,
+        Self::Orphan,
+        Self::Negative,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -100,6 +114,7 @@ impl Mismatch {
             Self::Ahead => "ahead",
             Self::Content => "content",
             Self::Orphan => "orphan",
+            Self::Negative => "negative",
         }
     }
 }
@@ -121,8 +136,14 @@ impl Verdict {
 /// none, or only an expired one). `now` decides whether a cached document
 /// has expired (an expired document is never served).
 pub fn judge(observed: &Observed, truth: Option<&Truth>, now: DateTime<Utc>) -> Verdict {
-    let Observed::Document { version, body } = observed else {
-        return Verdict::Consistent;
+    let (version, body) = match observed {
+        Observed::Document { version, body } => (version, body),
+        Observed::NotFound { .. } if truth.is_some() => {
+            return Verdict::Inconsistent(Mismatch::Negative);
+        }
+        Observed::Absent | Observed::Marker { .. } | Observed::NotFound { .. } => {
+            return Verdict::Consistent;
+        }
     };
     if expired(body, now) {
         return Verdict::Consistent;
@@ -251,6 +272,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_cached_not_found_is_consistent_only_while_mongodb_has_no_document() {
+        let not_found = Observed::NotFound { version: 4 };
+        assert_eq!(judge(&not_found, None, Utc::now()), Verdict::Consistent);
+        assert_eq!(
+            judge(&not_found, Some(&truth(5, 1)), Utc::now()),
+            Verdict::Inconsistent(Mismatch::Negative)
+        );
+        assert_eq!(
+            Observed::of_entry(Some(&Entry::Absent {
+                customer_id: "C1".into(),
+                version: 4
+            })),
+            not_found
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum StoredKind {
     Tombstone,
     /// A version floor (`"fence":true` on the wire).
     Floor,
+    /// A cached "not found" (negative caching).
+    Absent,
     /// A fill's reservation (`lua/reserve.lua`): holds no document.
     Reservation,
     /// Something this system did not write.
@@ -28,6 +30,7 @@ impl StoredKind {
             Self::Document => "document",
             Self::Tombstone => "tombstone",
             Self::Floor => "floor",
+            Self::Absent => "absent",
             Self::Reservation => "reservation",
             Self::Unknown => "unknown",
         }
@@ -56,6 +59,8 @@ impl StoredEntry {
             deleted: bool,
             #[serde(default)]
             fence: bool,
+            #[serde(default)]
+            absent: bool,
             reserved: Option<serde::de::IgnoredAny>,
             customer_id: Option<serde::de::IgnoredAny>,
         }
@@ -67,6 +72,8 @@ impl StoredEntry {
                     StoredKind::Tombstone
                 } else if head.fence {
                     StoredKind::Floor
+                } else if head.absent {
+                    StoredKind::Absent
                 } else if head.customer_id.is_some() && head.version.is_some() {
                     StoredKind::Document
                 } else {
@@ -114,6 +121,7 @@ mod tests {
             (crate::entry::tests::doc(3), StoredKind::Document, 3),
             (Entry::tombstone("C1", 4), StoredKind::Tombstone, 4),
             (Entry::floor("C1", 5), StoredKind::Floor, 5),
+            (Entry::absent("C1", 6), StoredKind::Absent, 6),
         ];
         for (entry, kind, version) in cases {
             let stored = StoredEntry::classify(entry.to_redis_value(), None);

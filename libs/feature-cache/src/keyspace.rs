@@ -73,15 +73,18 @@ impl ControlKeys {
 /// How long an entry may live in Redis: a document no longer than the
 /// document TTL nor past its own expiry, shortened by up to 5 % of jitter so
 /// keys written together do not expire together; a tombstone or floor for
-/// the marker TTL.
+/// the marker TTL; a cached absence for the negative TTL (zero: absences are
+/// not cached).
 #[derive(Debug, Clone, Copy)]
 pub struct TtlPolicy {
     pub document_ttl: Duration,
     pub marker_ttl: Duration,
+    pub negative_ttl: Duration,
 }
 
 impl TtlPolicy {
-    /// `None` for a document that has already expired.
+    /// `None` for a document that has already expired, and for an absence
+    /// when absences are not cached.
     pub fn ttl_of(&self, entry: &Entry) -> Option<Duration> {
         match entry {
             Entry::Document(doc) => {
@@ -96,6 +99,7 @@ impl TtlPolicy {
                 (ttl >= Duration::from_millis(1)).then_some(ttl)
             }
             Entry::Tombstone { .. } | Entry::Floor { .. } => Some(self.marker_ttl),
+            Entry::Absent { .. } => (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
         }
     }
 
@@ -142,9 +146,17 @@ mod tests {
         let policy = TtlPolicy {
             document_ttl: Duration::from_secs(1000),
             marker_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
         };
         let floor = Entry::floor("C1", 1);
         assert_eq!(policy.ttl_of(&floor), Some(Duration::from_secs(60)));
+        let absent = Entry::absent("C1", -1);
+        assert_eq!(policy.ttl_of(&absent), Some(Duration::from_secs(5)));
+        let off = TtlPolicy {
+            negative_ttl: Duration::ZERO,
+            ..policy
+        };
+        assert_eq!(off.ttl_of(&absent), None);
         let doc = crate::entry::tests::doc(1);
         let ttl = policy.ttl_of(&doc).unwrap();
         assert!(

@@ -16,6 +16,9 @@
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
+//! - [`lease`]: across replicas, one load per key: a miss waits briefly on
+//!   another replica's reservation for its fill.
+//! - [`refresh`]: hot keys refreshed ahead of their expiry in Redis.
 //! - [`tiered`]: [`TieredStore`], the tiered read path (near → Redis →
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
@@ -25,8 +28,10 @@ pub mod eviction;
 pub mod fence;
 pub mod inspect;
 pub mod keyspace;
+pub mod lease;
 pub mod near;
 pub mod redis_tier;
+pub mod refresh;
 pub mod tier;
 pub mod tiered;
 
@@ -40,4 +45,4 @@ pub use redis_tier::{
     RedisTls, TierError,
 };
 pub use tier::CacheTier;
-pub use tiered::{Lookup, Source, TieredStore, WriteOutcome};
+pub use tiered::{Lookup, ReadPolicy, Source, TieredStore, WriteOutcome};

@@ -32,7 +32,7 @@ pub struct ReplicaStatus {
 }
 
 /// What one tier holds for a customer, as operators see it:
-/// `{"kind": "document"|"tombstone"|"floor"|…, "version": v, "document": {…}}`
+/// `{"kind": "document"|"tombstone"|"floor"|"absent", "version": v, "document": {…}}`
 /// (`document` for documents only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntryView {
@@ -49,6 +49,7 @@ impl From<&Entry> for EntryView {
             Entry::Document(doc) => ("document", serde_json::from_str(doc.json.get()).ok()),
             Entry::Tombstone { .. } => ("tombstone", None),
             Entry::Floor { .. } => ("floor", None),
+            Entry::Absent { .. } => ("absent", None),
         };
         Self {
             kind: kind.to_owned(),

@@ -157,6 +157,7 @@ mod tests {
             max_entries: 10,
             max_bytes: 1 << 20,
             ttl: std::time::Duration::from_secs(60),
+            negative_ttl: std::time::Duration::from_secs(5),
         });
         let entry = feature_cache::Entry::floor("C1", 3);
         assert!(near.offer(entry.clone()));

@@ -20,7 +20,7 @@ pub use error::SettingsError;
 pub use table::{NAMES, Settings};
 
 use config::{Config, Environment, File, FileFormat};
-use feature_cache::{ControlKeys, NearCacheConfig, RedisConfig, RedisTls, TtlPolicy};
+use feature_cache::{ControlKeys, NearCacheConfig, ReadPolicy, RedisConfig, RedisTls, TtlPolicy};
 use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
 use std::collections::HashMap;
@@ -178,6 +178,7 @@ impl Settings {
             ttl: TtlPolicy {
                 document_ttl: self.redis_ttl,
                 marker_ttl: self.tombstone_ttl,
+                negative_ttl: self.negative_ttl,
             },
         }
     }
@@ -188,7 +189,17 @@ impl Settings {
             max_entries: self.local_cache_max_entries,
             max_bytes: self.local_cache_max_bytes,
             ttl: self.local_cache_ttl,
+            negative_ttl: self.negative_ttl,
         })
+    }
+
+    /// How the API's read path spares MongoDB: waiting on other replicas'
+    /// loads, and refreshing hot keys ahead of their expiry.
+    pub fn read_policy(&self) -> ReadPolicy {
+        ReadPolicy {
+            miss_lease_wait: self.miss_lease_wait,
+            refresh_ahead_fraction: self.refresh_ahead_fraction,
+        }
     }
 
     pub fn channels(&self) -> Channels {

@@ -3,8 +3,9 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, dev_keys, fraction, instance_id, invalidation_mode, log_format, millis, mongo_uri,
-    non_empty, opt_number, opt_path, opt_string, positive, positive_usize, seconds, socket_addr,
+    boolean, dev_keys, fraction, instance_id, invalidation_mode, log_format, millis,
+    millis_or_zero, mongo_uri, non_empty, opt_number, opt_path, opt_string, positive,
+    positive_usize, seconds, socket_addr,
 };
 use crate::{Defaults, LogFormat, SettingsError, Source};
 use invalidation::InvalidationMode;
@@ -156,4 +157,14 @@ settings! { binary =>
     heartbeat_interval: Duration = "HEARTBEAT_INTERVAL_MS", millis, Some("2000");
     /// How long an admin query waits for every live replica's near-cache answer.
     admin_fanout_timeout: Duration = "ADMIN_FANOUT_TIMEOUT_MS", millis, Some("500");
+    // Absence and load: negative caching, cross-replica miss coalescing,
+    // refresh ahead (CACHE_STRATEGY.md, "Absence and load").
+    /// How long a "not found" is cached in Redis and the near caches; 0: not cached.
+    negative_ttl: Duration = "NEGATIVE_TTL_MS", millis_or_zero, Some("5000");
+    /// How long a miss waits for another replica's load of the key before it
+    /// reads MongoDB itself; 0: it does not wait.
+    miss_lease_wait: Duration = "MISS_LEASE_WAIT_MS", millis_or_zero, Some("200");
+    /// A document read from Redis in this last fraction of its TTL is
+    /// refreshed in the background (0 to 1; 0: never).
+    refresh_ahead_fraction: f64 = "REFRESH_AHEAD_FRACTION", fraction, Some("0.1");
 }

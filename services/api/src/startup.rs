@@ -37,7 +37,7 @@ impl Application {
         let near = settings
             .near_cache_config()
             .map(|config| NearCache::new(&config));
-        let tiers = TieredStore::new(near, redis, store);
+        let tiers = TieredStore::with_policy(near, redis, store, settings.read_policy());
 
         // Each replica follows the invalidator's messages into its near cache;
         // without a near cache there is nothing of its own to keep fresh.

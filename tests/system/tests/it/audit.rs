@@ -3,7 +3,8 @@
 //! in a replica's near cache, logs them with the key and evicts them
 //! everywhere, while an untouched key counts as consistent in both tiers;
 //! and `cachectl audit --full [--near]` reports planted entries of every
-//! kind, repairs them, and then finds everything consistent.
+//! kind (content, stale, ahead, orphan, a stale cached 404), repairs them,
+//! and then finds everything consistent.
 
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -263,6 +264,12 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and
             planted(&stored[2], version(2) + 1, stored[2]["features"].clone()),
             "ahead",
         ),
+        // A cached 404 of a document MongoDB has.
+        (
+            7,
+            format!(r#"{{"version":{},"absent":true}}"#, version(7) - 1),
+            "negative",
+        ),
     ];
     for (n, value, _) in &wrong {
         deployment
@@ -322,9 +329,9 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and
     );
     let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
     assert_eq!(summary["scanned"], 32, "{summary}");
-    assert_eq!(summary["inconsistent"], 4, "{summary}");
-    assert_eq!(summary["consistent"], 28, "{summary}");
-    for kind in ["content", "stale", "ahead", "orphan"] {
+    assert_eq!(summary["inconsistent"], 5, "{summary}");
+    assert_eq!(summary["consistent"], 27, "{summary}");
+    for kind in ["content", "stale", "ahead", "orphan", "negative"] {
         assert_eq!(summary["by_kind"]["redis"][kind], 1, "{kind}: {summary}");
     }
     assert_eq!(summary["repaired"], 0);
@@ -342,7 +349,7 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and
 {stderr}"
     );
     let summary: Value = serde_json::from_str(&stdout).expect("JSON summary");
-    assert_eq!(summary["inconsistent"], 5, "{summary}");
+    assert_eq!(summary["inconsistent"], 6, "{summary}");
     assert_eq!(summary["near_checked"], true, "{summary}");
     assert_eq!(summary["by_kind"]["near"]["content"], 1, "{summary}");
     let near_finding = summary["findings"]
@@ -364,8 +371,9 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and
             stdout.contains(&format!("redis {kind}")),
             "{kind} in the table:\n{stdout}"
         );
-        assert!(
-            !matches!(deployment.cached(&ids[*n]).await, Cached::Document { .. }),
+        assert_eq!(
+            deployment.cached(&ids[*n]).await,
+            Cached::Absent,
             "{} ({kind}) still cached",
             ids[*n]
         );
