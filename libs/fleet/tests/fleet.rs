@@ -24,6 +24,7 @@ fn near() -> Arc<NearCache> {
         max_entries: 10_000,
         max_bytes: 64 << 20,
         ttl: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(5),
     }))
 }
 
