@@ -38,6 +38,8 @@ pub struct ControlKeys {
     pub feed_position: String,
     /// The invalidation stream's default key: one stream per collection.
     pub stream: String,
+    /// The hot-key record: customer id -> decayed read score ([`crate::hot`]).
+    pub hot: String,
 }
 
 impl ControlKeys {
@@ -48,6 +50,7 @@ impl ControlKeys {
             fencing_counter: format!("{base}:fence"),
             feed_position: format!("{base}:resume-token"),
             stream: format!("{base}:changes"),
+            hot: format!("{base}:hot"),
         }
     }
 }
@@ -100,6 +103,7 @@ mod tests {
             &keys.fencing_counter,
             &keys.feed_position,
             &keys.stream,
+            &keys.hot,
         ] {
             assert!(!is_document_key(key), "{key}");
         }

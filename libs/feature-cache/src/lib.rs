@@ -14,6 +14,10 @@
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
+//! - [`hot`]: the hot-key record in Redis (sampled read counts, decayed).
+//! - [`warm`]: warm start — preloading the hottest keys into the near cache
+//!   (after a start or a flush) and back into Redis (after the invalidator's
+//!   flush).
 //! - [`tiered`]: [`TieredStore`], the tiered read path (near → Redis →
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
@@ -21,14 +25,17 @@ pub mod coalesce;
 pub mod entry;
 pub mod eviction;
 pub mod fence;
+pub mod hot;
 pub mod keyspace;
 pub mod near;
 pub mod redis_tier;
 pub mod tier;
 pub mod tiered;
+pub mod warm;
 
 pub use entry::{CachedDocument, Entry};
 pub use fence::Fence;
+pub use hot::{HotConfig, HotRecord, HotRecorder};
 pub use keyspace::{ControlKeys, TtlPolicy};
 pub use near::{NearCache, NearCacheConfig};
 pub use redis_tier::{
@@ -37,3 +44,4 @@ pub use redis_tier::{
 };
 pub use tier::CacheTier;
 pub use tiered::{Lookup, Source, TieredStore, WriteOutcome};
+pub use warm::{WarmConfig, Warmer};

@@ -1,12 +1,13 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
+use crate::hot::HotRecorder;
 use crate::near::{NearCache, Ticket};
 use crate::redis_tier::{RedisTier, Reservation, Writer};
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use telemetry::Condition;
 use tracing::Instrument;
 
@@ -60,6 +61,8 @@ struct Inner {
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
     counters: ReadCounters,
+    /// Where served reads are counted (the hot-key record), once set.
+    hot: OnceLock<HotRecorder>,
     /// While Redis is down every request fails against it: these log the
     /// outage once when it starts and once when it ends (each failure is
     /// still counted, in `redis_errors_total`, and logged at debug).
@@ -99,6 +102,7 @@ impl TieredStore {
                 store,
                 loads: Coalescer::default(),
                 counters: ReadCounters::register(),
+                hot: OnceLock::new(),
                 redis_reads: Condition::new(
                     "redis_read",
                     "Redis reads fail; reading through to MongoDB",
@@ -110,6 +114,18 @@ impl TieredStore {
                     "Redis writes work again",
                 ),
             }),
+        }
+    }
+
+    /// Counts every read served from now on in the hot-key record (the
+    /// first recorder set stays).
+    pub fn record_reads(&self, recorder: HotRecorder) {
+        let _ = self.inner.hot.set(recorder);
+    }
+
+    fn record(&self, doc: &Arc<CachedDocument>) {
+        if let Some(hot) = self.inner.hot.get() {
+            hot.record(doc);
         }
     }
 
@@ -144,6 +160,7 @@ impl TieredStore {
             {
                 span.record("cache.hit", true);
                 self.inner.counters.local_hit.increment(1);
+                self.record(&doc);
                 tracing::debug!(customer_id = %id, source = "local", "served");
                 return Ok(Some(Lookup {
                     document: doc,
@@ -153,7 +170,11 @@ impl TieredStore {
             span.record("cache.hit", false);
             self.inner.counters.local_miss.increment(1);
         }
-        self.load(id).await
+        let loaded = self.load(id).await;
+        if let Ok(Some(lookup)) = &loaded {
+            self.record(&lookup.document);
+        }
+        loaded
     }
 
     /// Below the near cache: Redis, then MongoDB. Redis hits are not
@@ -256,8 +277,41 @@ impl TieredStore {
 
     /// Many customers at once: near cache, one MGET, one `$in` query.
     /// Returns the found documents by id and the ids found nowhere.
-    #[tracing::instrument(skip_all, fields(count = ids.len()))]
     pub async fn get_many(
+        &self,
+        ids: &[CustomerId],
+    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {
+        let (found, missing) = self.read_many(ids).await?;
+        for lookup in &found {
+            self.record(&lookup.document);
+        }
+        Ok((found, missing))
+    }
+
+    /// Loads customers into the tiers the way [`Self::get_many`] reads them
+    /// (the same guard, reservations and tickets), without counting the
+    /// reads as reads: a warm-up. Returns how many documents were not in the
+    /// near cache already and are now.
+    pub async fn preload(&self, ids: &[CustomerId]) -> Result<usize, StoreError> {
+        let (found, _) = self.read_many(ids).await?;
+        Ok(found
+            .iter()
+            .filter(|lookup| lookup.source != Source::Local)
+            .filter(|lookup| {
+                self.near()
+                    .and_then(|near| near.get(&lookup.document.customer_id))
+                    .and_then(|entry| {
+                        entry
+                            .document()
+                            .map(|doc| Arc::ptr_eq(doc, &lookup.document))
+                    })
+                    .unwrap_or(self.near().is_none())
+            })
+            .count())
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()))]
+    async fn read_many(
         &self,
         ids: &[CustomerId],
     ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {

@@ -3,8 +3,8 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, dev_keys, instance_id, invalidation_mode, log_format, millis, mongo_uri, non_empty,
-    opt_number, opt_path, opt_string, positive, positive_usize, seconds, socket_addr,
+    boolean, dev_keys, instance_id, invalidation_mode, key_count, log_format, millis, mongo_uri,
+    non_empty, opt_number, opt_path, opt_string, positive, positive_usize, seconds, socket_addr,
 };
 use crate::{Defaults, LogFormat, SettingsError, Source};
 use invalidation::InvalidationMode;
@@ -139,4 +139,11 @@ settings! { binary =>
     rate_limit_burst: Option<u32> = "RATE_LIMIT_BURST", opt_number, None;
     /// Requests in the service at once before it answers 503; 0: unlimited.
     max_concurrent_requests: Option<usize> = "MAX_CONCURRENT_REQUESTS", opt_number, None;
+    // Warm start (CACHE_STRATEGY.md, "Warm start").
+    /// The hottest keys a replica preloads after it starts or its near cache
+    /// is flushed, and the invalidator puts back into Redis after a flush;
+    /// 0: no warm start, and no hot-key record.
+    warm_keys: usize = "WARM_KEYS", key_count, Some("1000");
+    /// Keys a warm-up (or a refill) loads per second at most.
+    warm_rate_per_second: u64 = "WARM_RATE_PER_SECOND", positive, Some("2000");
 }

@@ -16,3 +16,4 @@ mod propagation;
 mod quickstart;
 mod tracing;
 mod transport;
+mod warm;
