@@ -132,7 +132,7 @@ for tool in $TOOLS; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 
-log "run $NAME ($([ "$QUICK" = 1 ] && echo quick || echo full)); work dir $RUN"
+log "run $NAME ($([ "$WARM" = 1 ] && echo warm || { [ "$QUICK" = 1 ] && echo quick || echo full; })); work dir $RUN"
 if ! "$PY" -c 'import matplotlib, redis, pymongo' 2>/dev/null; then
     log "creating $VENV (matplotlib, redis, pymongo)"
     python3 -m venv "$VENV"
@@ -238,6 +238,8 @@ if [ "$WARM" = 1 ]; then
         settings=()
         [ "$mode" = off ] && settings=(WARM_KEYS=0)
         log "flush recovery, warm start $mode: invalidator, replicas A and D ${settings[*]:-(defaults)}"
+        # Both runs start from the same state: nothing cached, no record.
+        flush_features
         redis-cli -p "$TESTBED_REDIS_PORT" DEL "$CONTROL:hot" >/dev/null
         inv ${settings[@]+"${settings[@]}"}
         api api-a "$PORT_A" bench-a ${settings[@]+"${settings[@]}"}
@@ -254,7 +256,7 @@ if [ "$WARM" = 1 ]; then
             echo 'inv ${settings[@]+"${settings[@]}"}'
         } >"$RUN/flush-$mode.sh"
         "$PY" "$BENCH" recovery10 --apis "$A" "$D" --invalidator "$I" --label "warm start $mode" \
-            --ids "$IDS" --flush-script "$RUN/flush-$mode.sh" --rate 1000 --threads 8 --before 20 --after 10 \
+            --ids "$IDS" --flush-script "$RUN/flush-$mode.sh" --rate 200 --threads 32 --before 20 --after 10 \
             --part "$RUN/parts/recovery10_$mode.json"
         proc stop --name api-a; proc stop --name api-d; proc stop --name invalidator
     done

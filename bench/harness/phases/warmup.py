@@ -142,7 +142,7 @@ def cmd_recovery10(a):
         "offered_rps": a.rate,
         "threads": a.threads,
         "seconds_after_flush": int(a.after),
-        "flush": "the invalidator restarted without its saved change-feed position: it flushes Redis and "
+        "flush": "The invalidator restarted without its saved change-feed position: it flushes Redis and "
                  "announces a flush (t = 0 when the first replica applied it)",
         "mongodb_finds_after_flush": finds[-1] - finds_t0 if finds else None,
         "warm_keys_loaded": _warm_loaded(a.apis) - warm_before,
