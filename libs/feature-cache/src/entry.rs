@@ -54,10 +54,13 @@ impl CachedDocument {
 ///
 /// Entries are totally ordered by `(version, rank)`, and a tier replaces what
 /// it holds only with an entry that is strictly greater — the version guard.
-/// At one version, a floor < the document < its tombstone, so:
+/// At one version, a floor (or an absence) < the document < its tombstone,
+/// so:
 /// - a fill of an older document never overwrites a newer one;
 /// - a tombstone at the deleted version beats a late fill of that version;
-/// - a floor at version v evicts anything older while letting version v in.
+/// - a floor at version v evicts anything older while letting version v in;
+/// - an absence at version v gives way to any document of version v or
+///   newer (every create or change gives one).
 #[derive(Debug, Clone)]
 pub enum Entry {
     /// A version floor: versions below `version` are stale (an invalidation
@@ -69,6 +72,13 @@ pub enum Entry {
     Document(Arc<CachedDocument>),
     /// The document was deleted at `version`; never served.
     Tombstone {
+        customer_id: String,
+        version: i64,
+    },
+    /// A read found no document while the key's order stood at `version`
+    /// (the order its reservation kept; `-1`, below every version, when it
+    /// held nothing): served as "not found" until any document replaces it.
+    Absent {
         customer_id: String,
         version: i64,
     },
@@ -91,16 +101,28 @@ impl Entry {
         }
     }
 
+    /// "no document of `customer_id` as of `version`" (see [`Entry::Absent`]).
+    pub fn absent(customer_id: impl Into<String>, version: i64) -> Self {
+        Self::Absent {
+            customer_id: customer_id.into(),
+            version,
+        }
+    }
+
     pub fn customer_id(&self) -> &str {
         match self {
-            Self::Floor { customer_id, .. } | Self::Tombstone { customer_id, .. } => customer_id,
+            Self::Floor { customer_id, .. }
+            | Self::Tombstone { customer_id, .. }
+            | Self::Absent { customer_id, .. } => customer_id,
             Self::Document(doc) => &doc.customer_id,
         }
     }
 
     pub fn version(&self) -> i64 {
         match self {
-            Self::Floor { version, .. } | Self::Tombstone { version, .. } => *version,
+            Self::Floor { version, .. }
+            | Self::Tombstone { version, .. }
+            | Self::Absent { version, .. } => *version,
             Self::Document(doc) => doc.version,
         }
     }
@@ -108,7 +130,7 @@ impl Entry {
     /// Rank within one version; mirrored by the Lua guard in `redis_tier`.
     pub fn rank(&self) -> u8 {
         match self {
-            Self::Floor { .. } => 0,
+            Self::Floor { .. } | Self::Absent { .. } => 0,
             Self::Document(_) => 1,
             Self::Tombstone { .. } => 2,
         }
@@ -135,6 +157,7 @@ impl Entry {
             Self::Document(doc) => doc.json.get().to_owned(),
             Self::Tombstone { version, .. } => format!(r#"{{"version":{version},"deleted":true}}"#),
             Self::Floor { version, .. } => format!(r#"{{"version":{version},"fence":true}}"#),
+            Self::Absent { version, .. } => format!(r#"{{"version":{version},"absent":true}}"#),
         }
     }
 
@@ -147,20 +170,29 @@ impl Entry {
             deleted: bool,
             #[serde(default)]
             fence: bool,
+            #[serde(default)]
+            absent: bool,
             // Borrowed: both are written by us and never contain escapes.
             customer_id: Option<&'a str>,
             expires_at: Option<&'a str>,
         }
         // The head is read without copying; the document itself moves into
         // the entry (`from_string` checks it once more, keeping its invariant).
-        let (version, deleted, fence, has_id, expires_at) = {
+        let (version, deleted, fence, absent, has_id, expires_at) = {
             let head: Head = serde_json::from_str(&raw).ok()?;
             let expires_at = match head.expires_at {
                 Some(at) => Some(DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc)),
                 None => None,
             };
             let has_id = head.customer_id.is_some();
-            (head.version, head.deleted, head.fence, has_id, expires_at)
+            (
+                head.version,
+                head.deleted,
+                head.fence,
+                head.absent,
+                has_id,
+                expires_at,
+            )
         };
         let customer_id = customer_id.to_owned();
         if deleted {
@@ -168,6 +200,9 @@ impl Entry {
         }
         if fence {
             return Some(Entry::floor(customer_id, version));
+        }
+        if absent {
+            return Some(Entry::absent(customer_id, version));
         }
         if !has_id {
             return None;
@@ -231,8 +266,18 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn any_document_replaces_an_absence_and_no_absence_a_document() {
+        let absent = |v| Entry::absent("C1", v);
+        assert!(doc(0).supersedes(&absent(-1)));
+        assert!(doc(5).supersedes(&absent(5)));
+        assert!(!absent(5).supersedes(&doc(5)));
+        assert!(!absent(4).supersedes(&tombstone(4)));
+        assert!(tombstone(4).supersedes(&absent(4)));
+    }
+
+    #[test]
     fn redis_values_round_trip() {
-        for entry in [doc(3), tombstone(4), floor(5)] {
+        for entry in [doc(3), tombstone(4), floor(5), Entry::absent("C1", -1)] {
             let raw = entry.to_redis_value();
             assert!(
                 raw.starts_with(&format!(r#"{{"version":{},"#, entry.version())),

@@ -40,6 +40,15 @@ pub struct ControlKeys {
     pub stream: String,
     /// The hot-key record: customer id -> decayed read score ([`crate::hot`]).
     pub hot: String,
+    /// The live replicas: a sorted set of instance id → last heartbeat (unix ms).
+    pub replicas: String,
+    /// Each replica's heartbeat JSON lives at this prefix + its instance id,
+    /// expiring when the replica stops beating ([`ControlKeys::replica`]).
+    pub replica_prefix: String,
+    /// The stream of operator requests (evictions) for the leading invalidator.
+    pub requests: String,
+    /// The id of the last request the invalidator handled.
+    pub requests_position: String,
 }
 
 impl ControlKeys {
@@ -51,22 +60,34 @@ impl ControlKeys {
             feed_position: format!("{base}:resume-token"),
             stream: format!("{base}:changes"),
             hot: format!("{base}:hot"),
+            replicas: format!("{base}:replicas"),
+            replica_prefix: format!("{base}:replica:"),
+            requests: format!("{base}:requests"),
+            requests_position: format!("{base}:requests-position"),
         }
+    }
+
+    /// The heartbeat key of one replica.
+    pub fn replica(&self, instance_id: &str) -> String {
+        format!("{}{instance_id}", self.replica_prefix)
     }
 }
 
 /// How long an entry may live in Redis: a document no longer than the
 /// document TTL nor past its own expiry, shortened by up to 5 % of jitter so
 /// keys written together do not expire together; a tombstone or floor for
-/// the marker TTL.
+/// the marker TTL; a cached absence for the negative TTL (zero: absences are
+/// not cached).
 #[derive(Debug, Clone, Copy)]
 pub struct TtlPolicy {
     pub document_ttl: Duration,
     pub marker_ttl: Duration,
+    pub negative_ttl: Duration,
 }
 
 impl TtlPolicy {
-    /// `None` for a document that has already expired.
+    /// `None` for a document that has already expired, and for an absence
+    /// when absences are not cached.
     pub fn ttl_of(&self, entry: &Entry) -> Option<Duration> {
         match entry {
             Entry::Document(doc) => {
@@ -81,6 +102,7 @@ impl TtlPolicy {
                 (ttl >= Duration::from_millis(1)).then_some(ttl)
             }
             Entry::Tombstone { .. } | Entry::Floor { .. } => Some(self.marker_ttl),
+            Entry::Absent { .. } => (!self.negative_ttl.is_zero()).then_some(self.negative_ttl),
         }
     }
 
@@ -104,11 +126,23 @@ mod tests {
             &keys.feed_position,
             &keys.stream,
             &keys.hot,
+            &keys.replicas,
+            &keys.replica("api-1"),
+            &keys.requests,
+            &keys.requests_position,
         ] {
             assert!(!is_document_key(key), "{key}");
         }
         assert!(is_document_key(&document_key("C1")));
         assert_eq!(document_key("C1"), "features:C1");
+        assert_eq!(
+            keys.replica("api-1"),
+            "cache-invalidator:db.features:replica:api-1"
+        );
+        assert_eq!(
+            keys.requests_position,
+            "cache-invalidator:db.features:requests-position"
+        );
     }
 
     #[test]
@@ -116,9 +150,17 @@ mod tests {
         let policy = TtlPolicy {
             document_ttl: Duration::from_secs(1000),
             marker_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
         };
         let floor = Entry::floor("C1", 1);
         assert_eq!(policy.ttl_of(&floor), Some(Duration::from_secs(60)));
+        let absent = Entry::absent("C1", -1);
+        assert_eq!(policy.ttl_of(&absent), Some(Duration::from_secs(5)));
+        let off = TtlPolicy {
+            negative_ttl: Duration::ZERO,
+            ..policy
+        };
+        assert_eq!(off.ttl_of(&absent), None);
         let doc = crate::entry::tests::doc(1);
         let ttl = policy.ttl_of(&doc).unwrap();
         assert!(

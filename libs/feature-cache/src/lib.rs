@@ -11,6 +11,8 @@
 //!   refuses fills across a flush.
 //! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set, the
 //!   fenced writer the invalidator writes through, and flushes.
+//! - [`inspect`]: what Redis holds for one customer as an operator sees it
+//!   (reservations too), with its remaining TTL.
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
@@ -18,6 +20,9 @@
 //! - [`warm`]: warm start — preloading the hottest keys into the near cache
 //!   (after a start or a flush) and back into Redis (after the invalidator's
 //!   flush).
+//! - [`lease`]: across replicas, one load per key: a miss waits briefly on
+//!   another replica's reservation for its fill.
+//! - [`refresh`]: hot keys refreshed ahead of their expiry in Redis.
 //! - [`tiered`]: [`TieredStore`], the tiered read path (near → Redis →
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
@@ -26,9 +31,12 @@ pub mod entry;
 pub mod eviction;
 pub mod fence;
 pub mod hot;
+pub mod inspect;
 pub mod keyspace;
+pub mod lease;
 pub mod near;
 pub mod redis_tier;
+pub mod refresh;
 pub mod tier;
 pub mod tiered;
 pub mod warm;
@@ -36,6 +44,7 @@ pub mod warm;
 pub use entry::{CachedDocument, Entry};
 pub use fence::Fence;
 pub use hot::{HotConfig, HotRecord, HotRecorder};
+pub use inspect::{StoredEntry, StoredKind};
 pub use keyspace::{ControlKeys, TtlPolicy};
 pub use near::{NearCache, NearCacheConfig};
 pub use redis_tier::{
@@ -43,5 +52,5 @@ pub use redis_tier::{
     RedisTls, TierError,
 };
 pub use tier::CacheTier;
-pub use tiered::{Lookup, Source, TieredStore, WriteOutcome};
+pub use tiered::{Lookup, ReadPolicy, Source, TieredStore, WriteOutcome};
 pub use warm::{WarmConfig, Warmer};

@@ -1,11 +1,12 @@
 use crate::entry::Entry;
 use crate::tier::{CacheTier, TierError};
+use moka::Expiry;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Invalidation counters the keys are spread over: enough that an
@@ -19,6 +20,40 @@ pub struct NearCacheConfig {
     /// What the entries may weigh together ([`weight`]).
     pub max_bytes: u64,
     pub ttl: Duration,
+    /// How long a cached absence may stay (never longer than `ttl`).
+    pub negative_ttl: Duration,
+}
+
+/// Each entry lives `ttl` from when it was stored (a replacement starts
+/// again); an absence at most `negative_ttl`.
+struct Lifetimes {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Lifetimes {
+    fn of(&self, entry: &Entry) -> Duration {
+        match entry {
+            Entry::Absent { .. } => self.negative_ttl.min(self.ttl),
+            _ => self.ttl,
+        }
+    }
+}
+
+impl Expiry<String, Entry> for Lifetimes {
+    fn expire_after_create(&self, _key: &String, entry: &Entry, _at: Instant) -> Option<Duration> {
+        Some(self.of(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        entry: &Entry,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(entry))
+    }
 }
 
 /// Bytes an entry costs beyond its key and JSON: the map slot, the `Arc`,
@@ -29,9 +64,9 @@ const ENTRY_OVERHEAD: u64 = 160;
 pub fn weight(key: &str, entry: &Entry) -> u64 {
     let body = match entry {
         Entry::Document(doc) => doc.json.get().len() + doc.customer_id.len(),
-        Entry::Floor { customer_id, .. } | Entry::Tombstone { customer_id, .. } => {
-            customer_id.len()
-        }
+        Entry::Floor { customer_id, .. }
+        | Entry::Tombstone { customer_id, .. }
+        | Entry::Absent { customer_id, .. } => customer_id.len(),
     };
     (key.len() + body) as u64 + ENTRY_OVERHEAD
 }
@@ -89,7 +124,10 @@ impl NearCache {
             .weigher(move |key: &String, entry: &Entry| {
                 u32::try_from(weight(key, entry).max(min_weight)).unwrap_or(u32::MAX)
             })
-            .time_to_live(config.ttl)
+            .expire_after(Lifetimes {
+                ttl: config.ttl,
+                negative_ttl: config.negative_ttl,
+            })
             .eviction_listener(|_key, _value, cause| {
                 let cause = match cause {
                     RemovalCause::Expired => "expired",
@@ -265,6 +303,7 @@ mod tests {
             max_entries: 100_000,
             max_bytes,
             ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
         });
         let ids: Vec<String> = (0..200).map(|i| format!("C{i}")).collect();
         for id in &ids {
@@ -288,10 +327,33 @@ mod tests {
             max_entries: 10,
             max_bytes: 1 << 30,
             ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
         });
         for i in 0..100 {
             near.offer(document(&format!("S{i}"), 1));
         }
         assert!(near.len() <= 10, "{} entries", near.len());
+    }
+
+    /// An absence leaves after the negative TTL; a document stays its TTL.
+    #[test]
+    fn an_absence_lives_the_negative_ttl() {
+        let near = NearCache::new(&NearCacheConfig {
+            max_entries: 100,
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_millis(50),
+        });
+        assert!(near.offer(Entry::absent("GONE", -1)));
+        assert!(near.offer(document("HERE", 10)));
+        assert!(matches!(near.get("GONE"), Some(Entry::Absent { .. })));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(near.get("GONE").is_none());
+        assert!(near.get("HERE").is_some());
+        // A document replacing an absence gets the document's TTL.
+        assert!(near.offer(Entry::absent("LATER", -1)));
+        assert!(near.offer(document("LATER", 10)));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(near.get("LATER").is_some());
     }
 }

@@ -252,6 +252,9 @@ pub enum Writer {
     /// A fill that reserved the key when it began: its reservation is
     /// replaced; an absent key or another reservation refuses.
     Reserved(String),
+    /// A refresh ahead of expiry of a document the key held: as
+    /// [`Writer::Held`], and the very version the key holds gets a new TTL.
+    Refresh,
 }
 
 impl Writer {
@@ -259,6 +262,7 @@ impl Writer {
         match self {
             Self::Ordered => "",
             Self::Held => "*",
+            Self::Refresh => "+",
             Self::Reserved(token) => token,
         }
     }
@@ -269,8 +273,82 @@ impl Writer {
 pub enum Reservation {
     /// The key holds a document: serve it (no fill needed).
     Document(Entry),
+    /// The key holds a cached absence, or (serving absences) a tombstone:
+    /// serve "not found" (reads only).
+    Absent(Entry),
     /// A fill is accepted as this writer.
     Reserved(Writer),
+    /// The key holds a reservation: `placed` when this call made it (its
+    /// caller leads the read of MongoDB), otherwise another filler's, now
+    /// shared. `kept` is the version of the marker it replaced (`-1` for
+    /// none): the order an absence found by this read takes.
+    Lease {
+        writer: Writer,
+        kept: i64,
+        placed: bool,
+    },
+}
+
+impl Reservation {
+    /// Reads `reserve.lua`'s reply for `customer_id`.
+    fn of_reply(customer_id: &str, reply: Vec<String>) -> Self {
+        let mut parts = reply.into_iter();
+        let kind = parts.next().unwrap_or_default();
+        let payload = parts.next().unwrap_or_default();
+        match kind.as_str() {
+            "document" | "absent" => {
+                match believable(Entry::from_redis_value(customer_id, payload)) {
+                    Some(entry @ Entry::Document(_)) => Self::Document(entry),
+                    Some(entry @ (Entry::Absent { .. } | Entry::Tombstone { .. })) => {
+                        Self::Absent(entry)
+                    }
+                    // Not an entry we can read: fill as if it held a document.
+                    _ => Self::Reserved(Writer::Held),
+                }
+            }
+            _ => Self::Lease {
+                writer: Writer::Reserved(payload),
+                kept: parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1),
+                placed: parts.next().is_some_and(|placed| placed == "1"),
+            },
+        }
+    }
+}
+
+/// Who reserves a key, and so what the reservation answers instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveFor {
+    /// A write: only a document is answered; any marker, a cached absence
+    /// included, is replaced (the write's fill must land whatever its order).
+    Write,
+    /// A read: a document or a cached absence is answered; `serve_absence`
+    /// (negative caching on) answers a tombstone as an absence too.
+    Read { serve_absence: bool },
+}
+
+impl ReserveFor {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Read {
+                serve_absence: false,
+            } => "read",
+            Self::Read {
+                serve_absence: true,
+            } => "negative",
+        }
+    }
+}
+
+/// What a waiting filler sees when it looks at a key again.
+#[derive(Debug, Clone)]
+pub enum Peek {
+    /// An entry (a document, an absence, a marker).
+    Entry(Entry),
+    /// A reservation, with its token.
+    Reserved(String),
+    /// Nothing (or nothing we wrote).
+    Nothing,
 }
 
 /// Health figures for `/api/health/`.
@@ -329,15 +407,73 @@ impl RedisTier {
 
     #[tracing::instrument(skip(self), fields(db.system = "redis", db.operation = "GET"))]
     pub async fn get(&self, customer_id: &str) -> Result<Option<Entry>, TierError> {
-        let raw: Option<String> = self
+        let raw = self.get_raw(customer_id).await?;
+        Ok(believable(
+            raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)),
+        ))
+    }
+
+    /// The key's value as stored.
+    async fn get_raw(&self, customer_id: &str) -> Result<Option<String>, TierError> {
+        Ok(self
             .conn
             .clone()
             .get(document_key(customer_id))
             .await
+            .inspect_err(|_| count_error("GET"))?)
+    }
+
+    /// The key's entry and its remaining TTL, in one round trip (GET and
+    /// PTTL pipelined): what a refresh ahead of expiry needs to know.
+    #[tracing::instrument(skip(self), fields(db.system = "redis", db.operation = "GET+PTTL"))]
+    pub async fn get_with_ttl(
+        &self,
+        customer_id: &str,
+    ) -> Result<(Option<Entry>, Option<Duration>), TierError> {
+        let key = document_key(customer_id);
+        let (raw, pttl): (Option<String>, i64) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut self.conn.clone())
+            .await
             .inspect_err(|_| count_error("GET"))?;
-        Ok(believable(
-            raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)),
-        ))
+        let entry = believable(raw.and_then(|raw| Entry::from_redis_value(customer_id, raw)));
+        // -1: no TTL, -2: no key; neither is "about to expire".
+        let left = u64::try_from(pttl).ok().map(Duration::from_millis);
+        Ok((entry, left))
+    }
+
+    /// What the key holds now, reservations included: what a filler
+    /// waiting on another's reservation polls.
+    #[tracing::instrument(skip(self), fields(db.system = "redis", db.operation = "GET"))]
+    pub async fn peek(&self, customer_id: &str) -> Result<Peek, TierError> {
+        let Some(raw) = self.get_raw(customer_id).await? else {
+            return Ok(Peek::Nothing);
+        };
+        if let Some(token) = reservation_token(&raw) {
+            return Ok(Peek::Reserved(token));
+        }
+        Ok(
+            match believable(Entry::from_redis_value(customer_id, raw)) {
+                Some(entry) => Peek::Entry(entry),
+                None => Peek::Nothing,
+            },
+        )
+    }
+
+    /// Refreshes a document ahead of its expiry: stored if newer than what
+    /// the key holds, its TTL renewed if it is what the key holds; refused
+    /// if the key holds something newer, nothing, or a reservation (then
+    /// something happened since, and the next read fills it).
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", customer_id = entry.customer_id()))]
+    pub async fn refresh(&self, entry: Entry) -> Result<Offer, TierError> {
+        let mut outcomes = self.fill_many(&[(entry, Writer::Refresh)]).await?;
+        Ok(outcomes.pop().unwrap_or(Offer::Refused { holds: None }))
+    }
+
+    /// How long entries live here.
+    pub fn ttl(&self) -> TtlPolicy {
+        self.ttl
     }
 
     /// One MGET per [`PIPELINE_CHUNK`] customers.
@@ -371,9 +507,15 @@ impl RedisTier {
     }
 
     /// Reserves each key for a fill that is about to read MongoDB (one
-    /// pipeline); a key that holds a document answers with it instead.
+    /// pipeline); a key that holds a document answers with it instead, and
+    /// for a read one that holds a cached absence (or, serving absences, a
+    /// tombstone) with that.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = customer_ids.len()))]
-    pub async fn reserve_many(&self, customer_ids: &[&str]) -> Result<Vec<Reservation>, TierError> {
+    pub async fn reserve_many(
+        &self,
+        customer_ids: &[&str],
+        purpose: ReserveFor,
+    ) -> Result<Vec<Reservation>, TierError> {
         if customer_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -387,20 +529,17 @@ impl RedisTier {
                     .key(document_key(id))
                     .arg(new_token())
                     .arg(ttl_ms)
-                    .arg(horizon());
+                    .arg(horizon())
+                    .arg(purpose.as_arg());
                 pipe.invoke_script(&invocation);
             }
-            let replies: Vec<(String, String)> = self.query_scripts(&pipe, &self.reserve).await?;
-            reservations.extend(chunk.iter().zip(replies).map(|(id, (kind, payload))| {
-                match kind.as_str() {
-                    "document" => match believable(Entry::from_redis_value(id, payload)) {
-                        Some(entry @ Entry::Document(_)) => Reservation::Document(entry),
-                        // Not a document we can read: fill as if it held one.
-                        _ => Reservation::Reserved(Writer::Held),
-                    },
-                    _ => Reservation::Reserved(Writer::Reserved(payload)),
-                }
-            }));
+            let replies: Vec<Vec<String>> = self.query_scripts(&pipe, &self.reserve).await?;
+            reservations.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .map(|(id, reply)| Reservation::of_reply(id, reply)),
+            );
         }
         Ok(reservations)
     }
@@ -660,6 +799,15 @@ fn guard_args(
         .arg(ttl_ms)
         .arg(writer.as_arg())
         .arg(horizon());
+}
+
+/// The token of a reservation value (`{"version":…,"rank":…,"reserved":"…"}`).
+fn reservation_token(raw: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        reserved: Option<String>,
+    }
+    serde_json::from_str::<Head>(raw).ok()?.reserved
 }
 
 /// A reservation's token: random, so no two fills share one by accident.

@@ -1,13 +1,17 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
 use crate::hot::HotRecorder;
+use crate::lease::{Waited, wait_for_fill};
 use crate::near::{NearCache, Ticket};
-use crate::redis_tier::{RedisTier, Reservation, Writer};
+use crate::redis_tier::{Offer, RedisTier, Reservation, ReserveFor, Writer};
+use crate::refresh::RefreshAhead;
 use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use telemetry::Condition;
 use tracing::Instrument;
 
@@ -42,6 +46,28 @@ pub struct WriteOutcome {
     pub created: bool,
 }
 
+/// How the read path spares MongoDB beyond caching documents (absences are
+/// cached as the tiers' TTL policy says: `TtlPolicy::negative_ttl` and
+/// `NearCacheConfig::negative_ttl`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadPolicy {
+    /// How long a miss waits for another replica's load of the same key
+    /// (its reservation in Redis) before it reads MongoDB itself; zero: it
+    /// does not wait.
+    pub miss_lease_wait: Duration,
+    /// A document read from Redis in this last fraction of its TTL is
+    /// refreshed in the background; zero: never.
+    pub refresh_ahead_fraction: f64,
+}
+
+/// What Redis (or a lease holder's fill) had for a read.
+enum Found {
+    Document(Lookup),
+    /// A cached absence: "not found", without MongoDB.
+    Absent,
+    Miss,
+}
+
 /// Reads and writes fail only when MongoDB is needed and cannot answer (or
 /// refuses); Redis trouble degrades to MongoDB and is never an error for the
 /// caller. A failed load is shared by every caller that waited on it.
@@ -61,6 +87,11 @@ struct Inner {
     store: FeatureStore,
     loads: Coalescer<CustomerId, LoadResult>,
     counters: ReadCounters,
+    policy: ReadPolicy,
+    /// Negative caching is on (`NEGATIVE_TTL_MS` > 0): absences are cached,
+    /// and tombstones are served as "not found" too.
+    serve_absence: bool,
+    refresh: Option<RefreshAhead>,
     /// Where served reads are counted (the hot-key record), once set.
     hot: OnceLock<HotRecorder>,
     /// While Redis is down every request fails against it: these log the
@@ -77,7 +108,16 @@ struct ReadCounters {
     local_miss: Counter,
     redis_hit: Counter,
     redis_miss: Counter,
+    local_negative_hit: Counter,
+    redis_negative_hit: Counter,
     coalesced_waits: Counter,
+    /// Near-cache hits and misses since start, readable (for the replica's
+    /// heartbeat; the counters above only export).
+    near_hits: AtomicU64,
+    near_misses: AtomicU64,
+    lease_leader: Counter,
+    lease_waited: Counter,
+    lease_fallback: Counter,
 }
 
 impl ReadCounters {
@@ -87,14 +127,35 @@ impl ReadCounters {
             local_miss: counter!("cache_requests_total", "tier" => "local", "result" => "miss"),
             redis_hit: counter!("cache_requests_total", "tier" => "redis", "result" => "hit"),
             redis_miss: counter!("cache_requests_total", "tier" => "redis", "result" => "miss"),
+            local_negative_hit: counter!("cache_requests_total", "tier" => "local", "result" => "negative_hit"),
+            redis_negative_hit: counter!("cache_requests_total", "tier" => "redis", "result" => "negative_hit"),
             coalesced_waits: counter!("cache_coalesced_waits_total"),
+            near_hits: AtomicU64::new(0),
+            near_misses: AtomicU64::new(0),
+            lease_leader: counter!("cache_miss_lease_total", "outcome" => "leader"),
+            lease_waited: counter!("cache_miss_lease_total", "outcome" => "waited"),
+            lease_fallback: counter!("cache_miss_lease_total", "outcome" => "fallback"),
         }
     }
 }
 
 impl TieredStore {
     /// Registers the read counters, so install the metrics recorder first.
+    /// Misses do not wait on other replicas' loads and nothing is refreshed
+    /// ahead (see [`TieredStore::with_policy`]).
     pub fn new(near: Option<NearCache>, redis: RedisTier, store: FeatureStore) -> Self {
+        Self::with_policy(near, redis, store, ReadPolicy::default())
+    }
+
+    /// As [`TieredStore::new`], with misses and refreshes as `policy` says.
+    pub fn with_policy(
+        near: Option<NearCache>,
+        redis: RedisTier,
+        store: FeatureStore,
+        policy: ReadPolicy,
+    ) -> Self {
+        let refresh = RefreshAhead::new(policy.refresh_ahead_fraction, redis.ttl().document_ttl);
+        let serve_absence = !redis.ttl().negative_ttl.is_zero();
         Self {
             inner: Arc::new(Inner {
                 near: near.map(Arc::new),
@@ -102,6 +163,9 @@ impl TieredStore {
                 store,
                 loads: Coalescer::default(),
                 counters: ReadCounters::register(),
+                policy,
+                serve_absence,
+                refresh,
                 hot: OnceLock::new(),
                 redis_reads: Condition::new(
                     "redis_read",
@@ -138,6 +202,15 @@ impl TieredStore {
         self.inner.near.clone()
     }
 
+    /// Single reads served by the near cache and those it missed, since start.
+    pub fn near_reads(&self) -> (u64, u64) {
+        let counters = &self.inner.counters;
+        (
+            counters.near_hits.load(Ordering::Relaxed),
+            counters.near_misses.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn redis(&self) -> &RedisTier {
         &self.inner.redis
     }
@@ -155,20 +228,35 @@ impl TieredStore {
                 cache.hit = tracing::field::Empty
             )
             .entered();
-            if let Some(Entry::Document(doc)) = near.get(id.as_str())
-                && !doc.is_expired(Utc::now())
-            {
-                span.record("cache.hit", true);
-                self.inner.counters.local_hit.increment(1);
-                self.record(&doc);
-                tracing::debug!(customer_id = %id, source = "local", "served");
-                return Ok(Some(Lookup {
-                    document: doc,
-                    source: Source::Local,
-                }));
+            match near.get(id.as_str()) {
+                Some(Entry::Document(doc)) if !doc.is_expired(Utc::now()) => {
+                    span.record("cache.hit", true);
+                    self.inner.counters.local_hit.increment(1);
+                    self.inner
+                        .counters
+                        .near_hits
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.record(&doc);
+                    tracing::debug!(customer_id = %id, source = "local", "served");
+                    return Ok(Some(Lookup {
+                        document: doc,
+                        source: Source::Local,
+                    }));
+                }
+                Some(entry) if self.is_absence(&entry) => {
+                    span.record("cache.hit", true);
+                    self.inner.counters.local_negative_hit.increment(1);
+                    tracing::debug!(customer_id = %id, source = "local", "absent");
+                    return Ok(None);
+                }
+                _ => {}
             }
             span.record("cache.hit", false);
             self.inner.counters.local_miss.increment(1);
+            self.inner
+                .counters
+                .near_misses
+                .fetch_add(1, Ordering::Relaxed);
         }
         let loaded = self.load(id).await;
         if let Ok(Some(lookup)) = &loaded {
@@ -184,8 +272,10 @@ impl TieredStore {
         // Taken before anything is read: a near fill of what is read below
         // is refused if the key is invalidated meanwhile.
         let ticket = self.ticket(id.as_str());
-        if let Some(hit) = self.redis_hit(id, ticket).await {
-            return Ok(Some(hit));
+        match self.redis_hit(id, ticket).await {
+            Found::Document(hit) => return Ok(Some(hit)),
+            Found::Absent => return Ok(None),
+            Found::Miss => {}
         }
         let this = self.clone();
         let key = id.clone();
@@ -203,28 +293,109 @@ impl TieredStore {
         result.unwrap_or_else(|| Err(StoreError::Lost("the coalesced load did not finish".into())))
     }
 
-    /// The document Redis holds for `id`, when it holds a current one (also
-    /// offered to the near cache).
-    async fn redis_hit(&self, id: &CustomerId, ticket: Option<Ticket>) -> Option<Lookup> {
+    /// The document (or the absence) Redis holds for `id`, when it holds a
+    /// current one (also offered to the near cache). With refresh ahead on,
+    /// the GET comes with the key's PTTL in the same round trip, and a
+    /// document in the last part of its TTL is refreshed in the background.
+    async fn redis_hit(&self, id: &CustomerId, ticket: Option<Ticket>) -> Found {
         let counters = &self.inner.counters;
-        let found = self.inner.redis.get(id.as_str()).await;
+        let found = match &self.inner.refresh {
+            Some(_) => self.inner.redis.get_with_ttl(id.as_str()).await,
+            None => self.inner.redis.get(id.as_str()).await.map(|e| (e, None)),
+        };
         if found.is_ok() {
             self.inner.redis_reads.recover();
         }
         match found {
-            Ok(Some(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
+            Ok((Some(Entry::Document(doc)), left)) if !doc.is_expired(Utc::now()) => {
                 counters.redis_hit.increment(1);
-                Some(self.served_from_redis(doc, ticket))
+                if let (Some(refresh), Some(left)) = (&self.inner.refresh, left)
+                    && refresh.due(left, &doc)
+                {
+                    self.refresh_in_background(id);
+                }
+                Found::Document(self.served_from_redis(doc, ticket))
+            }
+            Ok((Some(absent), _)) if self.is_absence(&absent) => {
+                counters.redis_negative_hit.increment(1);
+                self.served_absent(absent, ticket);
+                Found::Absent
             }
             Ok(_) => {
                 counters.redis_miss.increment(1);
-                None
+                Found::Miss
             }
             Err(err) => {
                 self.inner.redis_reads.fail(&err);
-                None
+                Found::Miss
             }
         }
+    }
+
+    /// Whether `entry` is served as "not found": a cached absence, and with
+    /// negative caching on a tombstone (deleted at its version: any create
+    /// replaces it as it replaces an absence).
+    fn is_absence(&self, entry: &Entry) -> bool {
+        match entry {
+            Entry::Absent { .. } => true,
+            Entry::Tombstone { .. } => self.inner.serve_absence,
+            Entry::Document(_) | Entry::Floor { .. } => false,
+        }
+    }
+
+    /// An absence found in Redis, offered to the near cache.
+    fn served_absent(&self, absent: Entry, ticket: Option<Ticket>) {
+        tracing::debug!(
+            customer_id = absent.customer_id(),
+            source = "redis",
+            "absent"
+        );
+        self.offer_near(absent, ticket);
+    }
+
+    /// Reads `id` from MongoDB again and puts it back into Redis through the
+    /// guard (a newer version stored, the same one's TTL renewed; refused if
+    /// the key changed meanwhile), once per key at a time, in a task of its
+    /// own. Counted in `cache_refresh_ahead_total{outcome}`.
+    fn refresh_in_background(&self, id: &CustomerId) {
+        let Some(claim) = self
+            .inner
+            .refresh
+            .as_ref()
+            .and_then(|refresh| refresh.begin(id.as_str()))
+        else {
+            return;
+        };
+        let this = self.clone();
+        let id = id.clone();
+        let span = tracing::info_span!("cache.refresh_ahead", customer_id = %id);
+        tokio::spawn(
+            async move {
+                let _claim = claim;
+                let outcome = match this.inner.store.get(&id).await {
+                    Ok(Some(doc)) if doc.customer_id == id.as_str() => {
+                        let entry = Entry::Document(CachedDocument::from_document(&doc));
+                        match this.inner.redis.refresh(entry).await {
+                            Ok(Offer::Stored) => "refreshed",
+                            Ok(Offer::AlreadyCurrent) => "extended",
+                            Ok(_) => "refused",
+                            Err(err) => {
+                                tracing::debug!(error = %telemetry::ErrorChain(&err), "refresh ahead: Redis failed");
+                                "failed"
+                            }
+                        }
+                    }
+                    // Gone (or not cacheable): the invalidator removes the key.
+                    Ok(_) => "gone",
+                    Err(err) => {
+                        tracing::debug!(error = %telemetry::ErrorChain(&err), "refresh ahead: MongoDB failed");
+                        "failed"
+                    }
+                };
+                counter!("cache_refresh_ahead_total", "outcome" => outcome).increment(1);
+            }
+            .instrument(span),
+        );
     }
 
     fn served_from_redis(&self, doc: Arc<CachedDocument>, ticket: Option<Ticket>) -> Lookup {
@@ -240,19 +411,43 @@ impl TieredStore {
     /// serves a document another load has filled meanwhile), read MongoDB,
     /// and fill onto the reservation — refused if anything changed the key
     /// since.
+    ///
+    /// A reservation placed by this load makes it the leader; one found
+    /// there (another replica's load) is waited on for up to
+    /// `MISS_LEASE_WAIT_MS` before this load reads MongoDB itself.
     async fn load_from_store(&self, id: &CustomerId, ticket: Option<Ticket>) -> LoadResult {
-        let writer = match self.reserve(&[id], false).await.pop() {
+        let counters = &self.inner.counters;
+        let (writer, kept) = match self.reserve(&[id], false).await.pop() {
             Some(Reservation::Document(Entry::Document(doc))) if !doc.is_expired(Utc::now()) => {
                 return Ok(Some(self.served_from_redis(doc, ticket)));
             }
-            Some(Reservation::Reserved(writer)) => Some(writer),
-            _ => None,
+            Some(Reservation::Absent(absent)) => {
+                counters.redis_negative_hit.increment(1);
+                self.served_absent(absent, ticket);
+                return Ok(None);
+            }
+            Some(Reservation::Lease {
+                writer,
+                kept,
+                placed,
+            }) => {
+                if placed {
+                    counters.lease_leader.increment(1);
+                } else if let Some(served) = self.wait_for_lease(id, &writer, ticket).await {
+                    counters.lease_waited.increment(1);
+                    return served;
+                } else {
+                    counters.lease_fallback.increment(1);
+                }
+                (Some(writer), Some(kept))
+            }
+            Some(Reservation::Reserved(writer)) => (Some(writer), None),
+            _ => (None, None),
         };
         let Some(doc) = self.inner.store.get(id).await? else {
             tracing::debug!(customer_id = %id, "not found in MongoDB");
-            if let Some(writer) = &writer {
-                self.release(&[(id.as_str(), writer)]).await;
-            }
+            self.not_found(vec![(id.clone(), writer, kept, ticket)])
+                .await;
             return Ok(None);
         };
         let document = CachedDocument::from_document(&doc);
@@ -273,6 +468,59 @@ impl TieredStore {
             document,
             source: Source::Mongodb,
         }))
+    }
+
+    /// Waits on another load's reservation for its fill; `None` when the
+    /// wait ran out (or the key changed otherwise): read MongoDB yourself.
+    async fn wait_for_lease(
+        &self,
+        id: &CustomerId,
+        writer: &Writer,
+        ticket: Option<Ticket>,
+    ) -> Option<LoadResult> {
+        let Writer::Reserved(token) = writer else {
+            return None;
+        };
+        let wait = self.inner.policy.miss_lease_wait;
+        if wait.is_zero() {
+            return None;
+        }
+        match wait_for_fill(&self.inner.redis, id.as_str(), token, wait).await {
+            Waited::Filled(Entry::Document(doc)) if !doc.is_expired(Utc::now()) => {
+                Some(Ok(Some(self.served_from_redis(doc, ticket))))
+            }
+            Waited::Filled(absent @ Entry::Absent { .. }) => {
+                self.inner.counters.redis_negative_hit.increment(1);
+                self.served_absent(absent, ticket);
+                Some(Ok(None))
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads that found no document: each caches an absence onto its
+    /// reservation at the order the reservation kept (when absences are
+    /// cached), or gives the reservation back.
+    async fn not_found(
+        &self,
+        misses: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)>,
+    ) {
+        let cache_absence = self.inner.serve_absence;
+        let mut absences = Vec::new();
+        let mut released = Vec::new();
+        for (id, writer, kept, ticket) in misses {
+            match (writer, kept) {
+                (Some(writer), Some(kept)) if cache_absence => {
+                    absences.push((Entry::absent(id.as_str(), kept), Some(writer), ticket));
+                }
+                (Some(writer), _) => released.push((id, writer)),
+                (None, _) => {}
+            }
+        }
+        self.warm(absences).await;
+        let released: Vec<(&str, &Writer)> =
+            released.iter().map(|(id, w)| (id.as_str(), w)).collect();
+        self.release(&released).await;
     }
 
     /// Many customers at once: near cache, one MGET, one `$in` query.
@@ -319,6 +567,7 @@ impl TieredStore {
         let unique: Vec<&CustomerId> = ids.iter().filter(|id| seen.insert(id.as_str())).collect();
         let now = Utc::now();
         let mut found = Vec::with_capacity(unique.len());
+        let mut absent = Vec::new();
         let mut pending: Vec<(&CustomerId, Option<Ticket>)> = Vec::new();
         for id in unique {
             match self
@@ -331,29 +580,45 @@ impl TieredStore {
                     document: doc,
                     source: Source::Local,
                 }),
+                Some(entry) if self.is_absence(&entry) => {
+                    self.inner.counters.local_negative_hit.increment(1);
+                    absent.push(id.clone());
+                }
                 _ => pending.push((id, self.ticket(id.as_str()))),
             }
         }
 
         let keys: Vec<&CustomerId> = pending.iter().map(|(id, _)| *id).collect();
         let reservations = self.reserve(&keys, false).await;
-        let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<Ticket>)> = Vec::new();
+        // Batch reads share reservations but do not wait on them: one `$in`
+        // query answers every key at once.
+        let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)> =
+            Vec::new();
         let mut reservations = reservations.into_iter();
         for (id, ticket) in pending {
             match reservations.next() {
                 Some(Reservation::Document(Entry::Document(doc))) if !doc.is_expired(now) => {
                     found.push(self.served_from_redis(doc, ticket));
                 }
-                Some(Reservation::Reserved(writer)) => {
-                    from_mongo.push((id.clone(), Some(writer), ticket));
+                Some(Reservation::Absent(entry)) => {
+                    self.inner.counters.redis_negative_hit.increment(1);
+                    self.served_absent(entry, ticket);
+                    absent.push(id.clone());
                 }
-                _ => from_mongo.push((id.clone(), None, ticket)),
+                Some(Reservation::Lease { writer, kept, .. }) => {
+                    from_mongo.push((id.clone(), Some(writer), Some(kept), ticket));
+                }
+                Some(Reservation::Reserved(writer)) => {
+                    from_mongo.push((id.clone(), Some(writer), None, ticket));
+                }
+                _ => from_mongo.push((id.clone(), None, None, ticket)),
             }
         }
 
-        let mut missing = Vec::new();
+        let mut missing = absent;
         if !from_mongo.is_empty() {
-            let wanted: Vec<CustomerId> = from_mongo.iter().map(|(id, _, _)| id.clone()).collect();
+            let wanted: Vec<CustomerId> =
+                from_mongo.iter().map(|(id, _, _, _)| id.clone()).collect();
             let docs = self.inner.store.get_many(&wanted).await?;
             let mut by_id: HashMap<String, FeatureDocument> = docs
                 .into_iter()
@@ -361,7 +626,7 @@ impl TieredStore {
                 .collect();
             let mut fills = Vec::new();
             let mut unfilled = Vec::new();
-            for (id, writer, ticket) in from_mongo {
+            for (id, writer, kept, ticket) in from_mongo {
                 match by_id.remove(id.as_str()) {
                     Some(doc) => {
                         let document = CachedDocument::from_document(&doc);
@@ -372,17 +637,13 @@ impl TieredStore {
                         });
                     }
                     None => {
-                        if let Some(writer) = writer {
-                            unfilled.push((id.clone(), writer));
-                        }
+                        unfilled.push((id.clone(), writer, kept, ticket));
                         missing.push(id);
                     }
                 }
             }
             self.warm(fills).await;
-            let unfilled: Vec<(&str, &Writer)> =
-                unfilled.iter().map(|(id, w)| (id.as_str(), w)).collect();
-            self.release(&unfilled).await;
+            self.not_found(unfilled).await;
         }
         Ok((found, missing))
     }
@@ -416,8 +677,8 @@ impl TieredStore {
             .await
             .into_iter()
             .map(|reservation| match reservation {
-                Reservation::Reserved(writer) => Some(writer),
-                Reservation::Document(_) => Some(Writer::Held),
+                Reservation::Reserved(writer) | Reservation::Lease { writer, .. } => Some(writer),
+                Reservation::Document(_) | Reservation::Absent(_) => Some(Writer::Held),
             })
             .chain(std::iter::repeat(None))
             .take(writes.len())
@@ -506,7 +767,14 @@ impl TieredStore {
         if keys.is_empty() {
             return Vec::new();
         }
-        match self.inner.redis.reserve_many(&keys).await {
+        let purpose = if for_write {
+            ReserveFor::Write
+        } else {
+            ReserveFor::Read {
+                serve_absence: self.inner.serve_absence,
+            }
+        };
+        match self.inner.redis.reserve_many(&keys, purpose).await {
             Ok(reservations) => {
                 condition.recover();
                 reservations

@@ -17,7 +17,9 @@
 
 use crate::entry::{CachedDocument, Entry};
 use crate::hot;
-use crate::redis_tier::{FencedWriteError, FencedWriter, RedisTier, Reservation, Writer};
+use crate::redis_tier::{
+    FencedWriteError, FencedWriter, RedisTier, Reservation, ReserveFor, Writer,
+};
 use crate::tiered::TieredStore;
 use feature_store::{CustomerId, FeatureStore, StoreError};
 use redis::aio::ConnectionManager;
@@ -212,14 +214,23 @@ async fn refill_chunk(
     ids: &[CustomerId],
 ) -> Result<usize, WarmError> {
     let keys: Vec<&str> = ids.iter().map(CustomerId::as_str).collect();
-    let reservations = redis.reserve_many(&keys).await?;
-    // Keys that hold a document already (someone read them meanwhile) are done.
+    let reservations = redis
+        .reserve_many(
+            &keys,
+            ReserveFor::Read {
+                serve_absence: false,
+            },
+        )
+        .await?;
+    // Keys that hold a document already (someone read them meanwhile) are
+    // done; so are cached absences (a fill of a document would follow its
+    // insert through the guard anyway).
     let reserved: Vec<(&CustomerId, Writer)> = ids
         .iter()
         .zip(reservations)
         .filter_map(|(id, reservation)| match reservation {
-            Reservation::Reserved(writer) => Some((id, writer)),
-            Reservation::Document(_) => None,
+            Reservation::Reserved(writer) | Reservation::Lease { writer, .. } => Some((id, writer)),
+            Reservation::Document(_) | Reservation::Absent(_) => None,
         })
         .collect();
     if reserved.is_empty() {

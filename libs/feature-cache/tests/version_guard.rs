@@ -2,7 +2,7 @@
 //! read/write race through the tiered store against the MongoDB stand-in.
 
 use chrono::{Duration as ChronoDuration, Utc};
-use feature_cache::redis_tier::{Reservation, Writer};
+use feature_cache::redis_tier::{Reservation, ReserveFor, Writer};
 use feature_cache::{
     CacheTier, CachedDocument, Entry, Fence, FencedWriteError, Lookup, NearCache, NearCacheConfig,
     Offer, RedisConfig, RedisTier, TieredStore, TtlPolicy,
@@ -15,6 +15,11 @@ use std::time::Duration;
 use testkit::mongo::{DEFAULT_COLLECTION, mongo_uri, unique_db};
 use testkit::proxy::GatedProxy;
 use testkit::redis::TestRedis;
+
+/// A read's reservation, absences not served.
+const READ: ReserveFor = ReserveFor::Read {
+    serve_absence: false,
+};
 
 fn doc(version: i64, marker: i64) -> Entry {
     doc_expiring(version, marker, Utc::now() + ChronoDuration::days(1))
@@ -150,8 +155,8 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     let redis = TestRedis::start().await;
     let tier = redis_tier(&redis, Duration::from_secs(3600), Duration::from_secs(60));
     let reserved = |r: Reservation| match r {
-        Reservation::Reserved(writer) => writer,
-        Reservation::Document(entry) => panic!("unexpected document v{}", entry.version()),
+        Reservation::Reserved(writer) | Reservation::Lease { writer, .. } => writer,
+        other => panic!("unexpected {other:?}"),
     };
     let fill = |writer: Writer, entry: Entry| {
         let tier = tier.clone();
@@ -159,11 +164,19 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     };
 
     // Reserved, read, filled.
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert_eq!(fill(writer.clone(), doc(1, 1)).await, Offer::Stored);
     // The next reader finds the document instead of a reservation.
     assert!(matches!(
-        tier.reserve_many(&["C1"]).await.unwrap().remove(0),
+        tier.reserve_many(
+            &["C1"],
+            ReserveFor::Read {
+                serve_absence: false
+            }
+        )
+        .await
+        .unwrap()
+        .remove(0),
         Reservation::Document(_)
     ));
 
@@ -177,7 +190,7 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
             .unwrap();
     };
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     assert!(
         !fill(writer, doc(2, 2)).await.accepted(),
@@ -185,19 +198,19 @@ async fn a_redis_fill_lands_only_on_its_own_reservation() {
     );
     // The same after the change's marker is evicted (DEL stands in for eviction).
     del(conn.clone()).await;
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.offer(tombstone(3)).await.unwrap());
     del(conn.clone()).await;
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     // A flush takes the reservations with it.
-    let writer = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let writer = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert!(tier.flush_documents().await.unwrap() >= 1);
     assert_eq!(fill(writer, doc(2, 2)).await, Offer::ReservationLost);
     assert!(tier.get("C1").await.unwrap().is_none());
 
     // Fillers that reserve while a reservation stands share it.
-    let first = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
-    let second = reserved(tier.reserve_many(&["C1"]).await.unwrap().remove(0));
+    let first = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
+    let second = reserved(tier.reserve_many(&["C1"], READ).await.unwrap().remove(0));
     assert_eq!(first, second);
     assert_eq!(fill(second, doc(4, 4)).await, Offer::Stored);
     assert_eq!(fill(first, doc(4, 4)).await, Offer::AlreadyCurrent);
@@ -563,6 +576,7 @@ fn near_cache() -> NearCache {
         max_entries: 1000,
         max_bytes: 64 << 20,
         ttl: Duration::from_secs(60),
+        negative_ttl: Duration::from_secs(5),
     })
 }
 
@@ -574,6 +588,10 @@ fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -
         ttl: TtlPolicy {
             document_ttl,
             marker_ttl,
+            // Absences not cached: these tests read what MongoDB holds after
+            // changes no invalidator announces (negative caching has its own
+            // tests, services/api/tests/it/absence.rs).
+            negative_ttl: Duration::ZERO,
         },
     })
     .unwrap()

@@ -179,6 +179,7 @@ fn redis_tier(redis: &TestRedis) -> RedisTier {
         ttl: TtlPolicy {
             document_ttl: Duration::from_secs(3600),
             marker_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
         },
     })
     .unwrap()
@@ -342,6 +343,7 @@ async fn a_replica_preloads_the_hottest_keys_after_each_flush() {
         max_entries: 1000,
         max_bytes: 64 << 20,
         ttl: Duration::from_secs(60),
+        negative_ttl: Duration::from_secs(5),
     });
     let tiers = TieredStore::new(Some(near), redis_tier(&redis), store);
     let warmer = warm::Warmer::new(&tiers, warm_config(2)).expect("a near cache");

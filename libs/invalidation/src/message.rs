@@ -12,6 +12,9 @@ pub enum Op {
     /// The collection was dropped, renamed or invalidated, or the change
     /// history was lost: every cached document is suspect.
     Flush,
+    /// An operator asked to drop the customer's entry everywhere (not a
+    /// change of the document): applied like an unordered change.
+    Evict,
 }
 
 impl Op {
@@ -22,6 +25,7 @@ impl Op {
             Self::Replace => "replace",
             Self::Delete => "delete",
             Self::Flush => "flush",
+            Self::Evict => "evict",
         }
     }
 }
@@ -68,10 +72,10 @@ pub struct Invalidation {
 
 impl Invalidation {
     /// Applies the change to a near cache. An ordered change keeps a copy
-    /// at its version or newer; otherwise the customer's entry is dropped and
-    /// every fill of it that began before is refused (whatever the versions:
-    /// a restored or re-created document may carry a lower one). A flush
-    /// empties the cache.
+    /// at its version or newer; otherwise (an eviction too) the customer's
+    /// entry is dropped and every fill of it that began before is refused
+    /// (whatever the versions: a restored or re-created document may carry
+    /// a lower one). A flush empties the cache.
     pub fn apply_to(&self, near: &NearCache) {
         match (&self.customer_id, self.op) {
             (None, _) | (_, Op::Flush) => near.flush(),
@@ -145,6 +149,40 @@ mod tests {
         );
         let back: Invalidation = serde_json::from_value(json).unwrap();
         assert_eq!(back, message);
+    }
+
+    #[test]
+    fn an_eviction_drops_the_entry_and_refuses_fills_that_began_before() {
+        let near = NearCache::new(&feature_cache::NearCacheConfig {
+            max_entries: 10,
+            max_bytes: 1 << 20,
+            ttl: std::time::Duration::from_secs(60),
+            negative_ttl: std::time::Duration::from_secs(5),
+        });
+        let entry = feature_cache::Entry::floor("C1", 3);
+        assert!(near.offer(entry.clone()));
+        let before = near.ticket("C1");
+        let message = Invalidation {
+            customer_id: Some("C1".into()),
+            op: Op::Evict,
+            version: 0,
+            cluster_time: ClusterTime { t: 0, i: 0 },
+            seq: 1,
+            run_id: "run".into(),
+            traceparent: None,
+            ordered: false,
+            stream_id: None,
+        };
+        let json = serde_json::to_value(&message).unwrap();
+        assert_eq!(json["op"], "evict");
+        let back: Invalidation = serde_json::from_value(json).unwrap();
+        back.apply_to(&near);
+        assert!(near.get("C1").is_none(), "dropped");
+        assert!(
+            !near.offer_with(entry.clone(), before),
+            "a fill from before is refused"
+        );
+        assert!(near.offer(entry), "a fill from after is taken");
     }
 
     #[test]

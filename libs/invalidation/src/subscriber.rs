@@ -31,6 +31,9 @@ pub struct SubscriberConfig {
 pub struct SubscriberStatus {
     pub subscribed: bool,
     pub last_stream_id: Option<String>,
+    /// How long after its announcement the last message was applied (its
+    /// stream id's time to now), in ms.
+    pub last_lag_ms: Option<u64>,
     pub applied: u64,
     pub gaps: u64,
     pub flushes: u64,
@@ -215,9 +218,13 @@ impl Subscriber {
             seq: message.seq,
             stream_id,
         });
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.set_status(|s| {
             s.applied += 1;
             s.last_stream_id = Some(stream_id.to_string());
+            s.last_lag_ms = Some(now_ms.saturating_sub(stream_id.ms));
         });
     }
 

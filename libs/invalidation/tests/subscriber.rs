@@ -26,6 +26,7 @@ impl Replica {
             max_entries: 1000,
             max_bytes: 64 << 20,
             ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
         }));
         let client = redis::Client::open(redis.url()).unwrap();
         let manager = client.get_connection_manager().await.unwrap();

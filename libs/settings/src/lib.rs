@@ -21,7 +21,8 @@ pub use table::{NAMES, Settings};
 
 use config::{Config, Environment, File, FileFormat};
 use feature_cache::{
-    ControlKeys, HotConfig, NearCacheConfig, RedisConfig, RedisTls, TtlPolicy, WarmConfig,
+    ControlKeys, HotConfig, NearCacheConfig, ReadPolicy, RedisConfig, RedisTls, TtlPolicy,
+    WarmConfig,
 };
 use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
@@ -180,6 +181,7 @@ impl Settings {
             ttl: TtlPolicy {
                 document_ttl: self.redis_ttl,
                 marker_ttl: self.tombstone_ttl,
+                negative_ttl: self.negative_ttl,
             },
         }
     }
@@ -190,7 +192,17 @@ impl Settings {
             max_entries: self.local_cache_max_entries,
             max_bytes: self.local_cache_max_bytes,
             ttl: self.local_cache_ttl,
+            negative_ttl: self.negative_ttl,
         })
+    }
+
+    /// How the API's read path spares MongoDB: waiting on other replicas'
+    /// loads, and refreshing hot keys ahead of their expiry.
+    pub fn read_policy(&self) -> ReadPolicy {
+        ReadPolicy {
+            miss_lease_wait: self.miss_lease_wait,
+            refresh_ahead_fraction: self.refresh_ahead_fraction,
+        }
     }
 
     pub fn channels(&self) -> Channels {
@@ -221,6 +233,16 @@ impl Settings {
             channels: self.channels(),
             check_interval: self.invalidation_check_interval,
         }
+    }
+
+    /// The fleet of this collection's API replicas (heartbeats, near-cache
+    /// queries, operator requests).
+    pub fn fleet_config(&self) -> fleet::FleetConfig {
+        fleet::FleetConfig::new(
+            &self.control_keys(),
+            &self.invalidation_channel,
+            self.heartbeat_interval,
+        )
     }
 
     /// The invalidators' keys for this collection.

@@ -57,6 +57,20 @@ pub(crate) fn millis(raw: Option<&str>) -> Read<Duration> {
     at_most_a_year(Duration::from_millis(positive(raw)?))
 }
 
+/// Milliseconds where 0 means "off".
+pub(crate) fn millis_or_zero(raw: Option<&str>) -> Read<Duration> {
+    at_most_a_year(Duration::from_millis(number(present(raw)?)?))
+}
+
+/// A fraction in `0..=1` (0: off).
+pub(crate) fn fraction(raw: Option<&str>) -> Read<f64> {
+    let raw = present(raw)?;
+    match raw.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{raw:?} is not a number from 0 to 1")),
+    }
+}
+
 pub(crate) fn seconds(raw: Option<&str>) -> Read<Duration> {
     let secs = positive(raw)?;
     if secs > MAX_DURATION.as_secs() {

@@ -3,8 +3,9 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, dev_keys, instance_id, invalidation_mode, key_count, log_format, millis, mongo_uri,
-    non_empty, opt_number, opt_path, opt_string, positive, positive_usize, seconds, socket_addr,
+    boolean, dev_keys, fraction, instance_id, invalidation_mode, key_count, log_format, millis,
+    millis_or_zero, mongo_uri, non_empty, opt_number, opt_path, opt_string, positive,
+    positive_usize, seconds, socket_addr,
 };
 use crate::{Defaults, LogFormat, SettingsError, Source};
 use invalidation::InvalidationMode;
@@ -139,6 +140,23 @@ settings! { binary =>
     rate_limit_burst: Option<u32> = "RATE_LIMIT_BURST", opt_number, None;
     /// Requests in the service at once before it answers 503; 0: unlimited.
     max_concurrent_requests: Option<usize> = "MAX_CONCURRENT_REQUESTS", opt_number, None;
+
+    // The fleet view (admin API, cachectl): replica heartbeats and the
+    // near-cache fan-out.
+    /// How often each API replica publishes its heartbeat (it expires after three).
+    heartbeat_interval: Duration = "HEARTBEAT_INTERVAL_MS", millis, Some("2000");
+    /// How long an admin query waits for every live replica's near-cache answer.
+    admin_fanout_timeout: Duration = "ADMIN_FANOUT_TIMEOUT_MS", millis, Some("500");
+    // Absence and load: negative caching, cross-replica miss coalescing,
+    // refresh ahead (CACHE_STRATEGY.md, "Absence and load").
+    /// How long a "not found" is cached in Redis and the near caches; 0: not cached.
+    negative_ttl: Duration = "NEGATIVE_TTL_MS", millis_or_zero, Some("5000");
+    /// How long a miss waits for another replica's load of the key before it
+    /// reads MongoDB itself; 0: it does not wait.
+    miss_lease_wait: Duration = "MISS_LEASE_WAIT_MS", millis_or_zero, Some("200");
+    /// A document read from Redis in this last fraction of its TTL is
+    /// refreshed in the background (0 to 1; 0: never).
+    refresh_ahead_fraction: f64 = "REFRESH_AHEAD_FRACTION", fraction, Some("0.1");
     // Warm start (CACHE_STRATEGY.md, "Warm start").
     /// The hottest keys a replica preloads after it starts or its near cache
     /// is flushed, and the invalidator puts back into Redis after a flush;

@@ -486,3 +486,89 @@ fn warm_start_is_on_by_default_and_zero_turns_it_off() {
         assert!(err.contains(name), "{name}={value}: {err}");
     }
 }
+
+#[test]
+fn fleet_settings_have_their_defaults_and_refuse_zero() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    assert_eq!(s.heartbeat_interval, Duration::from_millis(2000));
+    assert_eq!(s.admin_fanout_timeout, Duration::from_millis(500));
+    let fleet = s.fleet_config();
+    assert_eq!(
+        fleet.replicas_key,
+        "cache-invalidator:cache_demo.customer_features:replicas"
+    );
+    assert_eq!(fleet.query_channel, "features:invalidations:admin");
+    assert_eq!(fleet.heartbeat_expiry(), Duration::from_millis(6000));
+
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("HEARTBEAT_INTERVAL_MS", "250"),
+            ("ADMIN_FANOUT_TIMEOUT_MS", "1500"),
+            ("INVALIDATION_CHANNEL", "inv"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.fleet_config().heartbeat_interval,
+        Duration::from_millis(250)
+    );
+    assert_eq!(s.admin_fanout_timeout, Duration::from_millis(1500));
+    assert_eq!(s.fleet_config().reply_channel("r"), "inv:admin:reply:r");
+
+    for name in ["HEARTBEAT_INTERVAL_MS", "ADMIN_FANOUT_TIMEOUT_MS"] {
+        for value in ["0", "soon", "-5"] {
+            let err = load_from(Defaults::API, env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+}
+
+#[test]
+fn absence_and_load_settings_default_map_and_refuse_bad_values() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    assert_eq!(s.negative_ttl, Duration::from_millis(5000));
+    assert_eq!(
+        s.redis_config().ttl.negative_ttl,
+        Duration::from_millis(5000)
+    );
+    assert_eq!(
+        s.near_cache_config().unwrap().negative_ttl,
+        Duration::from_millis(5000)
+    );
+    let policy = s.read_policy();
+    assert_eq!(policy.miss_lease_wait, Duration::from_millis(200));
+    assert!((policy.refresh_ahead_fraction - 0.1).abs() < f64::EPSILON);
+
+    // 0 turns each off.
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            ("NEGATIVE_TTL_MS", "0"),
+            ("MISS_LEASE_WAIT_MS", "0"),
+            ("REFRESH_AHEAD_FRACTION", "0"),
+        ]),
+    )
+    .unwrap();
+    assert!(s.redis_config().ttl.negative_ttl.is_zero());
+    assert!(s.read_policy().miss_lease_wait.is_zero());
+    assert_eq!(s.read_policy().refresh_ahead_fraction, 0.0);
+
+    for (name, value) in [
+        ("NEGATIVE_TTL_MS", "-1"),
+        ("NEGATIVE_TTL_MS", "soon"),
+        ("MISS_LEASE_WAIT_MS", "1.5"),
+        ("REFRESH_AHEAD_FRACTION", "1.5"),
+        ("REFRESH_AHEAD_FRACTION", "-0.1"),
+        ("REFRESH_AHEAD_FRACTION", "NaN"),
+        ("REFRESH_AHEAD_FRACTION", "often"),
+    ] {
+        let err = load_from(Defaults::API, env(&[(name, value)])).unwrap_err();
+        assert!(
+            err.to_string().contains(name),
+            "error for {name}={value} does not name it: {err}"
+        );
+    }
+}

@@ -95,6 +95,9 @@ pub enum ApiError {
     /// The service is at `MAX_CONCURRENT_REQUESTS`.
     #[error("the service is at its limit of concurrent requests; retry")]
     Overloaded,
+    /// Redis was needed (the admin routes) and could not answer.
+    #[error("Redis unavailable")]
+    RedisUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn unauthorized_message(denial: access::Denial) -> &'static str {
@@ -127,7 +130,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -151,6 +154,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::RateLimited(_) => "rate_limited",
             Self::Overloaded => "overloaded",
+            Self::RedisUnavailable(_) => "redis_unavailable",
         }
     }
 }
@@ -163,6 +167,21 @@ impl From<StoreError> for ApiError {
             err if err.is_unavailable() => Self::Unavailable(err),
             err => Self::Internal(err),
         }
+    }
+}
+
+impl From<fleet::FleetError> for ApiError {
+    fn from(err: fleet::FleetError) -> Self {
+        match err {
+            fleet::FleetError::InvalidCustomerId(id) => Self::InvalidCustomerId(id),
+            err @ fleet::FleetError::Redis(_) => Self::RedisUnavailable(Box::new(err)),
+        }
+    }
+}
+
+impl From<feature_cache::TierError> for ApiError {
+    fn from(err: feature_cache::TierError) -> Self {
+        Self::RedisUnavailable(Box::new(err))
     }
 }
 
@@ -203,7 +222,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {
-            Self::Unavailable(_) | Self::RequestTimeout(_) | Self::Overloaded => {
+            Self::Unavailable(_)
+            | Self::RequestTimeout(_)
+            | Self::Overloaded
+            | Self::RedisUnavailable(_) => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),

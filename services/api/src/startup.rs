@@ -8,6 +8,7 @@ use anyhow::Context;
 use axum::Router;
 use feature_cache::{HotRecord, NearCache, RedisTier, TieredStore, Warmer};
 use feature_store::FeatureStore;
+use fleet::{FleetClient, Heartbeat, Responder, Vitals};
 use invalidation::Subscriber;
 use settings::Settings;
 use std::net::SocketAddr;
@@ -40,7 +41,7 @@ impl Application {
         let near = settings
             .near_cache_config()
             .map(|config| NearCache::new(&config));
-        let tiers = TieredStore::new(near, redis, store);
+        let tiers = TieredStore::with_policy(near, redis, store, settings.read_policy());
         let hot = settings.hot_config().map(|config| {
             let (recorder, record) = HotRecord::new(tiers.redis().connection(), config);
             tiers.record_reads(recorder);
@@ -65,12 +66,18 @@ impl Application {
                 .await
                 .context("authentication")?,
         );
+        let fleet = FleetClient::new(
+            tiers.redis().client(),
+            tiers.redis().connection(),
+            settings.fleet_config(),
+        );
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
             invalidation: subscriber.as_ref().map(Subscriber::status),
             probes: Arc::default(),
             access: access.clone(),
+            fleet,
         };
         let mut router = routes::router(settings.max_body_bytes)
             // Inside the metrics: a request cut by its deadline is counted
@@ -136,6 +143,17 @@ impl Application {
         if let Some(hot) = hot {
             tokio::spawn(hot.run(shutdown.child_token()));
         }
+        tokio::spawn(heartbeat(&state).run(shutdown.child_token()));
+        tokio::spawn(
+            Responder::new(
+                state.tiers.redis().client(),
+                state.tiers.redis().connection(),
+                state.settings.fleet_config(),
+                state.settings.instance_id.clone(),
+                state.tiers.near_handle(),
+            )
+            .run(shutdown.child_token()),
+        );
         tokio::spawn(state.access.clone().maintain(shutdown.child_token()));
         tokio::spawn(ensure_ttl_index(
             state.tiers.store().clone(),
@@ -153,6 +171,37 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// This replica's heartbeat: what it is, what its near cache holds and how
+/// far it follows the invalidations.
+fn heartbeat(state: &AppState) -> Heartbeat {
+    let tiers = state.tiers.clone();
+    let follower = state.invalidation.clone();
+    Heartbeat::new(
+        state.tiers.redis().connection(),
+        state.settings.fleet_config(),
+        state.settings.instance_id.clone(),
+        env!("CARGO_PKG_VERSION").to_owned(),
+        move || {
+            let (hits, misses) = tiers.near_reads();
+            let reads = hits + misses;
+            let follower = follower.as_ref().map(|status| {
+                status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            });
+            Vitals {
+                last_stream_id: follower.as_ref().and_then(|f| f.last_stream_id.clone()),
+                lag_ms: follower.as_ref().and_then(|f| f.last_lag_ms),
+                near_entries: tiers.near().map_or(0, NearCache::len),
+                near_bytes: tiers.near().map_or(0, NearCache::weighted_size),
+                hit_ratio: (reads > 0).then(|| hits as f64 / reads as f64),
+                subscribed: follower.is_some_and(|f| f.subscribed),
+            }
+        },
+    )
 }
 
 /// Ensures the TTL index on `expires_at` (expired documents are removed by

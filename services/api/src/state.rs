@@ -14,4 +14,6 @@ pub struct AppState {
     pub probes: Arc<crate::routes::health::ProbeCache>,
     /// Admission control (credentials, rate limits, load shedding).
     pub access: Arc<access::Access>,
+    /// The fleet of replicas, for the admin routes.
+    pub fleet: fleet::FleetClient,
 }

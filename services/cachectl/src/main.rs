@@ -1,6 +1,7 @@
 //! `cachectl`: operator tasks through the same library code paths as the
 //! services (same configuration, same store, same cache tiers).
 
+mod admin;
 mod populate;
 mod reference;
 
@@ -24,6 +25,13 @@ struct Cli {
 enum Command {
     /// Create realistic sample customers (CUST00001…) with bulk writes.
     Populate(populate::PopulateArgs),
+    /// One key in every tier: MongoDB, Redis (with its TTL) and each live
+    /// replica's near cache (through the API's admin routes).
+    Inspect(admin::KeyArgs),
+    /// Remove one key from Redis and every replica's near cache.
+    Evict(admin::KeyArgs),
+    /// The live API replicas, from their heartbeats.
+    Replicas(admin::ApiArgs),
     /// Serve a constant JSON body at GET /api/features/{id}/: the HTTP
     /// stack's reference point for the benchmarks (needs no Redis or MongoDB).
     ReferenceServer(reference::ReferenceArgs),
@@ -48,6 +56,9 @@ async fn main() -> anyhow::Result<()> {
             result
         }
         Command::ReferenceServer(args) => reference::run(args).await,
+        Command::Inspect(args) => admin::inspect(args).await,
+        Command::Evict(args) => admin::evict(args).await,
+        Command::Replicas(args) => admin::replicas(args).await,
     }
 }
 

@@ -1,13 +1,15 @@
 //! One change's cache work: what the change means for the caches (a pure
 //! [`plan`]), then the guarded write to Redis and the announcement to every
 //! replica, both behind the term's fence. An [`Apply`] is made once per
-//! leadership term.
+//! leadership term. Operator requests (evictions) are cache work of the
+//! same kind and go the same way ([`Apply::requests`]).
 
 use crate::worker::{Sequence, WorkerStatus};
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
 };
 use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
+use fleet::{FencedRequestQueue, OperatorRequest, RequestKind, RequestQueue};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -182,10 +184,14 @@ pub enum Next {
     Reopen,
 }
 
+/// Operator requests handled per look at the requests stream.
+const REQUESTS_BATCH: usize = 100;
+
 /// Applies changes for one leadership term.
 pub struct Apply {
     writer: FencedWriter,
     announcer: FencedAnnouncer,
+    requests: FencedRequestQueue,
     /// Reads the saved position (flushes re-save it).
     positions: Announcer,
     redis: RedisTier,
@@ -210,6 +216,7 @@ impl Drop for Apply {
 pub struct ApplyParts {
     pub redis: RedisTier,
     pub announcer: Announcer,
+    pub requests: RequestQueue,
     pub store: FeatureStore,
     pub mode: InvalidationMode,
     pub sequence: Arc<Sequence>,
@@ -224,6 +231,7 @@ impl Apply {
         Self {
             writer: parts.redis.fenced(fence.clone()),
             announcer: parts.announcer.fenced(fence.clone()),
+            requests: parts.requests.fenced(fence.clone()),
             positions: parts.announcer.clone(),
             redis: parts.redis.clone(),
             store: parts.store.clone(),
@@ -370,6 +378,76 @@ impl Apply {
         Ok(Removed::Yes { stamp })
     }
 
+    /// Handles the operator requests queued since the last one handled
+    /// (evictions), each like a change: its Redis work behind the fence, an
+    /// announcement every replica applies, then the requests' position,
+    /// saved behind the fence too. Only a lost fence is an error: Redis
+    /// trouble is logged and the requests are tried again at the next look
+    /// (the change feed goes on meanwhile).
+    pub async fn requests(&self) -> Result<(), ApplyError> {
+        let pending = match self.requests.pending(REQUESTS_BATCH).await {
+            Ok(pending) => pending,
+            Err(err) => return quiet(ApplyError::Redis(err)),
+        };
+        for request in pending {
+            let handled = match &request.kind {
+                RequestKind::Evict { customer_id } => self.evict(customer_id, &request).await,
+                RequestKind::Unknown { op } => {
+                    tracing::warn!(id = %request.id, op = %op, "skipping an operator request of an unknown kind");
+                    Ok(())
+                }
+            };
+            if let Err(err) = handled {
+                return quiet(err);
+            }
+            if let Err(err) = self.requests.save_position(&request.id).await {
+                return quiet(if Fence::refused(&err) {
+                    ApplyError::Fenced
+                } else {
+                    ApplyError::Redis(err)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts one customer everywhere: removes the Redis entry (and any
+    /// fill's reservation) behind the fence and announces `evict`, which
+    /// replicas apply like an unordered change — the near-cache entry is
+    /// dropped and fills that began before are refused.
+    async fn evict(&self, customer_id: &str, request: &OperatorRequest) -> Result<(), ApplyError> {
+        let span = tracing::info_span!(
+            "invalidator.evict",
+            otel.kind = "consumer",
+            customer_id = tracing::field::Empty,
+            request_id = %request.id,
+            reason = %request.reason,
+        );
+        if let Some(parent) = &request.traceparent {
+            telemetry::propagation::continue_from_traceparent(&span, parent);
+        }
+        async {
+            if CustomerId::parse(customer_id).is_err() {
+                tracing::warn!(id = %request.id, "skipping an eviction of an invalid customer id");
+                return Ok(());
+            }
+            tracing::Span::current().record("customer_id", customer_id);
+            metrics::counter!("invalidator_events_total", "op" => Op::Evict.as_str()).increment(1);
+            self.status.events.fetch_add(1, Ordering::Relaxed);
+            let removed = self.writer.remove(customer_id).await?;
+            self.announce_in_place(
+                Some(customer_id),
+                Op::Evict,
+                telemetry::propagation::current_traceparent(),
+            )
+            .await?;
+            tracing::info!(customer_id, removed, reason = %request.reason, "evicted on request");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Saves the feed's position alone (no change to announce).
     pub async fn save_position(&self, position: &str) -> Result<(), ApplyError> {
         Ok(self.announcer.save_position(position).await?)
@@ -380,18 +458,30 @@ impl Apply {
         let removed = self.redis.flush_documents().await?;
         tracing::warn!(reason, removed, "flushed the cache");
         metrics::counter!("invalidator_flushes_total", "reason" => reason).increment(1);
+        self.announce_in_place(None, Op::Flush, None).await?;
+        self.refill(reason);
+        Ok(())
+    }
+
+    /// Announces a message that moves the feed nowhere (a flush, an
+    /// eviction): unordered, at version 0, re-saving the saved position.
+    async fn announce_in_place(
+        &self,
+        customer_id: Option<&str>,
+        op: Op,
+        traceparent: Option<String>,
+    ) -> Result<(), ApplyError> {
         let message = Invalidation {
-            customer_id: None,
-            op: Op::Flush,
+            customer_id: customer_id.map(str::to_owned),
+            op,
             version: 0,
             cluster_time: ClusterTime { t: 0, i: 0 },
             seq: self.sequence.next(),
             run_id: self.sequence.run_id().to_owned(),
-            traceparent: None,
+            traceparent,
             ordered: false,
             stream_id: None,
         };
-        // The flush moves the feed nowhere: it re-saves the saved position.
         let saved = self
             .positions
             .saved_position()
@@ -399,7 +489,6 @@ impl Apply {
             .map_err(ApplyError::Redis)?
             .unwrap_or_default();
         self.announcer.announce(&message, &saved).await?;
-        self.refill(reason);
         Ok(())
     }
 
@@ -507,6 +596,19 @@ impl Apply {
                 error = %telemetry::ErrorChain(&err),
                 "could not stamp a version; the document stays fenced until it changes"
             ),
+        }
+    }
+}
+
+/// A failed look at the operator requests: a lost fence ends the term;
+/// anything else waits for the next look.
+fn quiet(err: ApplyError) -> Result<(), ApplyError> {
+    match err {
+        ApplyError::Fenced => Err(ApplyError::Fenced),
+        ApplyError::Redis(err) => {
+            metrics::counter!("invalidator_request_failures_total").increment(1);
+            tracing::warn!(error = %telemetry::ErrorChain(&err), "handling operator requests failed; trying again shortly");
+            Ok(())
         }
     }
 }

@@ -54,6 +54,7 @@ impl Application {
                 status.progress.clone(),
             ),
             apply: ApplyParts {
+                requests: fleet::RequestQueue::new(connection.clone(), &settings.fleet_config()),
                 redis: redis.clone(),
                 announcer,
                 store: store.clone(),

@@ -3,6 +3,9 @@
 //! lost), apply each change in order, and save the position — with each
 //! change's announcement, and every second while the feed is idle.
 //!
+//! Between changes (and at every idle poll) the operator requests queued
+//! for the leader are handled ([`Apply::requests`]).
+//!
 //! A feed that fails the same way at the same position again and again is
 //! not retried forever: a position the server keeps refusing is treated as
 //! lost, and a change the server keeps failing to deliver is stepped over
@@ -23,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub const POLL: Duration = Duration::from_millis(250);
 /// How often the position is saved while no changes arrive.
 const IDLE_SAVE: Duration = Duration::from_secs(1);
+/// How often, at most, operator requests are looked for while changes
+/// stream in (while the feed is idle: once per poll).
+const REQUESTS_CHECK: Duration = Duration::from_millis(100);
 /// Reopening a failed feed waits this long at first, doubling up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -200,10 +206,17 @@ impl Tail {
         // first change still resumes from here.
         save(apply, feed.position()).await?;
         let mut last_saved = Instant::now();
+        let mut requests_checked: Option<Instant> = None;
         loop {
             if term.is_cancelled() {
                 save(apply, feed.position()).await?;
                 return Ok(());
+            }
+            // Between changes, never inside one: a request's announcement
+            // re-saves the position the last change saved.
+            if requests_checked.is_none_or(|at| at.elapsed() >= REQUESTS_CHECK) {
+                apply.requests().await?;
+                requests_checked = Some(Instant::now());
             }
             match feed.next().await {
                 Ok(Some(change)) => {

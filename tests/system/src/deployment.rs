@@ -619,6 +619,8 @@ impl Deployment {
             Cached::Tombstone(version)
         } else if value["fence"] == true {
             Cached::Fence(version)
+        } else if value["absent"] == true {
+            Cached::NotFound(version)
         } else if value["reserved"].is_string() {
             Cached::Reserved(version)
         } else {
@@ -677,7 +679,8 @@ impl Deployment {
     ///
     /// Redis is consistent when it holds nothing, a marker (fence or
     /// tombstone: never served), or exactly MongoDB's document (same version
-    /// and features); it must not hold a document when MongoDB has none. A
+    /// and features); it must not hold a document when MongoDB has none,
+    /// nor a cached absence when MongoDB has one. A
     /// replica is consistent when it serves MongoDB's document (same version
     /// and features), or 404 when there is none.
     pub async fn mismatches(&self, id: &str) -> Vec<String> {
@@ -695,6 +698,12 @@ impl Deployment {
             (Cached::Document { version, .. }, None) => {
                 found.push(format!(
                     "{id}: Redis holds v{version}, MongoDB has no document"
+                ));
+            }
+            (Cached::NotFound(version), Some(t)) => {
+                found.push(format!(
+                    "{id}: Redis holds an absence (order {version}), MongoDB v{}",
+                    t.version
                 ));
             }
             (Cached::Unreadable(raw), _) => found.push(format!("{id}: Redis holds {raw:?}")),
@@ -819,6 +828,8 @@ pub enum Cached {
     /// A fill's reservation (keeping the order of a marker it replaced):
     /// holds no document.
     Reserved(i64),
+    /// A cached absence ("not found" as of that order), served as 404.
+    NotFound(i64),
     Unreadable(String),
 }
 

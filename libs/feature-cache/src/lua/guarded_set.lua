@@ -4,6 +4,8 @@
 --   ''      an ordered writer (the invalidator, a delete): the guard alone;
 --   '*'     a writer that found a document when it began: the guard, and an
 --           absent key or a reservation refuses (something happened since);
+--   '+'     a refresh ahead of expiry: as '*', and when the key holds this
+--           very (version, rank) its TTL is set to ARGV[4] (PEXPIRE);
 --   token   a filler that reserved the key when it began: its own
 --           reservation is replaced; an absent key or another reservation
 --           refuses, anything else goes through the guard.
@@ -24,7 +26,10 @@ else
   if version then
     local new_rank = tonumber(ARGV[2])
     local by_version = compare(ARGV[1], version)
-    if by_version == 0 and new_rank == rank then return {2} end
+    if by_version == 0 and new_rank == rank then
+      if writer == '+' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+      return {2}
+    end
     if by_version < 0 or (by_version == 0 and new_rank < rank) then return {0, version} end
   end
 end

@@ -11,16 +11,18 @@ local function compare(a, b)
   return (a < b and -1 or 1) * sign
 end
 
--- The order of a stored value: version (string), rank, reservation token.
--- Ranks at one version: floor 0 < document 1 < tombstone 2.
+-- The order of a stored value: version (string), rank, reservation token,
+-- and whether it is a cached absence.
+-- Ranks at one version: floor 0 = absence 0 < document 1 < tombstone 2.
 local function order_of(value)
   local version, rest = string.match(value, '^{"version":(%-?%d+)(.*)$')
   if not version then return nil end
-  if rest == ',"deleted":true}' then return version, 2, nil end
-  if rest == ',"fence":true}' then return version, 0, nil end
+  if rest == ',"deleted":true}' then return version, 2, nil, false end
+  if rest == ',"fence":true}' then return version, 0, nil, false end
+  if rest == ',"absent":true}' then return version, 0, nil, true end
   local rank, token = string.match(rest, '^,"rank":(%d),"reserved":"([^"]*)"}$')
-  if rank then return version, tonumber(rank), token end
-  return version, 1, nil
+  if rank then return version, tonumber(rank), token, false end
+  return version, 1, nil, false
 end
 
 -- What the key holds, unless its version is beyond `horizon` (further
@@ -28,7 +30,7 @@ end
 local function held(key, horizon)
   local current = redis.call('GET', key)
   if not current then return nil end
-  local version, rank, token = order_of(current)
+  local version, rank, token, absent = order_of(current)
   if version and compare(version, horizon) > 0 then return nil end
-  return current, version, rank, token
+  return current, version, rank, token, absent
 end

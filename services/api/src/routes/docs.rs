@@ -25,8 +25,12 @@ use utoipa_swagger_ui::{Config, SwaggerUi};
         super::health::live,
         super::health::ready,
         super::info::info,
+        super::admin::inspect_key,
+        super::admin::evict_key,
+        super::admin::replicas,
     ),
-    tags((name = "features", description = "Feature documents"), (name = "operations", description = "Health and strategy"))
+    tags((name = "features", description = "Feature documents"), (name = "operations", description = "Health and strategy"),
+         (name = "admin", description = "Operators: one key in every tier, evicting it everywhere, the live replicas (scope `admin`)"))
 )]
 pub struct ApiDoc;
 

@@ -1,5 +1,6 @@
 //! The HTTP surface. Every path answers with and without its trailing slash.
 
+pub mod admin;
 pub mod docs;
 pub mod features;
 pub mod health;
@@ -31,6 +32,7 @@ pub fn router(max_body_bytes: usize) -> Router<AppState> {
     let router = features::routes(router, max_body_bytes);
     let router = health::routes(router);
     let router = info::routes(router);
+    let router = admin::routes(router);
     router
         .merge(docs::routes())
         .route("/metrics", axum::routing::get(metrics))

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod absence;
 mod auth;
 mod bulk_batch;
 mod coalescing;

@@ -2,6 +2,8 @@
 //! more `cache-api` replicas) over a Redis and a database of each test's own.
 //! See `system_tests::Deployment` for the arrangement.
 
+mod absence;
+mod admin;
 mod auth_reload;
 mod compose;
 mod convergence;

@@ -106,6 +106,62 @@ async fn full_flow(deployment: &Deployment) {
     until(deployment, b, id, "the delete", |status, _| status == 404).await;
 }
 
+/// The fleet view under the deployment's users: both replicas' heartbeats,
+/// an inspection answered by both near caches (the fan-out's SUBSCRIBE and
+/// PUBLISH), and an eviction the invalidator handles (the requests stream
+/// and its position).
+async fn admin_flow(deployment: &Deployment) {
+    let (a, b) = (&deployment.a, &deployment.b);
+    let http = reqwest::Client::new();
+    let id = "transport-admin";
+    deployment.post(a, id, json!({"score": 1})).await;
+    deployment.warm(b, id).await;
+    let started = Instant::now();
+    loop {
+        let replicas: Value = http
+            .get(a.url("/admin/replicas"))
+            .send()
+            .await
+            .expect("GET /admin/replicas")
+            .json()
+            .await
+            .expect("replicas JSON");
+        if replicas["replicas"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < LAG_BOUND,
+            "both replicas never listed: {replicas}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let inspection: Value = http
+        .get(a.url(&format!("/admin/keys/{id}")))
+        .send()
+        .await
+        .expect("GET /admin/keys")
+        .json()
+        .await
+        .expect("inspection JSON");
+    assert_eq!(inspection["silent_replicas"], json!([]), "{inspection}");
+    assert_eq!(inspection["redis"]["kind"], "document", "{inspection}");
+    assert_eq!(
+        inspection["replicas"].as_array().map(Vec::len),
+        Some(2),
+        "{inspection}"
+    );
+    let evicted = http
+        .post(a.url(&format!("/admin/keys/{id}/evict")))
+        .send()
+        .await
+        .expect("POST evict");
+    assert_eq!(evicted.status().as_u16(), 200);
+    until(deployment, b, id, "the eviction", |status, body| {
+        status == 200 && body["source"] != "local"
+    })
+    .await;
+}
+
 /// `CLIENT LIST` lines of every connection but the one asking.
 async fn other_clients(deployment: &Deployment) -> Vec<String> {
     let mut conn = deployment.redis.client().await;
@@ -355,6 +411,7 @@ async fn least_privilege_acl_users_run_the_whole_flow_and_nothing_more() {
 
     full_flow(&deployment).await;
     hot_record_written(&deployment).await;
+    admin_flow(&deployment).await;
 
     // Each service is connected as its own user, and none of them was ever
     // refused a command (ACL LOG records every denial, also ones a service
