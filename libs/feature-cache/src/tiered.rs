@@ -68,6 +68,17 @@ enum Found {
     Miss,
 }
 
+/// A key a read is about to look up in MongoDB: the writer its fill offers
+/// as (none without a reservation), the order its reservation kept (for an
+/// absence; none when it holds no reservation of its own) and the near
+/// cache's ticket.
+struct Pending {
+    id: CustomerId,
+    writer: Option<Writer>,
+    kept: Option<i64>,
+    ticket: Option<Ticket>,
+}
+
 /// Reads and writes fail only when MongoDB is needed and cannot answer (or
 /// refuses); Redis trouble degrades to MongoDB and is never an error for the
 /// caller. A failed load is shared by every caller that waited on it.
@@ -246,6 +257,10 @@ impl TieredStore {
                 Some(entry) if self.is_absence(&entry) => {
                     span.record("cache.hit", true);
                     self.inner.counters.local_negative_hit.increment(1);
+                    self.inner
+                        .counters
+                        .near_hits
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(customer_id = %id, source = "local", "absent");
                     return Ok(None);
                 }
@@ -446,8 +461,13 @@ impl TieredStore {
         };
         let Some(doc) = self.inner.store.get(id).await? else {
             tracing::debug!(customer_id = %id, "not found in MongoDB");
-            self.not_found(vec![(id.clone(), writer, kept, ticket)])
-                .await;
+            self.not_found(vec![Pending {
+                id: id.clone(),
+                writer,
+                kept,
+                ticket,
+            }])
+            .await;
             return Ok(None);
         };
         let document = CachedDocument::from_document(&doc);
@@ -501,14 +521,17 @@ impl TieredStore {
     /// Reads that found no document: each caches an absence onto its
     /// reservation at the order the reservation kept (when absences are
     /// cached), or gives the reservation back.
-    async fn not_found(
-        &self,
-        misses: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)>,
-    ) {
+    async fn not_found(&self, misses: Vec<Pending>) {
         let cache_absence = self.inner.serve_absence;
         let mut absences = Vec::new();
         let mut released = Vec::new();
-        for (id, writer, kept, ticket) in misses {
+        for Pending {
+            id,
+            writer,
+            kept,
+            ticket,
+        } in misses
+        {
             match (writer, kept) {
                 (Some(writer), Some(kept)) if cache_absence => {
                     absences.push((Entry::absent(id.as_str(), kept), Some(writer), ticket));
@@ -592,8 +615,7 @@ impl TieredStore {
         let reservations = self.reserve(&keys, false).await;
         // Batch reads share reservations but do not wait on them: one `$in`
         // query answers every key at once.
-        let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)> =
-            Vec::new();
+        let mut from_mongo: Vec<Pending> = Vec::new();
         let mut reservations = reservations.into_iter();
         for (id, ticket) in pending {
             match reservations.next() {
@@ -605,20 +627,30 @@ impl TieredStore {
                     self.served_absent(entry, ticket);
                     absent.push(id.clone());
                 }
-                Some(Reservation::Lease { writer, kept, .. }) => {
-                    from_mongo.push((id.clone(), Some(writer), Some(kept), ticket));
-                }
-                Some(Reservation::Reserved(writer)) => {
-                    from_mongo.push((id.clone(), Some(writer), None, ticket));
-                }
-                _ => from_mongo.push((id.clone(), None, None, ticket)),
+                Some(Reservation::Lease { writer, kept, .. }) => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: Some(writer),
+                    kept: Some(kept),
+                    ticket,
+                }),
+                Some(Reservation::Reserved(writer)) => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: Some(writer),
+                    kept: None,
+                    ticket,
+                }),
+                _ => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: None,
+                    kept: None,
+                    ticket,
+                }),
             }
         }
 
         let mut missing = absent;
         if !from_mongo.is_empty() {
-            let wanted: Vec<CustomerId> =
-                from_mongo.iter().map(|(id, _, _, _)| id.clone()).collect();
+            let wanted: Vec<CustomerId> = from_mongo.iter().map(|p| p.id.clone()).collect();
             let docs = self.inner.store.get_many(&wanted).await?;
             let mut by_id: HashMap<String, FeatureDocument> = docs
                 .into_iter()
@@ -626,19 +658,23 @@ impl TieredStore {
                 .collect();
             let mut fills = Vec::new();
             let mut unfilled = Vec::new();
-            for (id, writer, kept, ticket) in from_mongo {
-                match by_id.remove(id.as_str()) {
+            for pending in from_mongo {
+                match by_id.remove(pending.id.as_str()) {
                     Some(doc) => {
                         let document = CachedDocument::from_document(&doc);
-                        fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
+                        fills.push((
+                            Entry::Document(Arc::clone(&document)),
+                            pending.writer,
+                            pending.ticket,
+                        ));
                         found.push(Lookup {
                             document,
                             source: Source::Mongodb,
                         });
                     }
                     None => {
-                        unfilled.push((id.clone(), writer, kept, ticket));
-                        missing.push(id);
+                        missing.push(pending.id.clone());
+                        unfilled.push(pending);
                     }
                 }
             }

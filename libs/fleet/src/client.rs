@@ -133,11 +133,26 @@ impl FleetClient {
         let chunks: Vec<&[String]> = customer_ids.chunks(QUERY_CHUNK).collect();
         let parts = u32::try_from(chunks.len().max(1)).unwrap_or(u32::MAX);
 
-        // Listen first, then ask.
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(self.config.reply_channel(&request_id))
-            .await?;
+        // Listen first, then ask (a Redis that does not answer costs the
+        // deadline, not a connection timeout).
+        let reply_channel = self.config.reply_channel(&request_id);
+        let subscribed = tokio::time::timeout_at(until, async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&reply_channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub?,
+            Err(_) => {
+                return Err(FleetError::Redis(redis::RedisError::from(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "subscribing to the reply channel took longer than the deadline",
+                    ),
+                )));
+            }
+        };
         let live: BTreeSet<String> = self
             .replicas()
             .await?

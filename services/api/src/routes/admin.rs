@@ -32,7 +32,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     params(("customer_id" = String, Path, description = "1–128 characters of [A-Za-z0-9_.:-]")),
     responses(
         (status = 200, description = "`mongodb`: the stored document's version and timestamps (or null); \
-            `redis`: the entry's `kind` (document, tombstone, floor, reservation, unknown), `version`, \
+            `redis`: the entry's `kind` (document, tombstone, floor, absent, reservation, unknown), `version`, \
             `ttl_ms` (PTTL) and `document` (or null); `replicas`: each live replica's near-cache entry \
             (`entry` null when it holds none) with its `instance_id`; `silent_replicas`: replicas known \
             from heartbeats that did not answer within ADMIN_FANOUT_TIMEOUT_MS", body = Object),

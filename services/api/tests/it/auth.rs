@@ -144,6 +144,9 @@ fn protected_routes() -> Vec<(Method, &'static str, Option<Value>, &'static str)
         (Method::GET, "/metrics", None, "admin"),
         (Method::GET, "/api/info/", None, "admin"),
         (Method::GET, "/api/info", None, "admin"),
+        (Method::GET, "/admin/replicas", None, "admin"),
+        (Method::GET, "/admin/keys/AUTH2/", None, "admin"),
+        (Method::POST, "/admin/keys/AUTH2/evict", None, "admin"),
     ]
 }
 

@@ -302,7 +302,9 @@ async fn health_reports_both_stores() {
         );
         assert_eq!(redis["available"], true);
         assert_eq!(redis["status"], "connected");
-        assert_eq!(redis["total_keys"], 1, "the write filled one key");
+        // DBSIZE: the write's key and this replica's heartbeat (its key
+        // and the replicas set).
+        assert_eq!(redis["total_keys"], 3, "the write filled one key");
         assert!(redis["used_memory"].as_str().is_some_and(|m| !m.is_empty()));
         assert!(redis["latency_ms"].as_f64().is_some_and(|l| l >= 0.0));
         let mongo = &body["mongodb"];

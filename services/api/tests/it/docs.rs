@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 use testkit::{ChildGuard, free_port, wait_http_ok};
 
 /// What both pages must show: every path of the API.
-const PATHS: [&str; 6] = [
+const PATHS: [&str; 9] = [
     "/api/features/{customer_id}/",
     "/api/features/",
     "/api/features/bulk/",
     "/api/features/batch/",
     "/api/health/",
     "/api/info/",
+    "/admin/keys/{customer_id}/",
+    "/admin/keys/{customer_id}/evict/",
+    "/admin/replicas/",
 ];
 
 /// The API's host name in the browser, resolved to 127.0.0.1 by Chromium

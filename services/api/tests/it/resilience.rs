@@ -158,11 +158,18 @@ async fn a_redis_outage_is_logged_once_per_change_of_state() {
     assert_eq!(logs.count("WARN", subscription_lost), 1, "{lines:#?}");
     assert!(logs.count("DEBUG", reads_fail) >= 99, "{lines:#?}");
     assert!(logs.count("DEBUG", subscription_lost) >= 2, "{lines:#?}");
+    // The fleet view (heartbeat, near-cache responder) reports the same
+    // outage at most once each.
+    for condition in ["fleet_heartbeat", "fleet_responder"] {
+        assert!(logs.count("WARN", condition) <= 1, "{lines:#?}");
+    }
     // Besides the start's one warning that the API is open (no credentials
     // configured), only the three state changes warn.
     let warnings = lines
         .iter()
-        .filter(|l| l.contains("WARN") && !l.contains("no credentials configured"))
+        .filter(|l| {
+            l.contains("WARN") && !l.contains("no credentials configured") && !l.contains("fleet_")
+        })
         .count();
     assert_eq!(warnings, 3, "only the three state changes warn: {lines:#?}");
     let warning = lines

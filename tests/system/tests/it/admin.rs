@@ -182,6 +182,7 @@ async fn admin_inspect_shows_every_tier_and_lists_a_replica_that_does_not_answer
         "inspect", id, "--api", &api, "--json",
     ])))
     .expect("--json prints JSON");
+    println!("{printed:#}");
     assert_eq!(printed["redis"]["version"], version);
     assert_eq!(printed["replicas"].as_array().map(Vec::len), Some(2));
 
@@ -191,7 +192,14 @@ async fn admin_inspect_shows_every_tier_and_lists_a_replica_that_does_not_answer
     let started = Instant::now();
     let (status, body) = get_json(&deployment.a, &format!("/admin/keys/{id}")).await;
     let took = started.elapsed();
+    let table = cachectl(&["inspect", id, "--api", &api]);
     deployment.b.resume();
+    let table = stdout(&table);
+    println!("{table}");
+    assert!(
+        table.contains("near api-b") && table.contains("SILENT"),
+        "{table}"
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["silent_replicas"], json!(["api-b"]), "{body}");
     assert_eq!(near_entry(&body, "api-a")["entry"]["version"], version);
@@ -206,8 +214,6 @@ async fn admin_inspect_shows_every_tier_and_lists_a_replica_that_does_not_answer
         "the inspection waited {took:?} for a silent replica"
     );
     println!("inspection with a silent replica answered after {took:?}");
-    let table = stdout(&cachectl(&["inspect", id, "--api", &api]));
-    println!("{table}");
     deployment.finish().await;
 }
 

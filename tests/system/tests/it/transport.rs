@@ -209,16 +209,16 @@ async fn rediss_with_a_private_ca_and_client_certificates_end_to_end() {
     full_flow(&deployment).await;
 
     // The services' connections came in through the TLS port: both
-    // replicas' subscriptions and the command connections of the replicas
-    // and the invalidator. The plain port (kept for this test's own checks)
-    // has only the harness's connection.
+    // replicas' subscriptions (the invalidations and the admin channel) and
+    // the command connections of the replicas and the invalidator. The plain
+    // port (kept for this test's own checks) has only the harness's connection.
     let clients = other_clients(&deployment).await;
     let tls_local = format!("laddr=127.0.0.1:{tls_port} ");
     let (over_tls, plain): (Vec<_>, Vec<_>) =
         clients.iter().partition(|line| line.contains(&tls_local));
     let subscribers = over_tls.iter().filter(|l| l.contains(" sub=1 ")).count();
     assert_eq!(
-        subscribers, 2,
+        subscribers, 4,
         "both replicas subscribe over TLS: {clients:#?}"
     );
     assert!(
