@@ -1,5 +1,6 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
+use crate::hot::HotRecorder;
 use crate::lease::{Waited, wait_for_fill};
 use crate::near::{NearCache, Ticket};
 use crate::redis_tier::{Offer, RedisTier, Reservation, ReserveFor, Writer};
@@ -8,8 +9,8 @@ use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use telemetry::Condition;
 use tracing::Instrument;
@@ -102,6 +103,8 @@ struct Inner {
     /// and tombstones are served as "not found" too.
     serve_absence: bool,
     refresh: Option<RefreshAhead>,
+    /// Where served reads are counted (the hot-key record), once set.
+    hot: OnceLock<HotRecorder>,
     /// While Redis is down every request fails against it: these log the
     /// outage once when it starts and once when it ends (each failure is
     /// still counted, in `redis_errors_total`, and logged at debug).
@@ -174,6 +177,7 @@ impl TieredStore {
                 policy,
                 serve_absence,
                 refresh,
+                hot: OnceLock::new(),
                 redis_reads: Condition::new(
                     "redis_read",
                     "Redis reads fail; reading through to MongoDB",
@@ -185,6 +189,18 @@ impl TieredStore {
                     "Redis writes work again",
                 ),
             }),
+        }
+    }
+
+    /// Counts every read served from now on in the hot-key record (the
+    /// first recorder set stays).
+    pub fn record_reads(&self, recorder: HotRecorder) {
+        let _ = self.inner.hot.set(recorder);
+    }
+
+    fn record(&self, doc: &Arc<CachedDocument>) {
+        if let Some(hot) = self.inner.hot.get() {
+            hot.record(doc);
         }
     }
 
@@ -231,6 +247,7 @@ impl TieredStore {
                         .counters
                         .near_hits
                         .fetch_add(1, Ordering::Relaxed);
+                    self.record(&doc);
                     tracing::debug!(customer_id = %id, source = "local", "served");
                     return Ok(Some(Lookup {
                         document: doc,
@@ -256,7 +273,11 @@ impl TieredStore {
                 .near_misses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.load(id).await
+        let loaded = self.load(id).await;
+        if let Ok(Some(lookup)) = &loaded {
+            self.record(&lookup.document);
+        }
+        loaded
     }
 
     /// Below the near cache: Redis, then MongoDB. Redis hits are not
@@ -527,8 +548,41 @@ impl TieredStore {
 
     /// Many customers at once: near cache, one MGET, one `$in` query.
     /// Returns the found documents by id and the ids found nowhere.
-    #[tracing::instrument(skip_all, fields(count = ids.len()))]
     pub async fn get_many(
+        &self,
+        ids: &[CustomerId],
+    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {
+        let (found, missing) = self.read_many(ids).await?;
+        for lookup in &found {
+            self.record(&lookup.document);
+        }
+        Ok((found, missing))
+    }
+
+    /// Loads customers into the tiers the way [`Self::get_many`] reads them
+    /// (the same guard, reservations and tickets), without counting the
+    /// reads as reads: a warm-up. Returns how many documents were not in the
+    /// near cache already and are now.
+    pub async fn preload(&self, ids: &[CustomerId]) -> Result<usize, StoreError> {
+        let (found, _) = self.read_many(ids).await?;
+        Ok(found
+            .iter()
+            .filter(|lookup| lookup.source != Source::Local)
+            .filter(|lookup| {
+                self.near()
+                    .and_then(|near| near.get(&lookup.document.customer_id))
+                    .and_then(|entry| {
+                        entry
+                            .document()
+                            .map(|doc| Arc::ptr_eq(doc, &lookup.document))
+                    })
+                    .unwrap_or(self.near().is_none())
+            })
+            .count())
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()))]
+    async fn read_many(
         &self,
         ids: &[CustomerId],
     ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {

@@ -73,6 +73,7 @@ impl Application {
                 sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
                 audit,
+                warm: settings.warm_config(),
             },
         };
         let listener = TcpListener::bind(settings.http_addr)

@@ -186,6 +186,29 @@ async fn gone_within<P: Signal>(process: &mut P, time: Duration) -> bool {
     }
 }
 
+/// Whether every thread of `pid` is stopped (state `T` or `t` in
+/// `/proc/<pid>/task/*/stat`); `false` when it cannot be read.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if !matches!(state, Some("T" | "t")) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// When process `pid` started, in clock ticks since boot (field 22 of
 /// `/proc/PID/stat`); `None` when there is no such process or it is a zombie
 /// (exited, not yet reaped). With the PID it names one process for good: a

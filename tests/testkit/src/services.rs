@@ -236,9 +236,16 @@ impl ServiceProcess {
 
     /// SIGSTOP: the process freezes (timers, connections and all) until
     /// [`ServiceProcess::resume`], like a long GC pause or a stalled VM.
+    /// Returns once every thread is stopped (the signal is only queued when
+    /// `kill` returns: a busy machine may run the process a while longer).
     pub fn pause(&mut self) {
         if let Some(child) = self.child.as_mut() {
             child.signal(libc::SIGSTOP);
+            let pid = child.pid();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !crate::process::all_threads_stopped(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
         self.note("paused with SIGSTOP");
     }

@@ -19,3 +19,4 @@ mod propagation;
 mod quickstart;
 mod tracing;
 mod transport;
+mod warm;
