@@ -640,16 +640,7 @@ impl RedisTier {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{DOCUMENT_PREFIX}*"))
-                .arg("TYPE")
-                .arg("string")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
+            let (next, keys) = self.scan_documents(cursor, 1000).await?;
             if !keys.is_empty() {
                 let n: u64 = redis::cmd("UNLINK")
                     .arg(&keys)
@@ -662,6 +653,26 @@ impl RedisTier {
             }
             cursor = next;
         }
+    }
+
+    /// One page of the cached customers' keys (`features:*` strings; other
+    /// types under the prefix are not ours): `SCAN cursor … COUNT count`.
+    /// Returns the next cursor (0 at the end) and the page's keys.
+    pub async fn scan_documents(
+        &self,
+        cursor: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<String>), TierError> {
+        Ok(redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{DOCUMENT_PREFIX}*"))
+            .arg("TYPE")
+            .arg("string")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await?)
     }
 
     /// Round-trip time of a `PING`.

@@ -235,6 +235,15 @@ impl Settings {
         }
     }
 
+    /// The invalidator's continuous consistency audit.
+    pub fn audit_config(&self) -> consistency::AuditConfig {
+        consistency::AuditConfig {
+            sample_rate: self.audit_sample_rate,
+            delay: self.audit_delay,
+            window: self.audit_window,
+        }
+    }
+
     /// The fleet of this collection's API replicas (heartbeats, near-cache
     /// queries, operator requests).
     pub fn fleet_config(&self) -> fleet::FleetConfig {

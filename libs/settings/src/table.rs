@@ -141,6 +141,16 @@ settings! { binary =>
     /// Requests in the service at once before it answers 503; 0: unlimited.
     max_concurrent_requests: Option<usize> = "MAX_CONCURRENT_REQUESTS", opt_number, None;
 
+    // The invalidator's continuous consistency audit (CACHE_STRATEGY.md,
+    // "Measuring consistency").
+    /// The fraction of applied changes whose key is read back in every tier
+    /// and compared with MongoDB, `0`..=`1`; 0 turns the auditor off.
+    audit_sample_rate: f64 = "AUDIT_SAMPLE_RATE", fraction, Some("0.01");
+    /// How long after a change is applied its key is read back.
+    audit_delay: Duration = "AUDIT_DELAY_MS", millis, Some("1000");
+    /// The sliding window of `cache_consistency_ratio`.
+    audit_window: Duration = "AUDIT_WINDOW_S", seconds, Some("300");
+
     // The fleet view (admin API, cachectl): replica heartbeats and the
     // near-cache fan-out.
     /// How often each API replica publishes its heartbeat (it expires after three).

@@ -116,6 +116,41 @@ fn invalid_values_name_the_setting() {
 }
 
 #[test]
+fn the_audit_samples_one_change_in_a_hundred_by_default_and_takes_only_fractions() {
+    let s = load_from(Defaults::INVALIDATOR, env(&[])).unwrap();
+    let audit = s.audit_config();
+    assert_eq!(audit.sample_rate, 0.01);
+    assert_eq!(audit.delay, Duration::from_millis(1000));
+    assert_eq!(audit.window, Duration::from_secs(300));
+    assert!(audit.enabled());
+    let s = load_from(
+        Defaults::INVALIDATOR,
+        env(&[
+            ("AUDIT_SAMPLE_RATE", "0"),
+            ("AUDIT_DELAY_MS", "1500"),
+            ("AUDIT_WINDOW_S", "60"),
+        ]),
+    )
+    .unwrap();
+    assert!(!s.audit_config().enabled());
+    assert_eq!(s.audit_config().delay, Duration::from_millis(1500));
+    assert_eq!(s.audit_config().window, Duration::from_secs(60));
+    let s = load_from(Defaults::INVALIDATOR, env(&[("AUDIT_SAMPLE_RATE", "1")])).unwrap();
+    assert_eq!(s.audit_config().sample_rate, 1.0);
+    for (name, value) in [
+        ("AUDIT_SAMPLE_RATE", "1.5"),
+        ("AUDIT_SAMPLE_RATE", "-0.1"),
+        ("AUDIT_SAMPLE_RATE", "often"),
+        ("AUDIT_SAMPLE_RATE", "NaN"),
+        ("AUDIT_DELAY_MS", "0"),
+        ("AUDIT_WINDOW_S", "0"),
+    ] {
+        let err = load_from(Defaults::INVALIDATOR, env(&[(name, value)])).unwrap_err();
+        assert!(err.to_string().contains(name), "{name}={value}: {err}");
+    }
+}
+
+#[test]
 fn the_stream_lives_beside_the_control_keys_and_never_under_the_document_prefix() {
     let s = load_from(Defaults::API, env(&[("MONGO_DB", "shop")])).unwrap();
     assert_eq!(

@@ -132,6 +132,21 @@ pub fn init(
     instance_id: &str,
     json_logs: bool,
 ) -> Result<Telemetry, TelemetryError> {
+    init_with(service_name, instance_id, json_logs, false)
+}
+
+/// [`init`] for a command-line tool whose standard output is its result
+/// (a table, JSON for scripts): readable logs go to standard error.
+pub fn init_cli(service_name: &str, instance_id: &str) -> Result<Telemetry, TelemetryError> {
+    init_with(service_name, instance_id, false, true)
+}
+
+fn init_with(
+    service_name: &str,
+    instance_id: &str,
+    json_logs: bool,
+    to_stderr: bool,
+) -> Result<Telemetry, TelemetryError> {
     metrics::install();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
@@ -151,6 +166,11 @@ pub fn init(
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .with_filter(log_filter)
+            .boxed()
+    } else if to_stderr {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .with_filter(log_filter)
             .boxed()
     } else {

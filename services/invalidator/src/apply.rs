@@ -4,6 +4,7 @@
 //! leadership term. Operator requests (evictions) are cache work of the
 //! same kind and go the same way ([`Apply::requests`]).
 
+use crate::audit::AuditHandle;
 use crate::worker::{Sequence, WorkerStatus};
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
@@ -199,6 +200,7 @@ pub struct Apply {
     mode: InvalidationMode,
     sequence: Arc<Sequence>,
     status: Arc<WorkerStatus>,
+    audit: AuditHandle,
     /// Puts the hottest keys back into Redis after a flush (`None`: off).
     warm: Option<WarmConfig>,
     /// The refill under way, stopped by the next flush or the term's end.
@@ -221,6 +223,8 @@ pub struct ApplyParts {
     pub mode: InvalidationMode,
     pub sequence: Arc<Sequence>,
     pub status: Arc<WorkerStatus>,
+    /// Samples applied changes for the consistency audit.
+    pub audit: AuditHandle,
     /// `WARM_KEYS` and its rate; `None` when 0.
     pub warm: Option<WarmConfig>,
 }
@@ -238,6 +242,7 @@ impl Apply {
             mode: parts.mode,
             sequence: Arc::clone(&parts.sequence),
             status: Arc::clone(&parts.status),
+            audit: parts.audit.clone(),
             warm: parts.warm.clone(),
             refilling: Mutex::new(None),
         }
@@ -340,6 +345,10 @@ impl Apply {
                     }
                 }
             }
+            // Applied: the audit's clock starts now (in this span, whose
+            // trace the audit's log and repair carry).
+            self.audit
+                .offer(&change.kind, telemetry::propagation::current_traceparent);
             Ok(Next::Continue)
         }
         .instrument(span)

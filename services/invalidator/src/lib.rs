@@ -8,9 +8,12 @@
 //!   (flushing), save the position.
 //! - [`apply`]: one change's cache work — [`apply::plan`] (pure), then the
 //!   guarded Redis write and the announcement, both fenced.
+//! - [`audit`]: the continuous consistency audit of a sample of the applied
+//!   changes; the keys it finds wrong are evicted by the tail loop.
 //! - [`health`]: `/health` (role, events) and `/metrics`.
 
 pub mod apply;
+pub mod audit;
 pub mod health;
 pub mod leadership;
 pub mod startup;

@@ -1,4 +1,5 @@
 use crate::apply::ApplyParts;
+use crate::audit::{self, Auditor};
 use crate::health::{self, HealthState};
 use crate::leadership::Lease;
 use crate::tail::{self, Tail};
@@ -20,6 +21,7 @@ pub struct Application {
     store: FeatureStore,
     redis: RedisTier,
     health: HealthState,
+    auditor: Option<Auditor>,
 }
 
 impl Application {
@@ -44,6 +46,15 @@ impl Application {
             settings.leader_lease,
             format!("{}:{run_id}", settings.instance_id),
         );
+        // The audit reads every replica's near cache and repairs through the
+        // fleet's eviction requests, which this process handles as leader.
+        let fleet =
+            fleet::FleetClient::new(redis.client(), connection.clone(), settings.fleet_config());
+        let checker = consistency::Checker::new(redis.clone(), store.clone()).with_near(
+            Arc::new(consistency::FleetNear(fleet.clone())),
+            settings.admin_fanout_timeout,
+        );
+        let (audit, auditor) = audit::start(&settings.audit_config(), checker, fleet);
         let status = Arc::new(WorkerStatus::default());
         let stall_bound = lease.stall_bound();
         let worker = Worker {
@@ -61,6 +72,7 @@ impl Application {
                 mode: settings.invalidation_mode,
                 sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
+                audit,
                 warm: settings.warm_config(),
             },
         };
@@ -80,6 +92,7 @@ impl Application {
                 mode: settings.invalidation_mode,
                 stall_bound,
             },
+            auditor,
         })
     }
 
@@ -98,9 +111,13 @@ impl Application {
             store,
             redis,
             health,
+            auditor,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, run_id = %health.run_id, mode = health.mode.as_str(), "cache-invalidator started");
         let worker = tokio::spawn(worker.run(shutdown.clone()));
+        if let Some(auditor) = auditor {
+            tokio::spawn(auditor.run(shutdown.child_token()));
+        }
         tokio::spawn(feature_cache::eviction::report_eviction_policy(
             redis,
             shutdown.child_token(),

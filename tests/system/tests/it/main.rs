@@ -4,6 +4,7 @@
 
 mod absence;
 mod admin;
+mod audit;
 mod auth_reload;
 mod compose;
 mod convergence;

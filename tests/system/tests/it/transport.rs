@@ -413,6 +413,34 @@ async fn least_privilege_acl_users_run_the_whole_flow_and_nothing_more() {
     hot_record_written(&deployment).await;
     admin_flow(&deployment).await;
 
+    // cachectl audit --full runs as the API's user (SCAN, MGET).
+    deployment
+        .post(&deployment.a, "transport-audit", json!({"score": 1}))
+        .await;
+    let output = tokio::process::Command::new(testkit::services::workspace_bin("cachectl"))
+        .args(["audit", "--full", "--json"])
+        .env(
+            "REDIS_URL",
+            format!(
+                "redis://cache-api:{}@127.0.0.1:{}/0",
+                percent_encode(API_PASSWORD),
+                deployment.redis.port()
+            ),
+        )
+        .env("MONGO_URI", &deployment.mongo_uri)
+        .env("MONGO_DB", &deployment.db_name)
+        .output()
+        .await
+        .expect("run cachectl");
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "cachectl audit as cache-api failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(summary["scanned"].as_u64() >= Some(1), "{summary}");
+    assert_eq!(summary["inconsistent"], 0, "{summary}");
+
     // Each service is connected as its own user, and none of them was ever
     // refused a command (ACL LOG records every denial, also ones a service
     // would shrug off, like a health check's INFO).
