@@ -19,6 +19,7 @@ Layout, one job a module:
         recovery.py       settle (wait for writes to finish), probe (can the API reach MongoDB)
         invalidation.py   lag (write to visible in Redis and replicas), throughput (invalidator)
         memory.py         memory (RSS by near-cache entries)
+        warmup.py         recovery10 (the first seconds after a full flush), storm (GETs of missing ids)
         profile.py        callgrind-summary (for bench/profile.sh)
     report.py         report: merges the parts into bench/results/<name>.json, with a summary
     plots.py          the report's PNG plots
