@@ -7,23 +7,12 @@
 //! down cleanly removes itself at once.
 
 use crate::config::FleetConfig;
-use crate::wire::ReplicaStatus;
+use crate::wire::{ReplicaStatus, Vitals};
 use chrono::{DateTime, SecondsFormat, Utc};
 use redis::aio::ConnectionManager;
 use std::time::Instant;
 use telemetry::Condition;
 use tokio_util::sync::CancellationToken;
-
-/// What the replica measures of itself at each beat.
-#[derive(Debug, Clone, Default)]
-pub struct Vitals {
-    pub last_stream_id: Option<String>,
-    pub lag_ms: Option<u64>,
-    pub near_entries: u64,
-    pub near_bytes: u64,
-    pub hit_ratio: Option<f64>,
-    pub subscribed: bool,
-}
 
 type VitalsFn = Box<dyn Fn() -> Vitals + Send + Sync>;
 
@@ -89,18 +78,12 @@ impl Heartbeat {
 
     /// The status this beat publishes.
     pub fn status(&self, now_ms: u64) -> ReplicaStatus {
-        let vitals = (self.vitals)();
         ReplicaStatus {
             instance_id: self.instance_id.clone(),
             binary_version: self.binary_version.clone(),
             started_at: self.started_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            last_stream_id: vitals.last_stream_id,
-            lag_ms: vitals.lag_ms,
-            near_entries: vitals.near_entries,
-            near_bytes: vitals.near_bytes,
-            hit_ratio: vitals.hit_ratio,
-            subscribed: vitals.subscribed,
+            vitals: (self.vitals)(),
             last_heartbeat_ms: now_ms,
         }
     }

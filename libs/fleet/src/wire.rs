@@ -15,6 +15,16 @@ pub struct ReplicaStatus {
     /// When the process started (RFC 3339).
     pub started_at: String,
     pub uptime_ms: u64,
+    /// What the replica measured of itself at this beat.
+    #[serde(flatten)]
+    pub vitals: Vitals,
+    /// When this heartbeat was published (unix ms).
+    pub last_heartbeat_ms: u64,
+}
+
+/// What a replica measures of itself at each beat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vitals {
     /// The last invalidation stream entry the replica applied.
     pub last_stream_id: Option<String>,
     /// How long after its announcement that entry was applied, in ms.
@@ -27,8 +37,6 @@ pub struct ReplicaStatus {
     pub hit_ratio: Option<f64>,
     /// Whether the invalidation subscription is live.
     pub subscribed: bool,
-    /// When this heartbeat was published (unix ms).
-    pub last_heartbeat_ms: u64,
 }
 
 /// What one tier holds for a customer, as operators see it:
@@ -187,12 +195,14 @@ mod tests {
             binary_version: "0.1.0".into(),
             started_at: "2026-01-01T00:00:00Z".into(),
             uptime_ms: 5,
-            last_stream_id: Some("1-0".into()),
-            lag_ms: Some(3),
-            near_entries: 2,
-            near_bytes: 400,
-            hit_ratio: Some(0.5),
-            subscribed: true,
+            vitals: Vitals {
+                last_stream_id: Some("1-0".into()),
+                lag_ms: Some(3),
+                near_entries: 2,
+                near_bytes: 400,
+                hit_ratio: Some(0.5),
+                subscribed: true,
+            },
             last_heartbeat_ms: 1_700_000_000_000,
         };
         let json = serde_json::to_string(&status).unwrap();

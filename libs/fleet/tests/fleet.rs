@@ -119,8 +119,8 @@ async fn every_replica_answers_for_many_keys_and_a_silent_one_is_named() {
     until_listed(&client, &["r1", "r2", "r3"]).await;
     let listed = client.replicas().await.unwrap();
     assert_eq!(listed[0].binary_version, "9.9.9");
-    assert_eq!(listed[0].near_entries, 125);
-    assert!(listed[0].subscribed);
+    assert_eq!(listed[0].vitals.near_entries, 125);
+    assert!(listed[0].vitals.subscribed);
 
     // Responders subscribe asynchronously: ask until both answer.
     let mut report = client
