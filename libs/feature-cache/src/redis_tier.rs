@@ -571,52 +571,16 @@ impl RedisTier {
     /// writer. An expired document is not offered (it counts as refused).
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = writes.len()))]
     pub async fn fill_many(&self, writes: &[(Entry, Writer)]) -> Result<Vec<Offer>, TierError> {
-        let offered: Vec<(usize, u64)> = writes
-            .iter()
-            .enumerate()
-            .filter_map(|(index, (entry, _))| Some((index, self.ttl.ttl_ms_of(entry)?)))
-            .collect();
-        let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
-        for chunk in offered.chunks(PIPELINE_CHUNK) {
-            let mut pipe = redis::pipe();
-            for (index, ttl_ms) in chunk {
-                let (entry, writer) = &writes[*index];
-                let mut invocation = self.guard.prepare_invoke();
-                guard_args(&mut invocation, entry, *ttl_ms, writer);
-                pipe.invoke_script(&invocation);
-            }
-            let replies: Vec<Vec<redis::Value>> = self.query_scripts(&pipe, &self.guard).await?;
-            for ((index, _), reply) in chunk.iter().zip(replies) {
-                outcomes[*index] = Offer::of_reply(&reply);
-            }
-        }
-        Ok(outcomes)
+        Ok(guarded_fills(&self.conn, &self.guard, &self.ttl, writes, None).await?)
     }
 
-    /// Runs a pipeline of one script's invocations, loading the script once
-    /// if the server does not know it (a restarted Redis).
+    /// [`query_scripts`] on the tier's connection.
     async fn query_scripts<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         script: &Script,
     ) -> Result<T, TierError> {
-        let mut conn = self.conn.clone();
-        match pipe.query_async(&mut conn).await {
-            Ok(replies) => Ok(replies),
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                script.load_async(&mut conn).await?;
-                Ok(pipe
-                    .query_async(&mut conn)
-                    .await
-                    .inspect_err(|_| count_error("EVALSHA"))?)
-            }
-            Err(err) => {
-                count_error("EVALSHA");
-                Err(err.into())
-            }
-        }
+        Ok(query_scripts(&self.conn, pipe, script).await?)
     }
 
     /// A writer whose every write lands only while `fence` holds; made once
@@ -743,36 +707,14 @@ impl FencedWriter {
         &self,
         writes: &[(Entry, Writer)],
     ) -> Result<Vec<Offer>, FencedWriteError> {
-        let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
-        let offered: Vec<(usize, u64)> = writes
-            .iter()
-            .enumerate()
-            .filter_map(|(index, (entry, _))| Some((index, self.ttl.ttl_ms_of(entry)?)))
-            .collect();
-        for chunk in offered.chunks(PIPELINE_CHUNK) {
-            let mut pipe = redis::pipe();
-            for (index, ttl_ms) in chunk {
-                let (entry, writer) = &writes[*index];
-                let mut invocation = self.guard.prepare_invoke();
-                guard_args(&mut invocation, entry, *ttl_ms, writer);
-                self.fence.append(&mut invocation);
-                pipe.invoke_script(&invocation);
-            }
-            let mut conn = self.conn.clone();
-            let replies: Vec<Vec<redis::Value>> = match pipe.query_async(&mut conn).await {
-                Err(err)
-                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    self.guard.load_async(&mut conn).await?;
-                    pipe.query_async(&mut conn).await?
-                }
-                other => other.inspect_err(|_| count_error("EVALSHA"))?,
-            };
-            for ((index, _), reply) in chunk.iter().zip(replies) {
-                outcomes[*index] = Offer::of_reply(&reply);
-            }
-        }
-        Ok(outcomes)
+        Ok(guarded_fills(
+            &self.conn,
+            &self.guard,
+            &self.ttl,
+            writes,
+            Some(&self.fence),
+        )
+        .await?)
     }
 
     /// Removes the customer's entry while the fence holds: whatever the
@@ -792,6 +734,64 @@ impl FencedWriter {
 
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+}
+
+/// Offers entries through the guard in pipelines of [`PIPELINE_CHUNK`],
+/// each as its writer, behind `fence` when given. An expired document is
+/// not offered (it counts as refused).
+async fn guarded_fills(
+    conn: &ConnectionManager,
+    guard: &Script,
+    ttl: &TtlPolicy,
+    writes: &[(Entry, Writer)],
+    fence: Option<&Fence>,
+) -> redis::RedisResult<Vec<Offer>> {
+    let offered: Vec<(usize, u64)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, (entry, _))| Some((index, ttl.ttl_ms_of(entry)?)))
+        .collect();
+    let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
+    for chunk in offered.chunks(PIPELINE_CHUNK) {
+        let mut pipe = redis::pipe();
+        for (index, ttl_ms) in chunk {
+            let (entry, writer) = &writes[*index];
+            let mut invocation = guard.prepare_invoke();
+            guard_args(&mut invocation, entry, *ttl_ms, writer);
+            if let Some(fence) = fence {
+                fence.append(&mut invocation);
+            }
+            pipe.invoke_script(&invocation);
+        }
+        let replies: Vec<Vec<redis::Value>> = query_scripts(conn, &pipe, guard).await?;
+        for ((index, _), reply) in chunk.iter().zip(replies) {
+            outcomes[*index] = Offer::of_reply(&reply);
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Runs a pipeline of one script's invocations, loading the script once if
+/// the server does not know it (a restarted Redis).
+async fn query_scripts<T: redis::FromRedisValue>(
+    conn: &ConnectionManager,
+    pipe: &redis::Pipeline,
+    script: &Script,
+) -> redis::RedisResult<T> {
+    let mut conn = conn.clone();
+    match pipe.query_async(&mut conn).await {
+        Ok(replies) => Ok(replies),
+        Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(&mut conn).await?;
+            pipe.query_async(&mut conn)
+                .await
+                .inspect_err(|_| count_error("EVALSHA"))
+        }
+        Err(err) => {
+            count_error("EVALSHA");
+            Err(err)
+        }
     }
 }
 
