@@ -67,6 +67,10 @@ enum Found {
     Miss,
 }
 
+/// A read that missed every tier: its id, the writer of its fill, the
+/// version its reservation kept, and its near-cache ticket.
+type Miss = (CustomerId, Option<Writer>, Option<i64>, Option<Ticket>);
+
 /// Reads and writes fail only when MongoDB is needed and cannot answer (or
 /// refuses); Redis trouble degrades to MongoDB and is never an error for the
 /// caller. A failed load is shared by every caller that waited on it.
@@ -484,10 +488,7 @@ impl TieredStore {
     /// Reads that found no document: each caches an absence onto its
     /// reservation at the order the reservation kept (when absences are
     /// cached), or gives the reservation back.
-    async fn not_found(
-        &self,
-        misses: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)>,
-    ) {
+    async fn not_found(&self, misses: Vec<Miss>) {
         let cache_absence = self.inner.serve_absence;
         let mut absences = Vec::new();
         let mut released = Vec::new();
@@ -542,8 +543,7 @@ impl TieredStore {
         let reservations = self.reserve(&keys, false).await;
         // Batch reads share reservations but do not wait on them: one `$in`
         // query answers every key at once.
-        let mut from_mongo: Vec<(CustomerId, Option<Writer>, Option<i64>, Option<Ticket>)> =
-            Vec::new();
+        let mut from_mongo: Vec<Miss> = Vec::new();
         let mut reservations = reservations.into_iter();
         for (id, ticket) in pending {
             match reservations.next() {
