@@ -2,7 +2,7 @@
 # Benchmarks of redis-mongo-cache, side by side in one run, against a system
 # this script starts on loopback and tears down again.
 #
-#   bench/run.sh [--quick] [--name NAME] [--skip-build] [--no-memory-1m] [--auth-cost]
+#   bench/run.sh [--quick] [--name NAME] [--skip-build] [--no-memory-1m] [--auth-cost] [--warm]
 #
 #   --quick          3 s per load cell (10 s otherwise), fewer writes and entries
 #   --name NAME      results go to bench/results/NAME.json, NAME-*.png, NAME.md
@@ -12,6 +12,10 @@
 #   --auth-cost      only the near-cache hit path of A and F side by side (the cost of
 #                    authentication, rate limiting and load shedding):
 #                    bench/results/NAME-auth.{json,md}, ~3 min after the build
+#   --warm           only the first 10 s after a full flush, with warm start off (WARM_KEYS=0)
+#                    and on (defaults), and the 404 storm with NEGATIVE_TTL_MS=0 and the
+#                    default: bench/results/NAME-warm.{json,md}, ~4 min after the build;
+#                    needs no wrk, oha or redis-benchmark
 #
 # What it starts (all on 127.0.0.1, free ports, LOG_FORMAT=json RUST_LOG=warn):
 #   testbed     cargo xtask testbed up target/bench-testbed (private Redis + SecantusDB)
@@ -39,6 +43,7 @@ NAME=""
 BUILD=1
 MEM_1M=1
 AUTH_COST=0
+WARM=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -47,13 +52,14 @@ while [ $# -gt 0 ]; do
         --skip-build) BUILD=0 ;;
         --no-memory-1m) MEM_1M=0 ;;
         --auth-cost) AUTH_COST=1 ;;
-        -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --warm) WARM=1 ;;
+        -h | --help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 if [ -z "$NAME" ]; then
-    NAME="$([ "$AUTH_COST" = 1 ] && echo auth || { [ "$QUICK" = 1 ] && echo quick || echo full; })-$(date +%Y%m%d-%H%M)"
+    NAME="$([ "$AUTH_COST" = 1 ] && echo auth || { [ "$WARM" = 1 ] && echo warm; } || { [ "$QUICK" = 1 ] && echo quick || echo full; })-$(date +%Y%m%d-%H%M)"
 fi
 [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "--name: letters, digits, . _ - only" >&2; exit 2; }
 
@@ -111,7 +117,7 @@ settle() { "$PY" "$BENCH" settle --invalidator "$I" --mongo-uri "$MONGO_URI" --q
 
 # ---------------------------------------------------------------- tools
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
-if ! command -v wrk >/dev/null; then
+if [ "$WARM" = 0 ] && ! command -v wrk >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         log "wrk missing; apt-get install wrk"
         DEBIAN_FRONTEND=noninteractive apt-get install -y wrk >"$RUN/logs/wrk-install.log" 2>&1 \
@@ -120,19 +126,21 @@ if ! command -v wrk >/dev/null; then
             || die "could not install wrk (see $RUN/logs/wrk-install.log)"
     fi
 fi
-for tool in wrk redis-benchmark redis-cli curl python3; do
+TOOLS="wrk redis-benchmark redis-cli curl python3"
+[ "$WARM" = 1 ] && TOOLS="redis-cli curl python3"
+for tool in $TOOLS; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 
-log "run $NAME ($([ "$QUICK" = 1 ] && echo quick || echo full)); work dir $RUN"
+log "run $NAME ($([ "$WARM" = 1 ] && echo warm || { [ "$QUICK" = 1 ] && echo quick || echo full; })); work dir $RUN"
 if ! "$PY" -c 'import matplotlib, redis, pymongo' 2>/dev/null; then
     log "creating $VENV (matplotlib, redis, pymongo)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --disable-pip-version-check -q -r "$ROOT/bench/requirements.txt"
 fi
 OHA="$ROOT/bench/.cargo-bin/bin/oha"
-# --auth-cost has no fixed-rate phase.
-if [ "$AUTH_COST" = 0 ] && [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
+# --auth-cost and --warm have no fixed-rate phase.
+if [ "$AUTH_COST" = 0 ] && [ "$WARM" = 0 ] && [ ! -x "$OHA" ] && ! command -v oha >/dev/null; then
     log "installing oha into bench/.cargo-bin (cargo install oha --locked; a few minutes)"
     cargo install oha --locked --root "$ROOT/bench/.cargo-bin" >"$RUN/logs/oha-install.log" 2>&1 \
         || log "oha could not be installed (see $RUN/logs/oha-install.log): the fixed-rate phase is skipped"
@@ -208,6 +216,74 @@ EOF
 
 "$PY" "$BENCH" machine --part "$RUN/parts/machine.json"
 
+IDS="$RUN/zipf-ids.txt"
+if [ "$WARM" = 1 ]; then
+    # ------------------------------------------------------------ warm start, 404 storm
+    # inv [KEY=VALUE...]: starts the invalidator with these settings.
+    inv() {
+        local extra=() kv
+        for kv in "$@"; do extra+=(--env "$kv"); done
+        proc start --name invalidator --port "$PORT_I" --ready /health --ready-contains '"leader"' --timeout 60 \
+            "${COMMON[@]}" --env "HTTP_ADDR=127.0.0.1:$PORT_I" --env INSTANCE_ID=bench-invalidator \
+            ${extra[@]+"${extra[@]}"} -- "$BIN/cache-invalidator"
+    }
+    CONTROL="cache-invalidator:cache_demo.customer_features"
+    log "starting the invalidator; populating $CUSTOMERS customers"
+    inv
+    MONGO_TIMEOUT_MS=50000 "$BIN/cachectl" populate --count "$CUSTOMERS" --batch 1000 >"$RUN/logs/populate.log" 2>&1 \
+        || { tail -n 30 "$RUN/logs/populate.log"; die "populate failed"; }
+    "$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --part "$RUN/parts/zipf.json"
+    proc stop --name invalidator
+    for mode in off on; do
+        settings=()
+        [ "$mode" = off ] && settings=(WARM_KEYS=0)
+        log "flush recovery, warm start $mode: invalidator, replicas A and D ${settings[*]:-(defaults)}"
+        # Both runs start from the same state: nothing cached, no record.
+        flush_features
+        redis-cli -p "$TESTBED_REDIS_PORT" DEL "$CONTROL:hot" >/dev/null
+        inv ${settings[@]+"${settings[@]}"}
+        api api-a "$PORT_A" bench-a ${settings[@]+"${settings[@]}"}
+        api api-d "$PORT_D" bench-d ${settings[@]+"${settings[@]}"}
+        "$XT" proc wait "$A/api/info/" --contains '"subscribed":true' --timeout 30
+        "$XT" proc wait "$D/api/info/" --contains '"subscribed":true' --timeout 30
+        # The full flush: the invalidator restarts without its saved position.
+        {
+            echo "set -euo pipefail"
+            declare -p XT RUN COMMON PORT_I BIN settings
+            declare -f proc inv
+            echo 'proc stop --name invalidator'
+            echo "redis-cli -p $TESTBED_REDIS_PORT DEL $CONTROL:resume-token >/dev/null"
+            echo 'inv ${settings[@]+"${settings[@]}"}'
+        } >"$RUN/flush-$mode.sh"
+        "$PY" "$BENCH" recovery10 --apis "$A" "$D" --invalidator "$I" --label "warm start $mode" \
+            --ids "$IDS" --flush-script "$RUN/flush-$mode.sh" --rate 200 --threads 32 --before 20 --after 10 \
+            --part "$RUN/parts/recovery10_$mode.json"
+        proc stop --name api-a; proc stop --name api-d; proc stop --name invalidator
+    done
+    inv
+    for ttl in 0 default; do
+        settings=()
+        [ "$ttl" = 0 ] && settings=(NEGATIVE_TTL_MS=0)
+        log "404 storm on a fresh replica, NEGATIVE_TTL_MS=$ttl"
+        api api-e "$PORT_E" bench-e ${settings[@]+"${settings[@]}"}
+        "$PY" "$BENCH" storm --api "$E" --label "NEGATIVE_TTL_MS=$ttl" --ids 100 --per-id 50 --threads 8 \
+            --part "$RUN/parts/storm_$ttl.json"
+        proc stop --name api-e
+    done
+    python3 - "$RUN/meta.json" <<'EOF'
+import json, sys, datetime
+p = sys.argv[1]; m = json.load(open(p))
+m["finished_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+m["processes"] = {"A, D": "cache-api, near cache on, defaults (plus WARM_KEYS=0 in the 'off' run)",
+                  "E": "cache-api for the 404 storm (NEGATIVE_TTL_MS=0, then the default)",
+                  "invalidator": "cache-invalidator (plus WARM_KEYS=0 in the 'off' run)"}
+json.dump(m, open(p, "w"), indent=2)
+EOF
+    "$PY" "$BENCH" report --run-dir "$RUN" --name "$NAME-warm" --out "$RESULTS/$NAME-warm.json"
+    log "results: $RESULTS/$NAME-warm.json, $RESULTS/$NAME-warm.md"
+    exit 0
+fi
+
 # ---------------------------------------------------------------- system
 log "starting the invalidator, API A (near on), API B (near off) and API F (A with auth and limits)"
 proc start --name invalidator --port "$PORT_I" --ready /health --ready-contains '"leader"' --timeout 60 \
@@ -230,7 +306,6 @@ read -r DOC_BYTES BODY_BYTES <<<"$("$PY" "$BENCH" sizes --api "$A" --redis-port 
     --count "$CUSTOMERS" --part "$RUN/parts/sizes.json" | tail -n 1)"
 log "documents: $DOC_BYTES bytes in Redis, $BODY_BYTES-byte response bodies"
 
-IDS="$RUN/zipf-ids.txt"
 if [ "$AUTH_COST" = 1 ]; then
     "$PY" "$BENCH" zipf --keys "$CUSTOMERS" --s 1.0 --out "$IDS" --urls "near=$A" --part "$RUN/parts/zipf.json"
     log "auth cost: wrk at $CONC connections, ${SECS}s each, on A (open) and F (key, rate limit, shedding)"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from . import report
-from .phases import hitpath, invalidation, memory, miss, offload, profile, recovery, setup
+from .phases import hitpath, invalidation, memory, miss, offload, profile, recovery, setup, warmup
 
 DESCRIPTION = """Measurement driver for bench/run.sh: one subcommand per phase.
 
@@ -107,6 +107,15 @@ def parser() -> argparse.ArgumentParser:
     phase("memory", memory.cmd_memory,
           API, arg("--pid", type=int, required=True), REDIS_PORT,
           arg("--counts", type=int, nargs="+", default=[10000, 100000]), PART)
+    phase("recovery10", warmup.cmd_recovery10,
+          arg("--apis", nargs="+", required=True), arg("--invalidator", required=True),
+          arg("--label", required=True), arg("--ids", required=True),
+          arg("--flush-script", required=True, help="a bash script that makes the invalidator flush"),
+          arg("--rate", type=float, default=1000), arg("--threads", type=int, default=8),
+          arg("--before", type=float, default=20), arg("--after", type=float, default=10), PART)
+    phase("storm", warmup.cmd_storm,
+          API, arg("--label", required=True), arg("--ids", type=int, default=100),
+          arg("--per-id", type=int, default=50), arg("--threads", type=int, default=8), seed(5), PART)
     phase("report", report.cmd_report,
           arg("--run-dir", required=True), arg("--name", required=True), arg("--out", required=True))
     return p

@@ -187,8 +187,49 @@ def _memory(res: dict) -> list[str]:
                   f"{mem['redis_used_memory_bytes_per_key']} bytes per key.")
 
 
+def _recovery10(res: dict) -> list[str]:
+    runs = [res[k] for k in sorted(res) if k.startswith("recovery10_")]
+    if not runs:
+        return []
+    n = runs[0]["seconds_after_flush"]
+    rows = [f"| {r['label']} | {r['mongodb_finds_after_flush']:.0f} | {r['hit_ratio_after_flush']} | "
+            f"{r['near_hit_ratio_after_flush']} | {r['hit_ratio_before_flush']} | {r['warm_keys_loaded']:.0f} | "
+            f"{r['responses_after_flush']} |" for r in runs]
+    per_second = [f"| {r['label']} | " + " | ".join(
+        f"{x['mongodb_finds']:.0f} / {x['hit_ratio']}" for x in r["per_second"]) + " |" for r in runs]
+    return _table(
+        f"## The first {n} s after a full flush ({runs[0]['offered_rps']:g} GET/s, Zipf s=1.0, "
+        f"{len(runs[0]['replicas'])} replicas)",
+        "| configuration | MongoDB finds | hit ratio | near-hit ratio | hit ratio before | keys preloaded | responses |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        rows,
+        intro=runs[0]["flush"] + ".",
+    ) + _table(
+        "Per second after the flush (MongoDB finds / hit ratio):",
+        "| configuration | " + " | ".join(f"{s}-{s + 1} s" for s in range(n)) + " |",
+        "|---|" + "---:|" * n,
+        per_second,
+    )
+
+
+def _storm(res: dict) -> list[str]:
+    runs = [res[k] for k in sorted(res) if k.startswith("storm_")]
+    if not runs:
+        return []
+    rows = [f"| {r['label']} | {r['requests']} | {r['missing_ids']} | {r['mongodb_finds']:.0f} | "
+            f"{r['mongodb_finds_per_id']} | {r['negative_hits']:.0f} | {r['statuses']} | {r['seconds']} |"
+            for r in runs]
+    return _table(
+        "## 404 storm (GETs of ids that exist nowhere)",
+        "| configuration | requests | missing ids | MongoDB finds | finds per id | negative hits | statuses | s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+        rows,
+    )
+
+
 # In the order of the report.
-SECTIONS = (_machine, _hitpath, _latency, _miss, _stampede, _offload, _probes, _lag, _throughput, _memory)
+SECTIONS = (_machine, _hitpath, _latency, _miss, _stampede, _offload, _probes, _lag, _throughput, _memory,
+            _recovery10, _storm)
 
 
 def markdown(res: dict) -> str:

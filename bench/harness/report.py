@@ -54,6 +54,12 @@ def summarize(res: dict) -> dict:
     for key in ("offload_warm", "offload_cold"):
         if key in res:
             s[key + "_fraction_reaching_mongodb"] = res[key]["fraction_of_reads_reaching_mongodb"]
+    for key in sorted(res):
+        if key.startswith("recovery10_"):
+            r = res[key]
+            s[key] = {"mongodb_finds": r["mongodb_finds_after_flush"], "hit_ratio": r["hit_ratio_after_flush"]}
+        if key.startswith("storm_"):
+            s[key] = {"mongodb_finds": res[key]["mongodb_finds"], "requests": res[key]["requests"]}
     mem = res.get("memory")
     if mem:
         s["memory"] = [{"entries": r["entries"], "rss_mib": round(r["VmRSS"] / 2**20, 1),

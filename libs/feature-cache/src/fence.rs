@@ -32,9 +32,14 @@ impl Fence {
         invocation.key(&self.key).arg(&self.token);
     }
 
-    /// Whether a script failed because the fence moved.
+    /// Whether a script failed because the fence moved (alone, or any of
+    /// a pipeline's).
     pub fn refused(err: &RedisError) -> bool {
         err.code() == Some(FENCED)
+            || err
+                .clone()
+                .into_server_errors()
+                .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == FENCED))
     }
 }
 

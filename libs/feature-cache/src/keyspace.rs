@@ -38,6 +38,8 @@ pub struct ControlKeys {
     pub feed_position: String,
     /// The invalidation stream's default key: one stream per collection.
     pub stream: String,
+    /// The hot-key record: customer id -> decayed read score ([`crate::hot`]).
+    pub hot: String,
     /// The live replicas: a sorted set of instance id → last heartbeat (unix ms).
     pub replicas: String,
     /// Each replica's heartbeat JSON lives at this prefix + its instance id,
@@ -57,6 +59,7 @@ impl ControlKeys {
             fencing_counter: format!("{base}:fence"),
             feed_position: format!("{base}:resume-token"),
             stream: format!("{base}:changes"),
+            hot: format!("{base}:hot"),
             replicas: format!("{base}:replicas"),
             replica_prefix: format!("{base}:replica:"),
             requests: format!("{base}:requests"),
@@ -122,6 +125,7 @@ mod tests {
             &keys.fencing_counter,
             &keys.feed_position,
             &keys.stream,
+            &keys.hot,
             &keys.replicas,
             &keys.replica("api-1"),
             &keys.requests,

@@ -16,6 +16,10 @@
 //! - [`fence`]: [`Fence`], writes that land only while a key holds a token.
 //! - [`eviction`]: whether Redis's eviction policy keeps the guarantees.
 //! - [`coalesce`]: one load per key in flight, however many callers wait on it.
+//! - [`hot`]: the hot-key record in Redis (sampled read counts, decayed).
+//! - [`warm`]: warm start — preloading the hottest keys into the near cache
+//!   (after a start or a flush) and back into Redis (after the invalidator's
+//!   flush).
 //! - [`lease`]: across replicas, one load per key: a miss waits briefly on
 //!   another replica's reservation for its fill.
 //! - [`refresh`]: hot keys refreshed ahead of their expiry in Redis.
@@ -26,6 +30,7 @@ pub mod coalesce;
 pub mod entry;
 pub mod eviction;
 pub mod fence;
+pub mod hot;
 pub mod inspect;
 pub mod keyspace;
 pub mod lease;
@@ -34,9 +39,11 @@ pub mod redis_tier;
 pub mod refresh;
 pub mod tier;
 pub mod tiered;
+pub mod warm;
 
 pub use entry::{CachedDocument, Entry};
 pub use fence::Fence;
+pub use hot::{HotConfig, HotRecord, HotRecorder};
 pub use inspect::{StoredEntry, StoredKind};
 pub use keyspace::{ControlKeys, TtlPolicy};
 pub use near::{NearCache, NearCacheConfig};
@@ -46,3 +53,4 @@ pub use redis_tier::{
 };
 pub use tier::CacheTier;
 pub use tiered::{Lookup, ReadPolicy, Source, TieredStore, WriteOutcome};
+pub use warm::{WarmConfig, Warmer};

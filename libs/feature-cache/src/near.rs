@@ -7,6 +7,7 @@ use moka::sync::Cache;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Invalidation counters the keys are spread over: enough that an
 /// invalidation rarely refuses an unrelated fill, few enough to stay small.
@@ -93,6 +94,8 @@ pub struct NearCache {
     hasher: foldhash::fast::RandomState,
     epoch: AtomicU64,
     stripes: Box<[Stripe]>,
+    /// How many flushes there were, for whoever refills after one.
+    flushes: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -140,6 +143,7 @@ impl NearCache {
             hasher,
             epoch: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            flushes: watch::Sender::new(0),
         }
     }
 
@@ -224,6 +228,13 @@ impl NearCache {
     pub fn flush(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
+        self.flushes.send_modify(|flushes| *flushes += 1);
+    }
+
+    /// Follows the flushes: the value is how many there were, and it
+    /// changes after each (once the cache is empty).
+    pub fn flushes(&self) -> watch::Receiver<u64> {
+        self.flushes.subscribe()
     }
 
     pub fn len(&self) -> u64 {

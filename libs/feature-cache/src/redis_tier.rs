@@ -724,6 +724,46 @@ impl FencedWriter {
         Ok(Offer::of_reply(&reply))
     }
 
+    /// Offers many entries through the guard in one pipeline while the
+    /// fence holds, each as its writer (a fill onto its reservation: see
+    /// [`RedisTier::reserve_many`]). An expired document is not offered.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = writes.len()))]
+    pub async fn fill_many(
+        &self,
+        writes: &[(Entry, Writer)],
+    ) -> Result<Vec<Offer>, FencedWriteError> {
+        let mut outcomes = vec![Offer::Refused { holds: None }; writes.len()];
+        let offered: Vec<(usize, u64)> = writes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, (entry, _))| Some((index, self.ttl.ttl_ms_of(entry)?)))
+            .collect();
+        for chunk in offered.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (index, ttl_ms) in chunk {
+                let (entry, writer) = &writes[*index];
+                let mut invocation = self.guard.prepare_invoke();
+                guard_args(&mut invocation, entry, *ttl_ms, writer);
+                self.fence.append(&mut invocation);
+                pipe.invoke_script(&invocation);
+            }
+            let mut conn = self.conn.clone();
+            let replies: Vec<Vec<redis::Value>> = match pipe.query_async(&mut conn).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.guard.load_async(&mut conn).await?;
+                    pipe.query_async(&mut conn).await?
+                }
+                other => other.inspect_err(|_| count_error("EVALSHA"))?,
+            };
+            for ((index, _), reply) in chunk.iter().zip(replies) {
+                outcomes[*index] = Offer::of_reply(&reply);
+            }
+        }
+        Ok(outcomes)
+    }
+
     /// Removes the customer's entry while the fence holds: whatever the
     /// key held, and any fill's reservation with it. Absence is always
     /// safe: a fill needs its reservation, and a reader then reads MongoDB.

@@ -1,5 +1,6 @@
 use crate::coalesce::{Coalescer, Role};
 use crate::entry::{CachedDocument, Entry};
+use crate::hot::HotRecorder;
 use crate::lease::{Waited, wait_for_fill};
 use crate::near::{NearCache, Ticket};
 use crate::redis_tier::{Offer, RedisTier, Reservation, ReserveFor, Writer};
@@ -8,8 +9,8 @@ use chrono::Utc;
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreError};
 use metrics::{Counter, counter};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use telemetry::Condition;
 use tracing::Instrument;
@@ -67,9 +68,16 @@ enum Found {
     Miss,
 }
 
-/// A read that missed every tier: its id, the writer of its fill, the
-/// version its reservation kept, and its near-cache ticket.
-type Miss = (CustomerId, Option<Writer>, Option<i64>, Option<Ticket>);
+/// A key a read is about to look up in MongoDB: the writer its fill offers
+/// as (none without a reservation), the order its reservation kept (for an
+/// absence; none when it holds no reservation of its own) and the near
+/// cache's ticket.
+struct Pending {
+    id: CustomerId,
+    writer: Option<Writer>,
+    kept: Option<i64>,
+    ticket: Option<Ticket>,
+}
 
 /// Reads and writes fail only when MongoDB is needed and cannot answer (or
 /// refuses); Redis trouble degrades to MongoDB and is never an error for the
@@ -95,6 +103,8 @@ struct Inner {
     /// and tombstones are served as "not found" too.
     serve_absence: bool,
     refresh: Option<RefreshAhead>,
+    /// Where served reads are counted (the hot-key record), once set.
+    hot: OnceLock<HotRecorder>,
     /// While Redis is down every request fails against it: these log the
     /// outage once when it starts and once when it ends (each failure is
     /// still counted, in `redis_errors_total`, and logged at debug).
@@ -167,6 +177,7 @@ impl TieredStore {
                 policy,
                 serve_absence,
                 refresh,
+                hot: OnceLock::new(),
                 redis_reads: Condition::new(
                     "redis_read",
                     "Redis reads fail; reading through to MongoDB",
@@ -178,6 +189,18 @@ impl TieredStore {
                     "Redis writes work again",
                 ),
             }),
+        }
+    }
+
+    /// Counts every read served from now on in the hot-key record (the
+    /// first recorder set stays).
+    pub fn record_reads(&self, recorder: HotRecorder) {
+        let _ = self.inner.hot.set(recorder);
+    }
+
+    fn record(&self, doc: &Arc<CachedDocument>) {
+        if let Some(hot) = self.inner.hot.get() {
+            hot.record(doc);
         }
     }
 
@@ -224,6 +247,7 @@ impl TieredStore {
                         .counters
                         .near_hits
                         .fetch_add(1, Ordering::Relaxed);
+                    self.record(&doc);
                     tracing::debug!(customer_id = %id, source = "local", "served");
                     return Ok(Some(Lookup {
                         document: doc,
@@ -249,7 +273,11 @@ impl TieredStore {
                 .near_misses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.load(id).await
+        let loaded = self.load(id).await;
+        if let Ok(Some(lookup)) = &loaded {
+            self.record(&lookup.document);
+        }
+        loaded
     }
 
     /// Below the near cache: Redis, then MongoDB. Redis hits are not
@@ -433,8 +461,13 @@ impl TieredStore {
         };
         let Some(doc) = self.inner.store.get(id).await? else {
             tracing::debug!(customer_id = %id, "not found in MongoDB");
-            self.not_found(vec![(id.clone(), writer, kept, ticket)])
-                .await;
+            self.not_found(vec![Pending {
+                id: id.clone(),
+                writer,
+                kept,
+                ticket,
+            }])
+            .await;
             return Ok(None);
         };
         let document = CachedDocument::from_document(&doc);
@@ -488,11 +521,17 @@ impl TieredStore {
     /// Reads that found no document: each caches an absence onto its
     /// reservation at the order the reservation kept (when absences are
     /// cached), or gives the reservation back.
-    async fn not_found(&self, misses: Vec<Miss>) {
+    async fn not_found(&self, misses: Vec<Pending>) {
         let cache_absence = self.inner.serve_absence;
         let mut absences = Vec::new();
         let mut released = Vec::new();
-        for (id, writer, kept, ticket) in misses {
+        for Pending {
+            id,
+            writer,
+            kept,
+            ticket,
+        } in misses
+        {
             match (writer, kept) {
                 (Some(writer), Some(kept)) if cache_absence => {
                     absences.push((Entry::absent(id.as_str(), kept), Some(writer), ticket));
@@ -509,8 +548,41 @@ impl TieredStore {
 
     /// Many customers at once: near cache, one MGET, one `$in` query.
     /// Returns the found documents by id and the ids found nowhere.
-    #[tracing::instrument(skip_all, fields(count = ids.len()))]
     pub async fn get_many(
+        &self,
+        ids: &[CustomerId],
+    ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {
+        let (found, missing) = self.read_many(ids).await?;
+        for lookup in &found {
+            self.record(&lookup.document);
+        }
+        Ok((found, missing))
+    }
+
+    /// Loads customers into the tiers the way [`Self::get_many`] reads them
+    /// (the same guard, reservations and tickets), without counting the
+    /// reads as reads: a warm-up. Returns how many documents were not in the
+    /// near cache already and are now.
+    pub async fn preload(&self, ids: &[CustomerId]) -> Result<usize, StoreError> {
+        let (found, _) = self.read_many(ids).await?;
+        Ok(found
+            .iter()
+            .filter(|lookup| lookup.source != Source::Local)
+            .filter(|lookup| {
+                self.near()
+                    .and_then(|near| near.get(&lookup.document.customer_id))
+                    .and_then(|entry| {
+                        entry
+                            .document()
+                            .map(|doc| Arc::ptr_eq(doc, &lookup.document))
+                    })
+                    .unwrap_or(self.near().is_none())
+            })
+            .count())
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()))]
+    async fn read_many(
         &self,
         ids: &[CustomerId],
     ) -> Result<(Vec<Lookup>, Vec<CustomerId>), StoreError> {
@@ -543,7 +615,7 @@ impl TieredStore {
         let reservations = self.reserve(&keys, false).await;
         // Batch reads share reservations but do not wait on them: one `$in`
         // query answers every key at once.
-        let mut from_mongo: Vec<Miss> = Vec::new();
+        let mut from_mongo: Vec<Pending> = Vec::new();
         let mut reservations = reservations.into_iter();
         for (id, ticket) in pending {
             match reservations.next() {
@@ -555,20 +627,30 @@ impl TieredStore {
                     self.served_absent(entry, ticket);
                     absent.push(id.clone());
                 }
-                Some(Reservation::Lease { writer, kept, .. }) => {
-                    from_mongo.push((id.clone(), Some(writer), Some(kept), ticket));
-                }
-                Some(Reservation::Reserved(writer)) => {
-                    from_mongo.push((id.clone(), Some(writer), None, ticket));
-                }
-                _ => from_mongo.push((id.clone(), None, None, ticket)),
+                Some(Reservation::Lease { writer, kept, .. }) => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: Some(writer),
+                    kept: Some(kept),
+                    ticket,
+                }),
+                Some(Reservation::Reserved(writer)) => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: Some(writer),
+                    kept: None,
+                    ticket,
+                }),
+                _ => from_mongo.push(Pending {
+                    id: id.clone(),
+                    writer: None,
+                    kept: None,
+                    ticket,
+                }),
             }
         }
 
         let mut missing = absent;
         if !from_mongo.is_empty() {
-            let wanted: Vec<CustomerId> =
-                from_mongo.iter().map(|(id, _, _, _)| id.clone()).collect();
+            let wanted: Vec<CustomerId> = from_mongo.iter().map(|p| p.id.clone()).collect();
             let docs = self.inner.store.get_many(&wanted).await?;
             let mut by_id: HashMap<String, FeatureDocument> = docs
                 .into_iter()
@@ -576,19 +658,23 @@ impl TieredStore {
                 .collect();
             let mut fills = Vec::new();
             let mut unfilled = Vec::new();
-            for (id, writer, kept, ticket) in from_mongo {
-                match by_id.remove(id.as_str()) {
+            for pending in from_mongo {
+                match by_id.remove(pending.id.as_str()) {
                     Some(doc) => {
                         let document = CachedDocument::from_document(&doc);
-                        fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
+                        fills.push((
+                            Entry::Document(Arc::clone(&document)),
+                            pending.writer,
+                            pending.ticket,
+                        ));
                         found.push(Lookup {
                             document,
                             source: Source::Mongodb,
                         });
                     }
                     None => {
-                        unfilled.push((id.clone(), writer, kept, ticket));
-                        missing.push(id);
+                        missing.push(pending.id.clone());
+                        unfilled.push(pending);
                     }
                 }
             }

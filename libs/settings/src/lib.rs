@@ -20,7 +20,10 @@ pub use error::SettingsError;
 pub use table::{NAMES, Settings};
 
 use config::{Config, Environment, File, FileFormat};
-use feature_cache::{ControlKeys, NearCacheConfig, ReadPolicy, RedisConfig, RedisTls, TtlPolicy};
+use feature_cache::{
+    ControlKeys, HotConfig, NearCacheConfig, ReadPolicy, RedisConfig, RedisTls, TtlPolicy,
+    WarmConfig,
+};
 use feature_store::StoreConfig;
 use invalidation::{Channels, SubscriberConfig};
 use std::collections::HashMap;
@@ -245,6 +248,26 @@ impl Settings {
     /// The invalidators' keys for this collection.
     pub fn control_keys(&self) -> ControlKeys {
         ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)
+    }
+
+    /// The hot-key record, keeping four times `WARM_KEYS` keys (at least
+    /// 1000); `None` when `WARM_KEYS` is 0.
+    pub fn hot_config(&self) -> Option<HotConfig> {
+        (self.warm_keys > 0).then(|| {
+            HotConfig::new(
+                self.control_keys().hot,
+                self.warm_keys.saturating_mul(4).max(1000),
+            )
+        })
+    }
+
+    /// Warm start; `None` when `WARM_KEYS` is 0.
+    pub fn warm_config(&self) -> Option<WarmConfig> {
+        (self.warm_keys > 0).then(|| WarmConfig {
+            hot_key: self.control_keys().hot,
+            keys: self.warm_keys,
+            rate_per_second: self.warm_rate_per_second,
+        })
     }
 
     /// Admission control: credentials, rate limits, load shedding.

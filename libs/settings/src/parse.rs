@@ -30,6 +30,17 @@ pub(crate) fn positive_usize(raw: Option<&str>) -> Read<usize> {
     usize::try_from(positive(raw)?).map_err(|_| "too large".into())
 }
 
+/// The most keys a warm-up may preload.
+const MAX_KEY_COUNT: u64 = 1_000_000;
+
+/// A number of keys: 0 (off) up to [`MAX_KEY_COUNT`].
+pub(crate) fn key_count(raw: Option<&str>) -> Read<usize> {
+    match number(present(raw)?)? {
+        n if n > MAX_KEY_COUNT => Err(format!("must be at most {MAX_KEY_COUNT}")),
+        n => usize::try_from(n).map_err(|_| "too large".into()),
+    }
+}
+
 /// The longest duration any setting takes: longer ones are surely typos,
 /// and libraries below refuse (or panic on) durations of centuries.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);

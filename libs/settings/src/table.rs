@@ -3,7 +3,7 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, dev_keys, fraction, instance_id, invalidation_mode, log_format, millis,
+    boolean, dev_keys, fraction, instance_id, invalidation_mode, key_count, log_format, millis,
     millis_or_zero, mongo_uri, non_empty, opt_number, opt_path, opt_string, positive,
     positive_usize, seconds, socket_addr,
 };
@@ -157,4 +157,11 @@ settings! { binary =>
     /// A document read from Redis in this last fraction of its TTL is
     /// refreshed in the background (0 to 1; 0: never).
     refresh_ahead_fraction: f64 = "REFRESH_AHEAD_FRACTION", fraction, Some("0.1");
+    // Warm start (CACHE_STRATEGY.md, "Warm start").
+    /// The hottest keys a replica preloads after it starts or its near cache
+    /// is flushed, and the invalidator puts back into Redis after a flush;
+    /// 0: no warm start, and no hot-key record.
+    warm_keys: usize = "WARM_KEYS", key_count, Some("1000");
+    /// Keys a warm-up (or a refill) loads per second at most.
+    warm_rate_per_second: u64 = "WARM_RATE_PER_SECOND", positive, Some("2000");
 }

@@ -456,6 +456,38 @@ fn admission_contradictions_are_refused_naming_both_settings() {
 }
 
 #[test]
+fn warm_start_is_on_by_default_and_zero_turns_it_off() {
+    let s = load_from(Defaults::API, env(&[("MONGO_DB", "shop")])).unwrap();
+    let warm = s.warm_config().expect("warm start on by default");
+    assert_eq!(warm.keys, 1000);
+    assert_eq!(warm.rate_per_second, 2000);
+    assert_eq!(warm.hot_key, "cache-invalidator:shop.customer_features:hot");
+    let hot = s.hot_config().expect("the hot-key record with it");
+    assert_eq!(hot.key, warm.hot_key);
+    assert!(hot.capacity >= warm.keys, "{}", hot.capacity);
+
+    let s = load_from(
+        Defaults::API,
+        env(&[("WARM_KEYS", "0"), ("WARM_RATE_PER_SECOND", "10")]),
+    )
+    .unwrap();
+    assert!(s.warm_config().is_none());
+    assert!(s.hot_config().is_none());
+
+    for (name, value) in [
+        ("WARM_KEYS", "-1"),
+        ("WARM_KEYS", "lots"),
+        ("WARM_KEYS", "1000001"),
+        ("WARM_RATE_PER_SECOND", "0"),
+    ] {
+        let err = load_from(Defaults::API, env(&[(name, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{name}={value}: {err}");
+    }
+}
+
+#[test]
 fn fleet_settings_have_their_defaults_and_refuse_zero() {
     let s = load_from(Defaults::API, env(&[])).unwrap();
     assert_eq!(s.heartbeat_interval, Duration::from_millis(2000));

@@ -6,7 +6,7 @@ use crate::state::AppState;
 use access::Access;
 use anyhow::Context;
 use axum::Router;
-use feature_cache::{NearCache, RedisTier, TieredStore};
+use feature_cache::{HotRecord, NearCache, RedisTier, TieredStore, Warmer};
 use feature_store::FeatureStore;
 use fleet::{FleetClient, Heartbeat, Responder, Vitals};
 use invalidation::Subscriber;
@@ -22,6 +22,10 @@ pub struct Application {
     router: Router,
     state: AppState,
     subscriber: Option<Subscriber>,
+    /// Counts reads into the hot-key record (off with `WARM_KEYS=0`).
+    hot: Option<HotRecord>,
+    /// Preloads the hottest keys after the start and after each flush.
+    warmer: Option<Warmer>,
 }
 
 impl Application {
@@ -38,6 +42,15 @@ impl Application {
             .near_cache_config()
             .map(|config| NearCache::new(&config));
         let tiers = TieredStore::with_policy(near, redis, store, settings.read_policy());
+        let hot = settings.hot_config().map(|config| {
+            let (recorder, record) = HotRecord::new(tiers.redis().connection(), config);
+            tiers.record_reads(recorder);
+            record
+        });
+        // Follows the near cache's flushes from before the subscriber's first.
+        let warmer = settings
+            .warm_config()
+            .and_then(|config| Warmer::new(&tiers, config));
 
         // Each replica follows the invalidator's messages into its near cache;
         // without a near cache there is nothing of its own to keep fresh.
@@ -93,6 +106,8 @@ impl Application {
             router,
             state,
             subscriber,
+            hot,
+            warmer,
         })
     }
 
@@ -115,10 +130,18 @@ impl Application {
             router,
             state,
             subscriber,
+            hot,
+            warmer,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, instance_id = %state.settings.instance_id, "cache-api listening");
+        if let Some(warmer) = warmer {
+            tokio::spawn(warmer.run(shutdown.child_token()));
+        }
         if let Some(subscriber) = subscriber {
             tokio::spawn(subscriber.run(shutdown.child_token()));
+        }
+        if let Some(hot) = hot {
+            tokio::spawn(hot.run(shutdown.child_token()));
         }
         tokio::spawn(heartbeat(&state).run(shutdown.child_token()));
         tokio::spawn(

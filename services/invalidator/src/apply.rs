@@ -6,13 +6,13 @@
 
 use crate::worker::{Sequence, WorkerStatus};
 use feature_cache::{
-    CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier,
+    CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
 };
 use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
 use fleet::{FencedRequestQueue, OperatorRequest, RequestKind, RequestQueue};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
 use tracing::Instrument;
 
@@ -199,6 +199,16 @@ pub struct Apply {
     mode: InvalidationMode,
     sequence: Arc<Sequence>,
     status: Arc<WorkerStatus>,
+    /// Puts the hottest keys back into Redis after a flush (`None`: off).
+    warm: Option<WarmConfig>,
+    /// The refill under way, stopped by the next flush or the term's end.
+    refilling: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Apply {
+    fn drop(&mut self) {
+        self.stop_refill();
+    }
 }
 
 /// What an [`Apply`] is made of, apart from the term's fence.
@@ -211,6 +221,8 @@ pub struct ApplyParts {
     pub mode: InvalidationMode,
     pub sequence: Arc<Sequence>,
     pub status: Arc<WorkerStatus>,
+    /// `WARM_KEYS` and its rate; `None` when 0.
+    pub warm: Option<WarmConfig>,
 }
 
 impl Apply {
@@ -226,6 +238,8 @@ impl Apply {
             mode: parts.mode,
             sequence: Arc::clone(&parts.sequence),
             status: Arc::clone(&parts.status),
+            warm: parts.warm.clone(),
+            refilling: Mutex::new(None),
         }
     }
 
@@ -444,7 +458,9 @@ impl Apply {
         let removed = self.redis.flush_documents().await?;
         tracing::warn!(reason, removed, "flushed the cache");
         metrics::counter!("invalidator_flushes_total", "reason" => reason).increment(1);
-        self.announce_in_place(None, Op::Flush, None).await
+        self.announce_in_place(None, Op::Flush, None).await?;
+        self.refill(reason);
+        Ok(())
     }
 
     /// Announces a message that moves the feed nowhere (a flush, an
@@ -474,6 +490,64 @@ impl Apply {
             .unwrap_or_default();
         self.announcer.announce(&message, &saved).await?;
         Ok(())
+    }
+
+    /// Starts putting the hottest keys back into Redis, in the background
+    /// (the feed goes on meanwhile; the refill's fills are refused for keys
+    /// a change reaches first), stopping a refill still under way.
+    fn refill(&self, reason: &'static str) {
+        let Some(config) = self.warm.clone() else {
+            return;
+        };
+        let (redis, writer, store) = (self.redis.clone(), self.writer.clone(), self.store.clone());
+        let task = tokio::spawn(
+            async move {
+                let started = std::time::Instant::now();
+                tracing::info!(
+                    reason,
+                    keys = config.keys,
+                    "refilling Redis with the hottest keys"
+                );
+                match feature_cache::warm::refill_redis(&redis, &writer, &store, &config).await {
+                    Ok(stored) => {
+                        metrics::counter!("invalidator_refilled_keys_total")
+                            .increment(stored as u64);
+                        tracing::info!(
+                            reason,
+                            stored,
+                            took_ms =
+                                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            "refilled Redis with the hottest keys"
+                        );
+                    }
+                    Err(err) => tracing::warn!(
+                        reason,
+                        error = %telemetry::ErrorChain(&err),
+                        "refilling Redis after the flush stopped"
+                    ),
+                }
+            }
+            .in_current_span(),
+        );
+        let previous = self
+            .refilling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(task.abort_handle());
+        if let Some(previous) = previous {
+            previous.abort();
+        }
+    }
+
+    fn stop_refill(&self) {
+        if let Some(task) = self
+            .refilling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
     }
 
     /// Announces a change of one customer's entry with the change's position.

@@ -61,6 +61,7 @@ impl Application {
                 mode: settings.invalidation_mode,
                 sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
+                warm: settings.warm_config(),
             },
         };
         let listener = TcpListener::bind(settings.http_addr)

@@ -438,6 +438,28 @@ impl Deployment {
         }
     }
 
+    /// Waits until `replica` serves `id` at `version` (at most
+    /// [`LAG_BOUND`]; a replica may hold an older copy, or a cached 404, until
+    /// the change's announcement reaches it).
+    pub async fn wait_served(&self, replica: &ServiceProcess, id: &str, version: i64) {
+        let started = Instant::now();
+        loop {
+            let served = self.get(replica, id).await;
+            if served.version() == Some(version) {
+                return;
+            }
+            assert!(
+                started.elapsed() < LAG_BOUND,
+                "{} still answers {} {} for {id} {:?} after a write of v{version}",
+                replica.name(),
+                served.status,
+                served.body,
+                started.elapsed()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Reads `id` through `replica` until the near cache answers (at most a
     /// few reads); panics if it never does.
     pub async fn warm(&self, replica: &ServiceProcess, id: &str) -> Served {

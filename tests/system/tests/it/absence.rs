@@ -37,26 +37,6 @@ async fn finds(deployment: &Deployment, replicas: &[&ServiceProcess]) -> f64 {
     .await
 }
 
-/// Waits until `replica` serves `id` at `version`.
-async fn wait_served(deployment: &Deployment, replica: &ServiceProcess, id: &str, version: i64) {
-    let started = Instant::now();
-    loop {
-        let served = deployment.get(replica, id).await;
-        if served.version() == Some(version) {
-            return;
-        }
-        assert!(
-            started.elapsed() < LAG_BOUND,
-            "{} still answers {} {} for {id} {:?} after a create of v{version}",
-            replica.name(),
-            served.status,
-            served.body,
-            started.elapsed()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Waits until Redis holds what `want` accepts for `id`.
 async fn wait_cached(deployment: &Deployment, id: &str, want: impl Fn(&Cached) -> bool) -> Cached {
     let started = Instant::now();
@@ -122,7 +102,9 @@ async fn a_404_cached_on_two_replicas_gives_way_to_creates_outside_the_api() {
         .insert_unversioned("NEW-UNVERSIONED", json!({"made": "by another tool"}))
         .await;
     for replica in replicas {
-        wait_served(&deployment, replica, "NEW-VERSIONED", version).await;
+        deployment
+            .wait_served(replica, "NEW-VERSIONED", version)
+            .await;
     }
     let ids = vec!["NEW-VERSIONED".to_owned(), "NEW-UNVERSIONED".to_owned()];
     deployment.wait_consistent(&ids, LAG_BOUND).await;

@@ -192,6 +192,8 @@ async fn a_collection_drop_flushes_every_tier() {
         .post(&deployment.a, id, json!({"n": "again"}))
         .await;
     let v1 = doc["version"].as_i64().expect("version");
+    // B holds its own 404 of the dropped id until A's create is announced.
+    deployment.wait_served(&deployment.b, id, v1).await;
     deployment.warm(&deployment.b, id).await;
     let v2 = deployment.write_versioned(id, json!({"n": "tool"})).await;
     assert!(v2 > v1);

@@ -18,3 +18,4 @@ mod propagation;
 mod quickstart;
 mod tracing;
 mod transport;
+mod warm;

@@ -297,6 +297,41 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
+/// Reads make it into the hot-key record (its script runs as the API's user).
+async fn hot_record_written(deployment: &Deployment) {
+    let id = "transport-hot";
+    deployment
+        .post(&deployment.a, id, json!({"score": 1}))
+        .await;
+    // Each read is sampled with probability 1/8: 200 reads are surely seen.
+    for _ in 0..200 {
+        deployment.get(&deployment.a, id).await;
+    }
+    let key = format!(
+        "cache-invalidator:{}.{}:hot",
+        deployment.db_name,
+        system_tests::COLLECTION
+    );
+    let mut admin = deployment.redis.client().await;
+    let started = Instant::now();
+    loop {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&key)
+            .arg(id)
+            .query_async(&mut admin)
+            .await
+            .expect("ZSCORE");
+        if score.is_some_and(|score| score > 0.0) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the hot-key record never counted {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `deploy/redis/users.acl.template` rendered as compose renders it, except
 /// the `default` user, which stays open here for the test's own probes and
 /// checks (the services never use it).
@@ -375,6 +410,7 @@ async fn least_privilege_acl_users_run_the_whole_flow_and_nothing_more() {
     .await;
 
     full_flow(&deployment).await;
+    hot_record_written(&deployment).await;
     admin_flow(&deployment).await;
 
     // Each service is connected as its own user, and none of them was ever
