@@ -69,16 +69,16 @@ impl NearTier for FleetNear {
     }
 }
 
-/// What a replica's answer means here: a document with its JSON, a cached
-/// "not found", else a marker (tombstone, floor, anything else a replica
-/// never serves).
+/// What a replica's answer means here: a document with its JSON, a "not
+/// found" (a cached absence or a tombstone, served as 404), else a marker
+/// (a floor, anything else a replica never serves).
 fn observed(view: EntryView) -> Observed {
     match (view.kind.as_str(), view.document) {
         ("document", Some(body)) => Observed::Document {
             version: view.version,
             body,
         },
-        ("absent", _) => Observed::NotFound {
+        ("absent" | "tombstone", _) => Observed::NotFound {
             version: view.version,
         },
         _ => Observed::Marker {
@@ -92,7 +92,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_replica_s_documents_are_judged_and_its_markers_are_not_served() {
+    fn a_replica_s_documents_and_404s_are_judged_and_its_floors_are_not_served() {
         let body = serde_json::json!({"version": 3, "customer_id": "C1"});
         let view = |kind: &str, document: Option<serde_json::Value>| EntryView {
             kind: kind.into(),
@@ -105,7 +105,7 @@ mod tests {
         );
         assert_eq!(
             observed(view("tombstone", None)),
-            Observed::Marker { version: 3 }
+            Observed::NotFound { version: 3 }
         );
         assert_eq!(
             observed(view("floor", None)),

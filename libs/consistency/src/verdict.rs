@@ -2,10 +2,13 @@
 //! MongoDB holds.
 //!
 //! A tier is consistent for a key when a reader can only be served
-//! MongoDB's answer from it: it holds nothing, a marker (a tombstone or
-//! version floor, never served), a value it would not serve (a reservation,
-//! an expired document), exactly MongoDB's document — the same version
-//! *and* the same content — or a cached "not found" while MongoDB has none. A document with MongoDB's version but other
+//! MongoDB's answer from it: it holds nothing, a version floor (never
+//! served), a value it would not serve (a reservation, an expired
+//! document), exactly MongoDB's document — the same version *and* the same
+//! content — or a "not found" (a cached absence, or a tombstone: with
+//! negative caching on, both are served as 404) while MongoDB has none. A
+//! tombstone of a document MongoDB has again is a stale 404 waiting to be
+//! served, so it is judged like a cached absence. A document with MongoDB's version but other
 //! content is inconsistent: versions alone would miss a value planted or
 //! corrupted without a new version.
 
@@ -20,9 +23,10 @@ pub enum Observed {
     /// Nothing a reader would serve: no value, a reservation, a value we did
     /// not write. A reader then reads MongoDB.
     Absent,
-    /// A tombstone or a version floor: never served.
+    /// A version floor: never served.
     Marker { version: i64 },
-    /// A cached "not found" (negative caching): served as a 404.
+    /// A cached "not found" or a tombstone (with negative caching on, both
+    /// are served as a 404).
     NotFound { version: i64 },
     /// A document, as served (its JSON).
     Document { version: i64, body: Value },
@@ -33,10 +37,10 @@ impl Observed {
     pub fn of_entry(entry: Option<&Entry>) -> Self {
         match entry {
             None => Self::Absent,
-            Some(Entry::Floor { version, .. } | Entry::Tombstone { version, .. }) => {
-                Self::Marker { version: *version }
+            Some(Entry::Floor { version, .. }) => Self::Marker { version: *version },
+            Some(Entry::Absent { version, .. } | Entry::Tombstone { version, .. }) => {
+                Self::NotFound { version: *version }
             }
-            Some(Entry::Absent { version, .. }) => Self::NotFound { version: *version },
             // Rendered by us from a document: it parses. Should it not, the
             // content differs from any truth, which is what it is.
             Some(Entry::Document(doc)) => Self::Document {
@@ -302,6 +306,10 @@ mod tests {
         );
         assert_eq!(
             Observed::of_entry(Some(&Entry::tombstone("C1", 5))),
+            Observed::NotFound { version: 5 }
+        );
+        assert_eq!(
+            Observed::of_entry(Some(&Entry::floor("C1", 5))),
             Observed::Marker { version: 5 }
         );
         assert_eq!(Observed::of_entry(None), Observed::Absent);
