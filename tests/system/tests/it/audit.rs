@@ -285,7 +285,9 @@ async fn cachectl_audit_full_reports_planted_entries_repairs_them_everywhere_and
     deployment
         .redis_set(
             &format!("features:{}", ids[4]),
-            &format!(r#"{{"version":{},"deleted":true}}"#, version(4)),
+            // A version floor is never served: consistent. (A tombstone
+            // would be served as 404 with negative caching: `negative`.)
+            &format!(r#"{{"version":{},"fence":true}}"#, version(4)),
         )
         .await;
     deployment
