@@ -1,8 +1,9 @@
 // One-shot init of the `sharded` compose profile, run by mongosh against
 // mongos once the config server, both shards and mongos are healthy (the
-// members' own health checks initiated their replica sets and created root;
-// see sharded-member.js). Idempotent: each step checks first, so running it
-// again on a ready cluster changes nothing and exits 0.
+// members' health checks initiated their replica sets, the router's created
+// the cluster's root: sharded-member.js, sharded-router.js). Idempotent: each
+// step checks first, so running it again on a ready cluster changes nothing
+// and exits 0.
 //   1. adds each shard of SHARDS that the cluster does not have yet;
 //   2. creates the services' users, as the single-replica-set stack does:
 //      cache-api (readWrite on APP_DB) and cache-invalidator (read, which

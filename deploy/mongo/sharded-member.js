@@ -1,28 +1,33 @@
-// Health check of one member of the `sharded` compose profile (the config
+// Health check of one mongod of the `sharded` compose profile (the config
 // server or a shard), run by mongosh on the member itself
 // (`mongosh --port P --file sharded-member.js`).
 //
 // It runs on the member because only there does MongoDB's localhost
 // exception apply: with keyfile authentication and no user yet, a client on
 // localhost may initiate the replica set and create the first user, a
-// client elsewhere (the init service) may do nothing. So each member:
+// client elsewhere (the init service) may do neither. So each member:
 //   1. initiates its one-member replica set if it has no config yet (an
 //      initiated set keeps its config in its volume across restarts);
-//   2. once it is a writable PRIMARY, logs in as root, or creates root when
-//      the set has no user yet. On the config server that user is the
-//      cluster's root (mongos reads users from the config servers), which the
-//      init service logs in with; on a shard it is the shard-local admin
-//      MongoDB recommends, and it closes the shard's localhost exception;
-//   3. exits 0 only when this member is a writable PRIMARY with root in place.
+//   2. on a shard, once it is a writable PRIMARY, logs in as root or creates
+//      root when the shard has no user yet: the shard-local admin MongoDB
+//      recommends, which also closes the shard's localhost exception. The
+//      config server gets no user here: the cluster's users are created
+//      through mongos (sharded-router.js) and stored on it;
+//   3. exits 0 only when this member is a writable PRIMARY (with its root,
+//      on a shard).
 //
 // Environment (from docker-compose.yml): REPLICA_SET, MEMBER_HOST (host:port
 // as the other members and mongos reach it), CLUSTER_ROLE (configsvr or
-// shardsvr), MONGO_ROOT_USERNAME, MONGO_ROOT_PASSWORD. Not MONGO_INITDB_*:
-// the image's first-start user creation runs a temporary mongod without
-// --replSet, which a config server refuses.
+// shardsvr); on a shard MONGO_ROOT_USERNAME and MONGO_ROOT_PASSWORD. Not
+// MONGO_INITDB_*: the image's first-start user creation runs a temporary
+// mongod without --replSet, which a config server refuses.
 
 const env = process.env;
-for (const name of ['REPLICA_SET', 'MEMBER_HOST', 'CLUSTER_ROLE', 'MONGO_ROOT_USERNAME', 'MONGO_ROOT_PASSWORD']) {
+const shard = env.CLUSTER_ROLE === 'shardsvr';
+const required = ['REPLICA_SET', 'MEMBER_HOST', 'CLUSTER_ROLE'].concat(
+  shard ? ['MONGO_ROOT_USERNAME', 'MONGO_ROOT_PASSWORD'] : [],
+);
+for (const name of required) {
   if (!env[name]) {
     print(`sharded-member.js: ${name} is empty (run deploy/secrets.sh for the passwords)`);
     quit(2);
@@ -47,6 +52,9 @@ if (!db.hello().setName) {
 if (!db.hello().isWritablePrimary) {
   quit(1);
 }
+if (!shard) {
+  quit(0);
+}
 
 const admin = db.getSiblingDB('admin');
 let loggedIn = false;
@@ -63,6 +71,6 @@ if (!loggedIn) {
     pwd: env.MONGO_ROOT_PASSWORD,
     roles: [{ role: 'root', db: 'admin' }],
   });
-  print(`created ${env.MONGO_ROOT_USERNAME} on ${env.REPLICA_SET}`);
+  print(`created ${env.MONGO_ROOT_USERNAME} on shard ${env.REPLICA_SET}`);
 }
 quit(0);

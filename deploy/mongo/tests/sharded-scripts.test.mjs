@@ -95,18 +95,23 @@ function member() {
   return { state, db, rs };
 }
 
-const memberEnv = (overrides = {}) => ({
+const configEnv = () => ({
   REPLICA_SET: 'cfg',
   MEMBER_HOST: 'mongo-cfg:27019',
   CLUSTER_ROLE: 'configsvr',
+});
+const shardEnv = (overrides = {}) => ({
+  REPLICA_SET: 'shard-a',
+  MEMBER_HOST: 'mongo-shard-a:27018',
+  CLUSTER_ROLE: 'shardsvr',
   MONGO_ROOT_USERNAME: 'root',
   MONGO_ROOT_PASSWORD: 'secret',
   ...overrides,
 });
 
-test('a fresh config server is initiated, gets root once PRIMARY, then is healthy', () => {
+test('a fresh config server is initiated and healthy once PRIMARY, without a user of its own', () => {
   const m = member();
-  const check = () => run('sharded-member.js', memberEnv(), m.db, m.rs);
+  const check = () => run('sharded-member.js', configEnv(), m.db, m.rs);
 
   assert.equal(check().code, 1, 'not PRIMARY right after initiating');
   assert.deepEqual(plain(m.state.config), {
@@ -117,6 +122,18 @@ test('a fresh config server is initiated, gets root once PRIMARY, then is health
 
   m.state.primary = true; // elected
   assert.equal(check().code, 0);
+  assert.equal(check().code, 0);
+  assert.deepEqual(m.state.calls.map(([name]) => name), ['initiate'], 'users come through mongos');
+});
+
+test('a fresh shard is initiated without the config server flag, gets its root once PRIMARY, then is left alone', () => {
+  const m = member();
+  const check = () => run('sharded-member.js', shardEnv(), m.db, m.rs);
+
+  assert.equal(check().code, 1);
+  assert.deepEqual(plain(m.state.config), { _id: 'shard-a', members: [{ _id: 0, host: 'mongo-shard-a:27018' }] });
+  m.state.primary = true;
+  assert.equal(check().code, 0);
   assert.equal(m.state.users.get('root'), 'secret');
 
   const before = m.state.calls.length;
@@ -124,29 +141,38 @@ test('a fresh config server is initiated, gets root once PRIMARY, then is health
   assert.equal(m.state.calls.length, before, 'a healthy member is left alone');
 });
 
-test('a shard is initiated without the config server flag', () => {
+test('a wrong root password makes a shard unhealthy, never a second user', () => {
   const m = member();
-  run('sharded-member.js', memberEnv({
-    REPLICA_SET: 'shard-a', MEMBER_HOST: 'mongo-shard-a:27018', CLUSTER_ROLE: 'shardsvr',
-  }), m.db, m.rs);
-  assert.deepEqual(plain(m.state.config), { _id: 'shard-a', members: [{ _id: 0, host: 'mongo-shard-a:27018' }] });
-});
-
-test('a wrong root password makes the member unhealthy, never a second user', () => {
-  const m = member();
-  m.state.config = { _id: 'cfg' };
+  m.state.config = { _id: 'shard-a' };
   m.state.primary = true;
   m.state.users.set('root', 'other');
-  const result = run('sharded-member.js', memberEnv(), m.db, m.rs);
+  const result = run('sharded-member.js', shardEnv(), m.db, m.rs);
   assert.notEqual(result.code, 0);
   assert.deepEqual([...m.state.users.keys()], ['root']);
 });
 
-test('a member without its password refuses to start anything', () => {
+test('a shard without its password refuses to start anything', () => {
   const m = member();
-  const result = run('sharded-member.js', memberEnv({ MONGO_ROOT_PASSWORD: '' }), m.db, m.rs);
+  const result = run('sharded-member.js', shardEnv({ MONGO_ROOT_PASSWORD: '' }), m.db, m.rs);
   assert.equal(result.code, 2);
   assert.deepEqual(m.state.calls, []);
+});
+
+// ------------------------------------------------------------ mongos
+
+test('mongos creates the cluster root once, then logs in with it; a wrong password stays unhealthy', () => {
+  // mongos on localhost, in front of a config server without users: the
+  // same localhost-exception rules as a member.
+  const m = member();
+  const env = { MONGO_ROOT_USERNAME: 'root', MONGO_ROOT_PASSWORD: 'secret' };
+  assert.equal(run('sharded-router.js', env, m.db).code, 0);
+  assert.equal(m.state.users.get('root'), 'secret');
+  assert.equal(run('sharded-router.js', env, m.db).code, 0);
+  assert.equal(m.state.calls.filter(([name]) => name === 'createUser').length, 1);
+
+  const wrong = run('sharded-router.js', { ...env, MONGO_ROOT_PASSWORD: 'other' }, m.db);
+  assert.notEqual(wrong.code, 0);
+  assert.equal(run('sharded-router.js', { ...env, MONGO_ROOT_PASSWORD: '' }, m.db).code, 2);
 });
 
 // ------------------------------------------------------------ the init
