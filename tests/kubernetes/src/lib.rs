@@ -4,10 +4,11 @@
 //!
 //! Only the kustomize features the layout uses are understood — `resources`
 //! (files and directories), `patches` (JSON 6902 operation lists with a
-//! `target`), `images` and `namespace` — and anything else is refused, so a
-//! kustomization the renderer would misread fails loudly instead of being
-//! checked wrongly. A patch must match exactly one object (kustomize is more
-//! lenient), so a patch that drifts from the base fails here.
+//! `target` naming one object), `images` and `namespace` — and anything else
+//! is refused, so a kustomization the renderer would misread fails loudly
+//! instead of being checked wrongly. A patch must match exactly one object
+//! (kustomize is more lenient), so a patch that drifts from the base fails
+//! here.
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
@@ -104,6 +105,18 @@ pub fn render(dir: &Path) -> Result<Vec<Value>> {
             .with_context(|| format!("reading {}", path.display()))?;
         let operations: json_patch::Patch = serde_norway::from_str(&text)
             .with_context(|| format!("{}: not a list of JSON 6902 operations", path.display()))?;
+        // kustomize reads a target's name as an anchored regular expression;
+        // a plain DNS name means the same there as here
+        ensure!(
+            patch
+                .target
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "{}: target name {:?}: only lower-case letters, digits and '-' (kustomize would read it as a pattern)",
+            file.display(),
+            patch.target.name
+        );
         let matching: Vec<usize> = (0..objects.len())
             .filter(|&i| patch.target.matches(&objects[i]))
             .collect();

@@ -851,6 +851,12 @@ fn the_renderer_refuses_what_it_would_misread() {
             "JSON 6902",
         ),
         (
+            "pattern-target",
+            patch_to("settings.*"),
+            replace.to_owned(),
+            "pattern",
+        ),
+        (
             "unknown-field",
             format!("{header}commonLabels: {{a: b}}\n"),
             replace.to_owned(),
