@@ -23,13 +23,26 @@ pub fn deploy_dir() -> PathBuf {
     dir.canonicalize().unwrap_or(dir)
 }
 
-/// The kustomization directories a user applies: the base and each overlay.
-pub fn layouts() -> Vec<(&'static str, PathBuf)> {
+/// The kustomization directories a user applies: `base` first, then every
+/// directory of `overlays/` (by name), so a new overlay is checked too.
+pub fn layouts() -> Vec<(String, PathBuf)> {
     let dir = deploy_dir();
-    vec![
-        ("base", dir.join("base")),
-        ("production", dir.join("overlays/production")),
-    ]
+    let mut overlays: Vec<(String, PathBuf)> = std::fs::read_dir(dir.join("overlays"))
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.join("kustomization.yaml").is_file())
+                .map(|path| {
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    (name.unwrap_or_default(), path)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    overlays.sort();
+    let mut layouts = vec![("base".to_owned(), dir.join("base"))];
+    layouts.extend(overlays);
+    layouts
 }
 
 #[derive(Deserialize)]

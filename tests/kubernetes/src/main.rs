@@ -18,8 +18,9 @@ use kubernetes_manifests::{
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The oldest Kubernetes the manifests support (autoscaling/v2 and policy/v1
-/// are older) and the newest the pinned kubernetes-validate knows.
+/// The oldest Kubernetes the layout promises (deploy/kubernetes/README.md;
+/// autoscaling/v2 and policy/v1 are older still) and the newest the pinned
+/// kubernetes-validate knows.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
 fn main() -> Result<()> {
@@ -38,11 +39,11 @@ fn main() -> Result<()> {
     let mut custom = Vec::new();
     for (name, dir) in layouts() {
         let objects = render(&dir).with_context(|| format!("rendering {name}"))?;
-        let paths = write(&objects, &out.join(name))?;
+        let paths = write(&objects, &out.join(&name))?;
         println!(
             "rendered {name}: {} objects in {}",
             objects.len(),
-            out.join(name).display()
+            out.join(&name).display()
         );
         for (object, path) in objects.iter().zip(paths) {
             if is_custom_resource(object) {

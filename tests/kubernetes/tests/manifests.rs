@@ -22,7 +22,7 @@ const EMPTY_PROCESS_BYTES: u64 = 28 * MIB;
 const BYTES_PER_NEAR_CACHE_ENTRY: u64 = 974;
 const MIB: u64 = 1 << 20;
 
-fn rendered() -> Vec<(&'static str, Vec<Value>)> {
+fn rendered() -> Vec<(String, Vec<Value>)> {
     layouts()
         .into_iter()
         .map(|(name, dir)| {
@@ -712,7 +712,7 @@ fn production_points_at_the_external_engines() {
     let (_, base) = &layouts[0];
     let (_, production) = layouts
         .iter()
-        .find(|(name, _)| *name == "production")
+        .find(|(name, _)| name == "production")
         .expect("production");
 
     let base_settings = keys(find(base, "ConfigMap", "redis-mongo-cache-settings"));
@@ -771,7 +771,7 @@ fn production_points_at_the_external_engines() {
 #[test]
 fn every_overlay_patch_changes_its_target() {
     let base = render(&deploy_dir().join("base")).expect("base");
-    for (name, dir) in layouts().into_iter().filter(|(name, _)| *name != "base") {
+    for (name, dir) in layouts().into_iter().filter(|(name, _)| name != "base") {
         let rendered = render(&dir).expect("overlay");
         let text = std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
         let kustomization: Value = serde_norway::from_str(&text).expect("yaml");
