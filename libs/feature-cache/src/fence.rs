@@ -116,19 +116,24 @@ impl Fence {
                 "not every slot is served; the fence is set up once they are",
             )));
         }
+        // In parts, each within a command's deadline.
+        const PART: usize = 1024;
         for (master, ranges) in owners {
-            let mut pipe = redis::pipe();
-            for (first, last) in ranges {
-                for slot in first..=last {
+            let slots: Vec<u16> = ranges
+                .into_iter()
+                .flat_map(|(first, last)| first..=last)
+                .collect();
+            for part in slots.chunks(PART) {
+                let mut pipe = redis::pipe();
+                for slot in part {
                     let mut invocation = script.prepare_invoke();
-                    invocation.key(self.copy_in(slot)).arg(&self.token);
+                    invocation.key(self.copy_in(*slot)).arg(&self.token);
                     pipe.invoke_script(&invocation);
                 }
-            }
-            let set = conn.pipeline_on_master(&master, &pipe).await?;
-            for value in set {
-                if let Ok(newer) = u64::try_from(redis::from_redis_value::<i64>(value)?) {
-                    return Ok(Spread::Behind(newer));
+                for value in conn.pipeline_on_master(&master, &pipe).await? {
+                    if let Ok(newer) = u64::try_from(redis::from_redis_value::<i64>(value)?) {
+                        return Ok(Spread::Behind(newer));
+                    }
                 }
             }
         }

@@ -259,10 +259,15 @@ impl Follower {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let lag_ms = now_ms.saturating_sub(stream_id.ms);
+        // The last stage of a change's way (the invalidator records the
+        // stages before it): announced -> applied in this near cache.
+        metrics::histogram!("invalidation_lag_seconds", "stage" => "replica")
+            .record(lag_ms as f64 / 1000.0);
         self.set_status(|s| {
             s.applied += 1;
             s.last_stream_id = Some(stream_id.to_string());
-            s.last_lag_ms = Some(now_ms.saturating_sub(stream_id.ms));
+            s.last_lag_ms = Some(lag_ms);
         });
     }
 

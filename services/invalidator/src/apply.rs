@@ -6,10 +6,10 @@
 
 use crate::audit::AuditHandle;
 use crate::worker::WorkerStatus;
+use feature_cache::redis_tier::Writer;
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
 };
-use feature_cache::redis_tier::Writer;
 use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
 use fleet::{FencedRequestQueue, OperatorRequest, RequestKind, RequestQueue};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
@@ -459,12 +459,12 @@ impl Apply {
                     customer_id: Some((*customer_id).to_owned()),
                     op: *op,
                     version: *version,
-                    cluster_time: change
-                        .cluster_time
-                        .map_or(ClusterTime { t: 0, i: 0 }, |t| ClusterTime {
+                    cluster_time: change.cluster_time.map_or(ClusterTime { t: 0, i: 0 }, |t| {
+                        ClusterTime {
                             t: t.seconds,
                             i: t.increment,
-                        }),
+                        }
+                    }),
                     // Numbered by the announcer, in the message's partition.
                     seq: 0,
                     run_id: String::new(),

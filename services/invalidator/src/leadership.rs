@@ -71,15 +71,21 @@ impl Lease {
                 reachable.recover();
             }
             match attempt {
-                Ok(Some(token)) => match self.fence_of(token).await {
-                    Ok(Some(fence)) => return Some(self.begin_term(fence, shutdown, progress)),
-                    // A newer holder's token is already in the fence: we were
-                    // deposed as we began (a failover brought an old lease back).
-                    Ok(None) => {}
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not set up the fence; giving the lease back");
+                Ok(Some(token)) => {
+                    // The term (and its renewals) begins before the fence is
+                    // set up: on a cluster that writes every slot's copy,
+                    // which may take longer than a short lease.
+                    let fence = Fence::over(&self.redis, self.keys.lease.clone(), token);
+                    let term = self.begin_term(fence, shutdown, progress);
+                    match self.set_up_fence(&term.fence).await {
+                        Ok(true) => return Some(term),
+                        Ok(false) => self.end(term).await,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "could not set up the fence; giving the lease back");
+                            self.end(term).await;
+                        }
                     }
-                },
+                }
                 Ok(None) => {}
                 Err(err) => {
                     reachable.fail(&err);
@@ -107,21 +113,14 @@ impl Lease {
         }
     }
 
-    /// The fence of a term that holds `token`: on a cluster, written into
-    /// every slot first (`None`: a newer holder's is there). Without a
-    /// fence the lease is given back.
-    async fn fence_of(&self, token: String) -> redis::RedisResult<Option<Fence>> {
-        let fence = Fence::over(&self.redis, self.keys.lease.clone(), token);
-        let spread = fence.spread(&self.redis).await;
-        if !matches!(spread, Ok(Spread::Done)) {
-            let _ = self.call("release", &fence.token).await;
-        }
-        match spread? {
-            Spread::Done => Ok(Some(fence)),
+    /// Writes the term's fence into every slot (a cluster; nothing to do
+    /// on a single Redis). `false`: a copy holds a newer token — a newer
+    /// holder exists, or the token counter went back with lost Redis data,
+    /// and it is moved past that token so a later attempt can fence.
+    async fn set_up_fence(&self, fence: &Fence) -> redis::RedisResult<bool> {
+        match fence.spread(&self.redis).await? {
+            Spread::Done => Ok(true),
             Spread::Behind(newer) => {
-                // Either a newer holder exists (its lease will be seen), or
-                // the counter went back with lost Redis data: move it past
-                // the newest token so the next attempt can fence.
                 tracing::warn!(
                     newer,
                     "a fence copy holds a newer token; moving the token counter past it"
@@ -134,7 +133,7 @@ impl Lease {
                 .arg(newer)
                 .invoke_async(&mut self.redis.clone())
                 .await?;
-                Ok(None)
+                Ok(false)
             }
         }
     }

@@ -186,7 +186,7 @@ impl Tail {
         trouble: &mut Trouble,
     ) -> Result<(), TailError> {
         let saved = self.positions.saved_position().await?;
-        let mut feed = match trouble.recovery(saved.as_deref()) {
+        let feed = match trouble.recovery(saved.as_deref()) {
             Recovery::Resume => self.open(apply, saved.as_deref(), trouble).await?,
             Recovery::StartFresh => {
                 tracing::error!(
@@ -204,61 +204,93 @@ impl Tail {
         // otherwise look like a live feed on every reopen.
         // Make the starting point durable at once, so a crash before the
         // first change still resumes from here.
-        save(apply, feed.position()).await?;
+        let mut position = feed.position();
+        save(apply, position.clone()).await?;
+        let mut reader = Reader::start(feed);
         let mut last_saved = Instant::now();
         let mut requests_checked: Option<Instant> = None;
+        let mut held: Option<Read> = None;
         loop {
-            if term.is_cancelled() {
-                save(apply, feed.position()).await?;
-                return Ok(());
-            }
-            // Between changes, never inside one: a request's announcement
-            // re-saves the position the last change saved.
+            // Between batches, never inside one: a request's announcement
+            // re-saves the position the last batch saved.
             if requests_checked.is_none_or(|at| at.elapsed() >= REQUESTS_CHECK) {
                 apply.requests().await?;
                 requests_checked = Some(Instant::now());
             }
-            match feed.next().await {
-                Ok(Some(change)) => {
-                    // A change read is progress, unless applying it has
+            let read = match held.take() {
+                Some(read) => read,
+                None => tokio::select! {
+                    () = term.cancelled() => {
+                        save(apply, position).await?;
+                        return Ok(());
+                    }
+                    read = reader.next() => read,
+                },
+            };
+            match read {
+                Read::Change(first) => {
+                    // The changes already read behind it go with it.
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH_MAX {
+                        match reader.ready() {
+                            Some(Read::Change(change)) => batch.push(change),
+                            Some(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let first_position = batch[0].position.as_str().to_owned();
+                    // Changes read are progress, unless applying them has
                     // failed again and again: then the lease goes to a
                     // standby and `/health` says the feed is stalled.
-                    if !trouble.stuck_at(change.position.as_str()) {
+                    if !trouble.stuck_at(&first_position) {
                         self.progress.mark();
                     }
-                    let next = match apply.change(&change).await {
+                    metrics::histogram!("invalidator_batch_changes").record(batch.len() as f64);
+                    let next = match apply.batch(&batch).await {
                         Ok(next) => next,
                         Err(err) => {
-                            trouble.failed(Some(change.position.as_str()), Stage::Apply);
+                            trouble.failed(Some(&first_position), Stage::Apply);
                             return Err(err.into());
                         }
                     };
                     trouble.clear();
+                    let last = batch.last().map(|change| change.position.clone());
+                    position = last.clone().or(position);
                     if next == Next::Reopen {
                         tracing::info!("change feed ended; reopening after its last change");
-                        feed = self
-                            .feeds
-                            .watch(FeedStart::After(change.position), FeedContent::Full)
-                            .await?;
+                        if let Some(after) = last {
+                            let feed = self
+                                .feeds
+                                .watch(FeedStart::After(after), FeedContent::Full)
+                                .await?;
+                            reader = Reader::start(feed);
+                            held = None;
+                        }
                     }
                     last_saved = Instant::now();
                 }
-                Ok(None) => {
+                Read::Idle(at) => {
                     self.progress.mark();
                     trouble.clear();
+                    position = at.or(position);
                     if last_saved.elapsed() >= IDLE_SAVE {
-                        save(apply, feed.position()).await?;
+                        save(apply, position.clone()).await?;
                         last_saved = Instant::now();
                     }
                 }
-                Err(FeedError::HistoryLost(err)) => {
+                Read::Failed(FeedError::HistoryLost(err)) => {
                     tracing::error!(error = %telemetry::ErrorChain(&err), "change history lost while tailing; flushing every cache");
                     metrics::counter!("invalidator_history_lost_total", "reason" => "history_lost")
                         .increment(1);
-                    feed = self.open_fresh(apply, "history_lost").await?;
-                    save(apply, feed.position()).await?;
+                    let feed = self.open_fresh(apply, "history_lost").await?;
+                    position = feed.position();
+                    save(apply, position.clone()).await?;
+                    reader = Reader::start(feed);
                 }
-                Err(err) => {
+                Read::Failed(err) => {
                     if !err.is_transient() {
                         let at = self.positions.saved_position().await.ok().flatten();
                         trouble.failed(at.as_deref(), Stage::Read);
@@ -354,6 +386,77 @@ impl Tail {
         }
         // Nothing to step over after all: resume where we were.
         Ok(self.feeds.watch(start, FeedContent::Full).await?)
+    }
+}
+
+/// The most changes applied together ([`Apply::batch`]).
+const BATCH_MAX: usize = 256;
+/// Changes read ahead of the one being applied, at most.
+const READ_AHEAD: usize = 2 * BATCH_MAX;
+
+/// What the reader found.
+enum Read {
+    Change(Change),
+    /// No change within a poll; the feed's position (it moves on with
+    /// events skipped on the server).
+    Idle(Option<FeedPosition>),
+    /// The feed failed; the reader stopped.
+    Failed(FeedError),
+}
+
+/// Reads the feed ahead of the changes being applied, so the changes that
+/// have arrived meanwhile are at hand to be applied together. It owns the
+/// feed: nothing else touches it (the driver must never see a read
+/// cancelled half-way and then be asked for its position), and dropping
+/// the reader drops the feed with it.
+struct Reader {
+    reads: tokio::sync::mpsc::Receiver<Read>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(mut feed: ChangeFeed) -> Self {
+        let (tx, reads) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let (read, stop) = match feed.next().await {
+                    Ok(Some(change)) => {
+                        let ends = matches!(&change.kind, ChangeKind::CollectionGone(event) if event.ends_feed());
+                        (Read::Change(change), ends)
+                    }
+                    Ok(None) => (Read::Idle(feed.position()), false),
+                    Err(err) => (Read::Failed(err), true),
+                };
+                if tx.send(read).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Self { reads, task }
+    }
+
+    /// The next read, waiting for it. A reader that stopped after its
+    /// feed ended has nothing more: it answers as an idle feed would, once
+    /// per poll, until the applier reopens the feed.
+    async fn next(&mut self) -> Read {
+        match self.reads.recv().await {
+            Some(read) => read,
+            None => {
+                tokio::time::sleep(POLL).await;
+                Read::Idle(None)
+            }
+        }
+    }
+
+    /// A read already at hand, without waiting.
+    fn ready(&mut self) -> Option<Read> {
+        self.reads.try_recv().ok()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

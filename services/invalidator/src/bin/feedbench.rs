@@ -162,7 +162,7 @@ fn change(n: u64, keys: usize) -> Change {
     .ok();
     Change {
         position: FeedPosition::parse(&format!("{{\"_data\":\"{n:016x}\"}}"))
-            .unwrap_or_else(|| unreachable_position()),
+            .unwrap_or_else(unreachable_position),
         kind: ChangeKind::Written {
             op: WriteOp::Update,
             customer_id,
