@@ -617,7 +617,10 @@ fn node_launch(server: &Path, port: u16, dir: &Path) -> std::io::Result<Launch> 
         // A replica takes over whatever its last contact with the master.
         .args(["--cluster-replica-validity-factor", "0"])
         // While slots are uncovered, nodes refuse reads too.
-        .args(["--cluster-allow-reads-when-down", "no"]))
+        .args(["--cluster-allow-reads-when-down", "no"])
+        // A replica's first sync starts at once, not after the default 5 s
+        // wait for more replicas to join the same transfer.
+        .args(["--repl-diskless-sync-delay", "0"]))
 }
 
 async fn node_connection(port: u16) -> Result<redis::aio::MultiplexedConnection, String> {
