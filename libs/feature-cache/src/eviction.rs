@@ -45,10 +45,7 @@ impl RedisTier {
     /// The server's eviction policy, judged (`INFO memory`, which managed
     /// services allow where `CONFIG GET` is refused).
     pub async fn eviction_verdict(&self) -> Result<EvictionVerdict, TierError> {
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut self.connection())
-            .await?;
+        let info = self.info_memory().await?;
         let field = |name: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))

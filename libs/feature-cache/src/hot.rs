@@ -16,11 +16,11 @@
 //! (one `ZUNIONSTORE … WEIGHTS`) when the weights grow large. The set is
 //! trimmed to [`HotConfig::capacity`] members on every addition.
 
+use crate::connection::RedisConnection;
 use crate::entry::CachedDocument;
 use feature_store::CustomerId;
 use rand::Rng;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +85,7 @@ impl HotRecorder {
 /// The task that counts samples and adds them to Redis.
 pub struct HotRecord {
     samples: mpsc::Receiver<Arc<CachedDocument>>,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: HotConfig,
     script: Script,
     redis: Condition,
@@ -93,7 +93,7 @@ pub struct HotRecord {
 
 impl HotRecord {
     /// The record task and the read path's handle on it.
-    pub fn new(conn: ConnectionManager, config: HotConfig) -> (HotRecorder, Self) {
+    pub fn new(conn: RedisConnection, config: HotConfig) -> (HotRecorder, Self) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let record = Self {
             samples: rx,
@@ -156,7 +156,7 @@ fn count(counts: &mut HashMap<String, u64>, customer_id: &str) {
 /// Adds `reads × scale` per key to the record, decayed and trimmed.
 #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = pairs.len()))]
 async fn add(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     script: &Script,
     config: &HotConfig,
     pairs: &[(String, u64)],
@@ -184,7 +184,7 @@ async fn add(
 /// Adds reads to the record directly (what [`HotRecord`] does with its
 /// samples); for tools and tests.
 pub async fn add_reads(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     config: &HotConfig,
     pairs: &[(String, u64)],
 ) -> redis::RedisResult<()> {
@@ -195,7 +195,7 @@ pub async fn add_reads(
 /// ids are skipped).
 #[tracing::instrument(skip(conn), fields(db.system = "redis", db.operation = "ZREVRANGEBYSCORE"))]
 pub async fn top(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     key: &str,
     n: usize,
 ) -> redis::RedisResult<Vec<CustomerId>> {

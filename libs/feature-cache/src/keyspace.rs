@@ -53,7 +53,17 @@ pub struct ControlKeys {
 
 impl ControlKeys {
     pub fn for_collection(database: &str, collection: &str) -> Self {
-        let base = format!("cache-invalidator:{database}.{collection}");
+        Self::with_base(format!("cache-invalidator:{database}.{collection}"))
+    }
+
+    /// On a Redis Cluster: the same keys under the hash tag
+    /// `{database.collection}`, so the lease and its fencing counter (one
+    /// script) share a slot.
+    pub fn for_collection_on_cluster(database: &str, collection: &str) -> Self {
+        Self::with_base(format!("cache-invalidator:{{{database}.{collection}}}"))
+    }
+
+    fn with_base(base: String) -> Self {
         Self {
             lease: format!("{base}:leader"),
             fencing_counter: format!("{base}:fence"),

@@ -1,5 +1,8 @@
 //! The cache tiers and the read path through them.
 //!
+//! - [`connection`]: [`RedisConnection`], one connection type for a single
+//!   Redis and a Redis Cluster (pipelines split by slot on a cluster).
+//! - [`slots`]: cluster key slots and a hash tag for every slot.
 //! - [`keyspace`]: the Redis keyspace — document keys, the control keys in a
 //!   namespace no customer id can reach, and one TTL policy.
 //! - [`entry`]: what a tier holds for a customer — a document, a tombstone or
@@ -27,6 +30,7 @@
 //!   MongoDB, warming upwards) and the write path (MongoDB first, then the tiers).
 
 pub mod coalesce;
+pub mod connection;
 pub mod entry;
 pub mod eviction;
 pub mod fence;
@@ -37,12 +41,14 @@ pub mod lease;
 pub mod near;
 pub mod redis_tier;
 pub mod refresh;
+pub mod slots;
 pub mod tier;
 pub mod tiered;
 pub mod warm;
 
+pub use connection::RedisConnection;
 pub use entry::{CachedDocument, Entry};
-pub use fence::Fence;
+pub use fence::{Fence, Spread};
 pub use hot::{HotConfig, HotRecord, HotRecorder};
 pub use inspect::{StoredEntry, StoredKind};
 pub use keyspace::{ControlKeys, TtlPolicy};

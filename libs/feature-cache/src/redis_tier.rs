@@ -1,10 +1,17 @@
+use crate::connection::RedisConnection;
 use crate::entry::Entry;
 use crate::fence::Fence;
 use crate::keyspace::{DOCUMENT_PREFIX, TtlPolicy, document_key};
 use crate::tier::CacheTier;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::{
+    AsyncCommands, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Script,
+    TlsCertificates,
+};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -60,6 +67,10 @@ pub struct RedisConfig {
     pub url: String,
     /// Certificates for `rediss://` beyond the system's trust store.
     pub tls: RedisTls,
+    /// Redis Cluster seeds (`host:port`); when given they win over the
+    /// URL's host, and the URL gives only the scheme (TLS or not), the ACL
+    /// user and the password.
+    pub cluster_nodes: Vec<String>,
     /// Each command's deadline (and the connect timeout).
     pub timeout: Duration,
     pub ttl: TtlPolicy,
@@ -70,6 +81,7 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &self.redacted_url())
             .field("tls", &self.tls)
+            .field("cluster_nodes", &self.cluster_nodes)
             .field("timeout", &self.timeout)
             .field("ttl", &self.ttl)
             .finish()
@@ -128,16 +140,98 @@ impl RedisConfig {
     /// A client for this Redis: TLS with the configured certificates for
     /// `rediss://` (rustls; the system's roots unless a CA file is given),
     /// the URL's ACL user and password sent with `AUTH`.
+    /// On a cluster, a client of its first seed (a node of the cluster:
+    /// classic pub/sub reaches every node from any of them).
     pub fn client(&self) -> Result<redis::Client, ConnectError> {
-        let info = self.url.as_str().into_connection_info()?;
-        // No `CLIENT SETINFO` after connecting: it is cosmetic, and leaving it
-        // out keeps the services' ACL users free of any CLIENT subcommand.
-        let settings = info.redis_settings().clone().set_skip_set_lib_name();
-        let info = info.set_redis_settings(settings);
+        let info = match self.seeds()?.into_iter().next() {
+            Some(seed) => seed,
+            None => self.connection_info()?,
+        };
         match self.tls.certificates()? {
             Some(certificates) => Ok(redis::Client::build_with_tls(info, certificates)?),
             None => Ok(redis::Client::open(info)?),
         }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    fn connection_info(&self) -> Result<ConnectionInfo, ConnectError> {
+        let info = self.url.as_str().into_connection_info()?;
+        // No `CLIENT SETINFO` after connecting: it is cosmetic, and leaving it
+        // out keeps the services' ACL users free of any CLIENT subcommand.
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        Ok(info.set_redis_settings(settings))
+    }
+
+    /// Each cluster seed with the URL's scheme, user and password.
+    fn seeds(&self) -> Result<Vec<ConnectionInfo>, ConnectError> {
+        let base = self.connection_info()?;
+        let tls = matches!(base.addr(), ConnectionAddr::TcpTls { .. });
+        self.cluster_nodes
+            .iter()
+            .map(|seed| {
+                let (host, port) = crate::connection::host_port(seed)?;
+                let addr = if tls {
+                    ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    ConnectionAddr::Tcp(host, port)
+                };
+                Ok(base.clone().set_addr(addr))
+            })
+            .collect()
+    }
+
+    /// A cluster client of the seeds (TLS certificates, user and password
+    /// as for a single Redis); `pushes` receives what subscriptions bring
+    /// (RESP3 then).
+    pub fn cluster_client(
+        &self,
+        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<redis::cluster::ClusterClient, ConnectError> {
+        let mut builder = ClusterClientBuilder::new(self.seeds()?)
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .retries(3)
+            .min_retry_wait(20)
+            .max_retry_wait(500);
+        if let Some(certificates) = self.tls.certificates()? {
+            builder = builder.certs(certificates);
+        }
+        if let Some(pushes) = pushes {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes);
+        }
+        Ok(builder.build()?)
+    }
+
+    /// A connection that reconnects by itself and connects lazily (a
+    /// service starts while Redis is down): a [`ConnectionManager`] for a
+    /// single Redis, the cluster client's connection for a cluster.
+    pub fn connection(&self) -> Result<RedisConnection, ConnectError> {
+        if self.is_cluster() {
+            let client = self.cluster_client(None)?;
+            return Ok(RedisConnection::Cluster(
+                client.get_pending_async_connection_with_config(ClusterConfig::new()),
+            ));
+        }
+        let options = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(RedisConnection::Single(
+            ConnectionManager::new_lazy_with_config(self.client()?, options)?,
+        ))
     }
 }
 
@@ -364,8 +458,8 @@ pub struct RedisHealth {
 /// at most one short wait before it falls through to MongoDB.
 #[derive(Clone)]
 pub struct RedisTier {
-    client: redis::Client,
-    conn: ConnectionManager,
+    config: RedisConfig,
+    conn: RedisConnection,
     guard: Script,
     reserve: Script,
     release: Script,
@@ -375,16 +469,9 @@ pub struct RedisTier {
 impl RedisTier {
     /// Connects lazily: the service starts even while Redis is down.
     pub fn connect(config: &RedisConfig) -> Result<Self, ConnectError> {
-        let client = config.client()?;
-        let options = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.timeout))
-            .set_connection_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), options)?;
+        let conn = config.connection()?;
         Ok(Self {
-            client,
+            config: config.clone(),
             conn,
             guard: Script::new(&with_order(GUARD_SCRIPT)),
             reserve: Script::new(&with_order(RESERVE_SCRIPT)),
@@ -393,15 +480,21 @@ impl RedisTier {
         })
     }
 
-    /// The client the tier connects with (TLS and credentials included), for
-    /// components that need a connection of their own (a subscription).
-    pub fn client(&self) -> redis::Client {
-        self.client.clone()
+    /// Where the tier connects (TLS and credentials included), for
+    /// components that need connections of their own (subscriptions).
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// A client of one node (on a cluster, its first seed), for classic
+    /// pub/sub.
+    pub fn client(&self) -> Result<redis::Client, ConnectError> {
+        self.config.client()
     }
 
     /// A handle on the same multiplexed connection, for other components
     /// (health, the invalidation subscriber's catch-up reads, announcements).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.conn.clone()
     }
 
@@ -592,12 +685,14 @@ impl RedisTier {
             remove: Fence::script(REMOVE_SCRIPT),
             fence,
             ttl: self.ttl,
+            replication_skip_until_ms: Arc::default(),
+            began: Instant::now(),
         }
     }
 
     /// Deletes every cached customer entry (`features:*` strings; other
-    /// types under the prefix are not ours) with SCAN and UNLINK, never KEYS.
-    /// Returns how many keys were removed.
+    /// types under the prefix are not ours) with SCAN and UNLINK, never KEYS,
+    /// on every master of a cluster. Returns how many keys were removed.
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "SCAN+UNLINK"))]
     pub async fn flush_documents(&self) -> Result<u64, TierError> {
         let mut conn = self.conn.clone();
@@ -621,21 +716,54 @@ impl RedisTier {
 
     /// One page of the cached customers' keys (`features:*` strings; other
     /// types under the prefix are not ours): `SCAN cursor … COUNT count`.
-    /// Returns the next cursor (0 at the end) and the page's keys.
+    /// Returns the next cursor (0 at the end) and the page's keys. On a
+    /// cluster the masters are walked one after the other (the cursor's
+    /// low 8 bits say which, in address order); a master that fails during
+    /// the walk is a page of keys missed, as SCAN misses keys a resharding
+    /// moves under it.
     pub async fn scan_documents(
         &self,
         cursor: u64,
         count: u64,
     ) -> Result<(u64, Vec<String>), TierError> {
-        Ok(redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{DOCUMENT_PREFIX}*"))
-            .arg("TYPE")
-            .arg("string")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn.clone())
+        let mut masters = self.conn.masters().await?;
+        masters.sort();
+        let mut index = usize::try_from(cursor & 0xff).unwrap_or(usize::MAX);
+        let mut node_cursor = cursor >> 8;
+        while let Some(master) = masters.get(index) {
+            let scan = redis::cmd("SCAN")
+                .arg(node_cursor)
+                .arg("MATCH")
+                .arg(format!("{DOCUMENT_PREFIX}*"))
+                .arg("TYPE")
+                .arg("string")
+                .arg("COUNT")
+                .arg(count)
+                .clone();
+            let (next, keys): (u64, Vec<String>) = self.conn.on_master(master, &scan).await?;
+            if next != 0 {
+                return Ok(((next << 8) | index as u64, keys));
+            }
+            index += 1;
+            node_cursor = 0;
+            if !keys.is_empty() && index < masters.len() {
+                return Ok((index as u64, keys));
+            }
+            if !keys.is_empty() {
+                return Ok((0, keys));
+            }
+        }
+        Ok((0, Vec::new()))
+    }
+
+    /// `INFO memory` of a master (on a cluster the first one: a cluster's
+    /// masters are configured alike).
+    pub async fn info_memory(&self) -> Result<String, TierError> {
+        let masters = self.conn.masters().await?;
+        let master = masters.first().map_or("", String::as_str);
+        Ok(self
+            .conn
+            .on_master(master, redis::cmd("INFO").arg("memory"))
             .await?)
     }
 
@@ -654,10 +782,7 @@ impl RedisTier {
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         let latency = started.elapsed();
         let total_keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut conn)
-            .await?;
+        let info = self.info_memory().await?;
         let used_memory = info
             .lines()
             .find_map(|line| line.strip_prefix("used_memory_human:"))
@@ -675,12 +800,21 @@ impl RedisTier {
 /// The writes of one ordered writer behind a [`Fence`].
 #[derive(Clone)]
 pub struct FencedWriter {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     guard: Script,
     remove: Script,
     fence: Fence,
     ttl: TtlPolicy,
+    /// Until when (ms since the writer began) replication is not waited
+    /// for: a master without a live replica would make every wait time out.
+    replication_skip_until_ms: Arc<AtomicU64>,
+    began: Instant,
 }
+
+/// How long a cluster write waits for a replica's acknowledgement.
+const REPLICATION_WAIT_MS: u64 = 50;
+/// After a wait timed out, how long writes go on without waiting.
+const REPLICATION_BACKOFF_MS: u64 = 5000;
 
 impl FencedWriter {
     /// Offers `entry` through the version guard while the fence holds.
@@ -691,7 +825,8 @@ impl FencedWriter {
         };
         let mut invocation = self.guard.prepare_invoke();
         guard_args(&mut invocation, entry, ttl_ms, &Writer::Ordered);
-        self.fence.append(&mut invocation);
+        self.fence
+            .append(&mut invocation, &document_key(entry.customer_id()));
         let reply: Vec<redis::Value> = invocation
             .invoke_async(&mut self.conn.clone())
             .await
@@ -723,8 +858,9 @@ impl FencedWriter {
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA+DEL", customer_id = customer_id))]
     pub async fn remove(&self, customer_id: &str) -> Result<bool, FencedWriteError> {
         let mut invocation = self.remove.prepare_invoke();
-        invocation.key(document_key(customer_id));
-        self.fence.append(&mut invocation);
+        let key = document_key(customer_id);
+        invocation.key(&key);
+        self.fence.append(&mut invocation, &key);
         let removed: i64 = invocation
             .invoke_async(&mut self.conn.clone())
             .await
@@ -735,13 +871,44 @@ impl FencedWriter {
     pub fn fence(&self) -> &Fence {
         &self.fence
     }
+
+    /// On a cluster, waits (briefly) until each master's replica holds the
+    /// writes made so far (`WAIT 1`), so a failover promoting the replica
+    /// does not bring back what they replaced before the change is
+    /// announced as done. Nothing to do on a single Redis. When a replica
+    /// does not answer in time (a master that lost its replica), the
+    /// writer stops waiting for a while instead of slowing every change.
+    pub async fn await_replicas(&self) {
+        if !self.conn.is_cluster() {
+            return;
+        }
+        let now_ms = u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if now_ms < self.replication_skip_until_ms.load(Ordering::Relaxed) {
+            metrics::counter!("redis_replication_waits_total", "result" => "skipped").increment(1);
+            return;
+        }
+        let acked: redis::RedisResult<i64> = redis::cmd("WAIT")
+            .arg(1)
+            .arg(REPLICATION_WAIT_MS)
+            .query_async(&mut self.conn.clone())
+            .await;
+        let result = match acked {
+            Ok(n) if n >= 1 => "acknowledged",
+            _ => {
+                self.replication_skip_until_ms
+                    .store(now_ms + REPLICATION_BACKOFF_MS, Ordering::Relaxed);
+                "timed_out"
+            }
+        };
+        metrics::counter!("redis_replication_waits_total", "result" => result).increment(1);
+    }
 }
 
 /// Offers entries through the guard in pipelines of [`PIPELINE_CHUNK`],
 /// each as its writer, behind `fence` when given. An expired document is
 /// not offered (it counts as refused).
 async fn guarded_fills(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     guard: &Script,
     ttl: &TtlPolicy,
     writes: &[(Entry, Writer)],
@@ -760,7 +927,7 @@ async fn guarded_fills(
             let mut invocation = guard.prepare_invoke();
             guard_args(&mut invocation, entry, *ttl_ms, writer);
             if let Some(fence) = fence {
-                fence.append(&mut invocation);
+                fence.append(&mut invocation, &document_key(entry.customer_id()));
             }
             pipe.invoke_script(&invocation);
         }
@@ -775,7 +942,7 @@ async fn guarded_fills(
 /// Runs a pipeline of one script's invocations, loading the script once if
 /// the server does not know it (a restarted Redis).
 async fn query_scripts<T: redis::FromRedisValue>(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     pipe: &redis::Pipeline,
     script: &Script,
 ) -> redis::RedisResult<T> {

@@ -15,6 +15,7 @@
 //! Both go at a bounded rate, in small chunks with a pause after each, so
 //! a warm-up never crowds out live requests.
 
+use crate::connection::RedisConnection;
 use crate::entry::{CachedDocument, Entry};
 use crate::hot;
 use crate::redis_tier::{
@@ -22,7 +23,6 @@ use crate::redis_tier::{
 };
 use crate::tiered::TieredStore;
 use feature_store::{CustomerId, FeatureStore, StoreError};
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -87,7 +87,7 @@ impl From<FencedWriteError> for WarmError {
 /// of its near cache since.
 pub struct Warmer {
     tiers: TieredStore,
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: WarmConfig,
     flushes: watch::Receiver<u64>,
 }

@@ -583,6 +583,7 @@ fn near_cache() -> NearCache {
 fn redis_tier(redis: &TestRedis, document_ttl: Duration, marker_ttl: Duration) -> RedisTier {
     RedisTier::connect(&RedisConfig {
         url: redis.url(),
+        cluster_nodes: Vec::new(),
         tls: Default::default(),
         timeout: Duration::from_secs(2),
         ttl: TtlPolicy {
@@ -611,10 +612,7 @@ async fn a_fenced_writer_writes_only_while_its_fence_holds() {
             .unwrap();
     };
     hold("holder:1").await;
-    let writer = tier.fenced(Fence {
-        key: "lease".into(),
-        token: "holder:1".into(),
-    });
+    let writer = tier.fenced(Fence::new("lease", "holder:1"));
     assert_eq!(writer.offer(&doc(1, 1)).await.unwrap(), Offer::Stored);
     assert_eq!(
         writer.offer(&doc(1, 1)).await.unwrap(),

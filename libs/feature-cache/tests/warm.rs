@@ -5,11 +5,10 @@
 use feature_cache::hot::{self, HotConfig, HotRecord, LANDMARK};
 use feature_cache::warm::{self, WarmConfig, WarmError};
 use feature_cache::{
-    CachedDocument, Entry, Fence, NearCache, NearCacheConfig, RedisConfig, RedisTier, Source,
-    TieredStore, TtlPolicy,
+    CachedDocument, Entry, Fence, NearCache, NearCacheConfig, RedisConfig, RedisConnection,
+    RedisTier, Source, TieredStore, TtlPolicy,
 };
 use feature_store::{CustomerId, FeatureDocument, FeatureStore, FeatureWrite, StoreConfig};
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use testkit::mongo::{DEFAULT_COLLECTION, TestDb, mongo_uri};
@@ -18,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "cache-invalidator:test.features:hot";
 
-async fn connection(redis: &TestRedis) -> ConnectionManager {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap()
+async fn connection(redis: &TestRedis) -> RedisConnection {
+    RedisConnection::Single(
+        redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap(),
+    )
 }
 
 fn config(half_life: Duration, capacity: usize) -> HotConfig {
@@ -39,7 +40,7 @@ fn pairs(reads: &[(&str, u64)]) -> Vec<(String, u64)> {
     reads.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect()
 }
 
-async fn top(conn: &ConnectionManager, n: usize) -> Vec<String> {
+async fn top(conn: &RedisConnection, n: usize) -> Vec<String> {
     hot::top(conn, KEY, n)
         .await
         .unwrap()
@@ -48,7 +49,7 @@ async fn top(conn: &ConnectionManager, n: usize) -> Vec<String> {
         .collect()
 }
 
-async fn score(conn: &ConnectionManager, member: &str) -> Option<f64> {
+async fn score(conn: &RedisConnection, member: &str) -> Option<f64> {
     redis::cmd("ZSCORE")
         .arg(KEY)
         .arg(member)
@@ -174,6 +175,7 @@ fn document(id: &str, version: i64) -> std::sync::Arc<CachedDocument> {
 fn redis_tier(redis: &TestRedis) -> RedisTier {
     RedisTier::connect(&RedisConfig {
         url: redis.url(),
+        cluster_nodes: Vec::new(),
         tls: Default::default(),
         timeout: Duration::from_secs(2),
         ttl: TtlPolicy {
@@ -221,7 +223,7 @@ fn warm_config(keys: usize) -> WarmConfig {
     }
 }
 
-async fn redis_keys(conn: &ConnectionManager) -> Vec<String> {
+async fn redis_keys(conn: &RedisConnection) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("features:*")
         .query_async(&mut conn.clone())
@@ -279,10 +281,7 @@ async fn the_refill_puts_the_hottest_documents_back_behind_the_fence() {
         .query_async(&mut conn.clone())
         .await
         .unwrap();
-    let writer = tier.fenced(Fence {
-        key: lease.into(),
-        token: "term-1".into(),
-    });
+    let writer = tier.fenced(Fence::new(lease, "term-1"));
     let stored = warm::refill_redis(&tier, &writer, &store, &warm_config(4))
         .await
         .unwrap();

@@ -12,9 +12,9 @@ use crate::error::FleetError;
 use crate::heartbeat::now_ms;
 use crate::requests::{FIELD_CUSTOMER_ID, FIELD_OP, FIELD_REASON, FIELD_TRACEPARENT, OP_EVICT};
 use crate::wire::{EntryView, QUERY_CHUNK, Query, ReplicaStatus, Reply};
+use feature_cache::RedisConnection;
 use futures::StreamExt;
 use invalidation::StreamId;
-use redis::aio::ConnectionManager;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -27,7 +27,7 @@ const HANDLED_POLL: Duration = Duration::from_millis(20);
 pub struct FleetClient {
     /// For reply subscriptions (each fan-out has its own connection).
     client: redis::Client,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     config: FleetConfig,
 }
 
@@ -56,7 +56,7 @@ pub struct NearReportMany {
 
 impl FleetClient {
     /// `client` opens the reply subscriptions; `redis` runs the rest.
-    pub fn new(client: redis::Client, redis: ConnectionManager, config: FleetConfig) -> Self {
+    pub fn new(client: redis::Client, redis: RedisConnection, config: FleetConfig) -> Self {
         Self {
             client,
             redis,

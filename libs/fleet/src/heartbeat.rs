@@ -9,7 +9,7 @@
 use crate::config::FleetConfig;
 use crate::wire::{ReplicaStatus, Vitals};
 use chrono::{DateTime, SecondsFormat, Utc};
-use redis::aio::ConnectionManager;
+use feature_cache::RedisConnection;
 use std::time::Instant;
 use telemetry::Condition;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ type VitalsFn = Box<dyn Fn() -> Vitals + Send + Sync>;
 
 /// Publishes one replica's heartbeat until shutdown.
 pub struct Heartbeat {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     config: FleetConfig,
     instance_id: String,
     binary_version: String,
@@ -31,7 +31,7 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// `vitals` is asked at every beat.
     pub fn new(
-        redis: ConnectionManager,
+        redis: RedisConnection,
         config: FleetConfig,
         instance_id: String,
         binary_version: String,

@@ -8,9 +8,9 @@
 
 use crate::config::FleetConfig;
 use feature_cache::Fence;
+use feature_cache::RedisConnection;
 use invalidation::StreamId;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 
 /// Stream entry fields.
@@ -63,13 +63,13 @@ impl OperatorRequest {
 /// The invalidator's reader of the requests stream.
 #[derive(Clone)]
 pub struct RequestQueue {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     key: String,
     position_key: String,
 }
 
 impl RequestQueue {
-    pub fn new(redis: ConnectionManager, config: &FleetConfig) -> Self {
+    pub fn new(redis: RedisConnection, config: &FleetConfig) -> Self {
         Self {
             redis,
             key: config.requests_key.clone(),
@@ -131,7 +131,7 @@ impl FencedRequestQueue {
     pub async fn save_position(&self, id: &str) -> redis::RedisResult<()> {
         let mut invocation = self.script.prepare_invoke();
         invocation.key(&self.queue.position_key).arg(id);
-        self.fence.append(&mut invocation);
+        self.fence.append(&mut invocation, &self.queue.position_key);
         let _: i64 = invocation
             .invoke_async(&mut self.queue.redis.clone())
             .await?;

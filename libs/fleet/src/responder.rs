@@ -6,8 +6,8 @@
 use crate::config::FleetConfig;
 use crate::wire::{EntryView, Query, Reply};
 use feature_cache::NearCache;
+use feature_cache::RedisConnection;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct Responder {
     /// For the subscription, a connection of its own.
     client: redis::Client,
     /// For the replies.
-    redis: ConnectionManager,
+    redis: RedisConnection,
     config: FleetConfig,
     instance_id: String,
     /// `None` without a near cache: every query is answered with nothing.
@@ -33,7 +33,7 @@ pub struct Responder {
 impl Responder {
     pub fn new(
         client: redis::Client,
-        redis: ConnectionManager,
+        redis: RedisConnection,
         config: FleetConfig,
         instance_id: String,
         near: Option<Arc<NearCache>>,

@@ -28,12 +28,14 @@ fn near() -> Arc<NearCache> {
     }))
 }
 
-async fn manager(redis: &TestRedis) -> redis::aio::ConnectionManager {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap()
+async fn manager(redis: &TestRedis) -> feature_cache::RedisConnection {
+    feature_cache::RedisConnection::Single(
+        redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap(),
+    )
 }
 
 /// Starts a replica's heartbeat and (when `answers`) its responder.
@@ -203,10 +205,7 @@ async fn an_eviction_request_is_read_once_and_handled_behind_the_fence() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let fenced = queue.fenced(Fence {
-        key: "lease".into(),
-        token: "token-1".into(),
-    });
+    let fenced = queue.fenced(Fence::new("lease", "token-1"));
     fenced.save_position(&first).await.unwrap();
     assert!(
         client

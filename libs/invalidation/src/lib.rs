@@ -3,7 +3,8 @@
 //!
 //! - [`message`]: [`Invalidation`], the JSON message on the pub/sub channel
 //!   and in the stream, and how a replica applies one to its near cache.
-//! - [`channels`]: [`Channels`], where messages go (channel, stream, its length).
+//! - [`channels`]: [`Channels`], where messages go: partitions by key slot,
+//!   each with its stream, channel and saved position (sharded on a cluster).
 //! - [`announcer`]: the invalidator's side — [`Announcer`] reads the saved
 //!   change-feed position; its [`FencedAnnouncer`] appends to the stream,
 //!   publishes and saves the position in one atomic, fenced step.
@@ -22,7 +23,7 @@ pub mod stream_id;
 pub mod subscriber;
 
 pub use announcer::{Announcer, FencedAnnouncer};
-pub use channels::Channels;
+pub use channels::{Channels, Partition};
 pub use message::{ClusterTime, Invalidation, Op};
 pub use mode::InvalidationMode;
 pub use stream_id::StreamId;

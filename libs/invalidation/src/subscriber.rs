@@ -1,9 +1,8 @@
-use crate::channels::{Channels, STREAM_FIELD};
+use crate::channels::{Channels, Partition, STREAM_FIELD};
 use crate::message::Invalidation;
 use crate::stream_id::StreamId;
-use feature_cache::NearCache;
+use feature_cache::{NearCache, RedisConfig, RedisConnection};
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,10 +15,12 @@ const CATCH_UP_BATCH: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
-    /// The subscriber holds a connection of its own (a subscribed connection
-    /// serves nothing else), opened with this client (TLS and credentials
-    /// included; its `Debug` hides the password).
-    pub redis: redis::Client,
+    /// Each partition's follower holds a connection of its own (a
+    /// subscribed connection serves nothing else), opened with this
+    /// configuration (TLS and credentials included; its `Debug` hides the
+    /// password); on a cluster, a cluster connection subscribed to the
+    /// partition's sharded channel.
+    pub redis: RedisConfig,
     pub channels: Channels,
     /// How often the stream's tail is compared with what was applied, so a
     /// message lost in a quiet period is noticed without waiting for the next.
@@ -29,7 +30,11 @@ pub struct SubscriberConfig {
 /// What the subscriber has applied, for health and tests.
 #[derive(Debug, Clone, Default)]
 pub struct SubscriberStatus {
+    /// Every partition is subscribed.
     pub subscribed: bool,
+    /// How many partitions are followed, and how many are subscribed now.
+    pub partitions: u16,
+    pub partitions_subscribed: u16,
     pub last_stream_id: Option<String>,
     /// How long after its announcement the last message was applied (its
     /// stream id's time to now), in ms.
@@ -47,7 +52,57 @@ struct Position {
     stream_id: StreamId,
 }
 
-/// Keeps one replica's near cache in line with the invalidator's messages.
+/// Keeps one replica's near cache in line with the invalidator's messages:
+/// one [`Follower`] per partition, sharing the near cache and the status.
+pub struct Subscriber {
+    followers: Vec<Follower>,
+    status: Arc<Mutex<SubscriberStatus>>,
+}
+
+impl Subscriber {
+    pub fn new(config: SubscriberConfig, near: Arc<NearCache>, redis: RedisConnection) -> Self {
+        let partitions = config.channels.all();
+        let status = Arc::new(Mutex::new(SubscriberStatus {
+            partitions: u16::try_from(partitions.len()).unwrap_or(u16::MAX),
+            ..SubscriberStatus::default()
+        }));
+        let config = Arc::new(config);
+        let followers = partitions
+            .into_iter()
+            .map(|partition| Follower {
+                config: Arc::clone(&config),
+                partition,
+                near: Arc::clone(&near),
+                redis: redis.clone(),
+                position: None,
+                subscribed: false,
+                status: Arc::clone(&status),
+                connection: Condition::new(
+                    "invalidation_subscription",
+                    "invalidation subscription lost; reconnecting (the near cache is caught up or flushed on return)",
+                    "invalidation subscription restored",
+                ),
+            })
+            .collect();
+        Self { followers, status }
+    }
+
+    pub fn status(&self) -> Arc<Mutex<SubscriberStatus>> {
+        Arc::clone(&self.status)
+    }
+
+    /// Follows every partition until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        futures::future::join_all(
+            self.followers
+                .into_iter()
+                .map(|follower| follower.run(shutdown.clone())),
+        )
+        .await;
+    }
+}
+
+/// Follows one partition.
 ///
 /// Pub/sub is the fast path; the stream is the record. Whenever the fast path
 /// may have dropped something — a reconnect, a jump in `seq`, a new
@@ -55,11 +110,14 @@ struct Position {
 /// replays the stream from the last entry it applied. If the stream was
 /// trimmed past that entry (or lost with a Redis restart) it flushes the near
 /// cache instead: no replica stays stale after a gap.
-pub struct Subscriber {
-    config: SubscriberConfig,
+struct Follower {
+    config: Arc<SubscriberConfig>,
+    partition: Partition,
     near: Arc<NearCache>,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     position: Option<Position>,
+    /// This partition's subscription is up.
+    subscribed: bool,
     status: Arc<Mutex<SubscriberStatus>>,
     /// The subscription being down: while Redis is, every reconnect attempt
     /// fails, and only the first failure and the recovery are worth a
@@ -67,26 +125,7 @@ pub struct Subscriber {
     connection: Condition,
 }
 
-impl Subscriber {
-    pub fn new(config: SubscriberConfig, near: Arc<NearCache>, redis: ConnectionManager) -> Self {
-        Self {
-            config,
-            near,
-            redis,
-            position: None,
-            status: Arc::default(),
-            connection: Condition::new(
-                "invalidation_subscription",
-                "invalidation subscription lost; reconnecting (the near cache is caught up or flushed on return)",
-                "invalidation subscription restored",
-            ),
-        }
-    }
-
-    pub fn status(&self) -> Arc<Mutex<SubscriberStatus>> {
-        Arc::clone(&self.status)
-    }
-
+impl Follower {
     /// Follows until `shutdown` is cancelled, reconnecting with backoff.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
@@ -96,10 +135,10 @@ impl Subscriber {
                 result = self.follow_once() => {
                     // A subscription that was up restarts the backoff: only
                     // failures in a row slow reconnecting down.
-                    if self.status.lock().unwrap_or_else(PoisonError::into_inner).subscribed {
+                    if self.subscribed {
                         backoff = Duration::from_millis(100);
                     }
-                    self.set_status(|s| s.subscribed = false);
+                    self.set_subscribed(false);
                     match result {
                         Ok(()) => self.connection.fail(&std::io::Error::new(
                             std::io::ErrorKind::ConnectionAborted,
@@ -120,10 +159,9 @@ impl Subscriber {
     /// One subscription's life: subscribe, catch up, then apply messages and
     /// check the stream's tail until the connection drops.
     async fn follow_once(&mut self) -> redis::RedisResult<()> {
-        let mut pubsub = self.config.redis.get_async_pubsub().await?;
-        pubsub.subscribe(&self.config.channels.channel).await?;
+        let mut messages = Subscription::open(&self.config.redis, &self.partition).await?;
         if self.position.is_none() {
-            tracing::info!(channel = %self.config.channels.channel, "subscribed to invalidations");
+            tracing::info!(channel = %self.partition.channel, "subscribed to invalidations");
         }
         // Anything published while we were not subscribed is in the stream.
         if self.position.is_some() {
@@ -135,16 +173,16 @@ impl Subscriber {
             // are never applied: start from an empty near cache.
             self.start_at_tail(Some("start")).await?;
         }
-        self.set_status(|s| s.subscribed = true);
+        self.set_subscribed(true);
         self.connection.recover();
-        let mut messages = pubsub.into_on_message();
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 message = messages.next() => {
-                    let Some(message) = message else { return Ok(()) };
-                    let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+                    // The subscription ended (a lost connection; on a
+                    // cluster a slot moved away): subscribe again, catch up.
+                    let Some(payload) = message else { return Ok(()) };
                     self.on_message(&payload).await?;
                 }
                 _ = check.tick() => {
@@ -247,7 +285,7 @@ impl Subscriber {
         let mut cursor = from;
         loop {
             let reply: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&self.config.channels.stream)
+                .arg(&self.partition.stream)
                 .arg(format!("({cursor}"))
                 .arg("+")
                 .arg("COUNT")
@@ -280,7 +318,7 @@ impl Subscriber {
     async fn trimmed_after(&mut self, from: StreamId) -> redis::RedisResult<bool> {
         let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
             .arg("STREAM")
-            .arg(&self.config.channels.stream)
+            .arg(&self.partition.stream)
             .query_async(&mut self.redis)
             .await;
         let info = match info {
@@ -353,7 +391,7 @@ impl Subscriber {
         end: &str,
     ) -> redis::RedisResult<Option<StreamId>> {
         let reply: StreamRangeReply = redis::cmd(command)
-            .arg(&self.config.channels.stream)
+            .arg(&self.partition.stream)
             .arg(start)
             .arg(end)
             .arg("COUNT")
@@ -363,8 +401,97 @@ impl Subscriber {
         Ok(reply.ids.first().and_then(|e| e.id.parse().ok()))
     }
 
+    /// Marks this partition's subscription up or down; the status says
+    /// subscribed while every partition is.
+    fn set_subscribed(&mut self, up: bool) {
+        if self.subscribed == up {
+            return;
+        }
+        self.subscribed = up;
+        self.set_status(|s| {
+            s.partitions_subscribed = if up {
+                s.partitions_subscribed.saturating_add(1)
+            } else {
+                s.partitions_subscribed.saturating_sub(1)
+            };
+            s.subscribed = s.partitions_subscribed >= s.partitions;
+        });
+    }
+
     fn set_status(&self, update: impl FnOnce(&mut SubscriberStatus)) {
         update(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+/// A partition's subscription: the payloads of its channel's messages,
+/// until the subscription ends.
+enum Subscription {
+    Single(std::pin::Pin<Box<dyn futures::Stream<Item = redis::Msg> + Send>>),
+    Cluster {
+        pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        channel: Vec<u8>,
+        // Kept open while subscribed.
+        _conn: redis::cluster_async::ClusterConnection,
+    },
+}
+
+impl Subscription {
+    async fn open(config: &RedisConfig, partition: &Partition) -> redis::RedisResult<Self> {
+        let client_error = |err: feature_cache::ConnectError| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid Redis client configuration",
+                err.to_string(),
+            ))
+        };
+        if config.is_cluster() {
+            let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+            let client = config.cluster_client(Some(tx)).map_err(client_error)?;
+            let mut conn = client.get_async_connection().await?;
+            conn.ssubscribe(&partition.channel).await?;
+            return Ok(Self::Cluster {
+                pushes,
+                channel: partition.channel.as_bytes().to_vec(),
+                _conn: conn,
+            });
+        }
+        let mut pubsub = config
+            .client()
+            .map_err(client_error)?
+            .get_async_pubsub()
+            .await?;
+        // A single Redis: its channels are never sharded.
+        pubsub.subscribe(&partition.channel).await?;
+        Ok(Self::Single(Box::pin(pubsub.into_on_message())))
+    }
+
+    /// The next message's payload; `None` when the subscription ended.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Self::Single(messages) => messages
+                .next()
+                .await
+                .map(|message| message.get_payload_bytes().to_vec()),
+            Self::Cluster {
+                pushes, channel, ..
+            } => loop {
+                let push = pushes.recv().await?;
+                let on_channel = push.data.first().is_some_and(
+                    |name| matches!(name, redis::Value::BulkString(name) if name == channel),
+                );
+                match push.kind {
+                    redis::PushKind::SMessage if on_channel => match push.data.into_iter().nth(1) {
+                        Some(redis::Value::BulkString(payload)) => return Some(payload),
+                        _ => continue,
+                    },
+                    // A connection dropped (messages may have been lost on
+                    // it), or the slot moved away from the node we were on.
+                    redis::PushKind::Disconnection => return None,
+                    redis::PushKind::SUnsubscribe if on_channel => return None,
+                    _ => continue,
+                }
+            },
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! The replica's subscriber against a real Redis, with this test playing the
 //! invalidator (XADD + PUBLISH) and an attacker or a restarted Redis.
 
-use feature_cache::{CachedDocument, Entry, NearCache, NearCacheConfig};
+use feature_cache::{
+    CachedDocument, Entry, NearCache, NearCacheConfig, RedisConfig, RedisTls, TtlPolicy,
+};
 use feature_store::FeatureDocument;
 use invalidation::{
     Channels, ClusterTime, Invalidation, Op, Subscriber, SubscriberConfig, SubscriberStatus,
@@ -12,6 +14,20 @@ use testkit::TestRedis;
 
 const CHANNEL: &str = "test:invalidations";
 const STREAM: &str = "test:changes";
+
+fn redis_config(redis: &TestRedis) -> RedisConfig {
+    RedisConfig {
+        url: redis.url(),
+        tls: RedisTls::default(),
+        cluster_nodes: Vec::new(),
+        timeout: Duration::from_secs(2),
+        ttl: TtlPolicy {
+            document_ttl: Duration::from_secs(600),
+            marker_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+        },
+    }
+}
 
 struct Replica {
     near: Arc<NearCache>,
@@ -28,20 +44,23 @@ impl Replica {
             ttl: Duration::from_secs(600),
             negative_ttl: Duration::from_secs(5),
         }));
-        let client = redis::Client::open(redis.url()).unwrap();
-        let manager = client.get_connection_manager().await.unwrap();
+        let config = redis_config(redis);
+        let connection = config.connection().unwrap();
         let subscriber = Subscriber::new(
             SubscriberConfig {
-                redis: redis::Client::open(redis.url()).unwrap(),
+                redis: config,
                 channels: Channels {
                     channel: CHANNEL.into(),
                     stream: STREAM.into(),
                     stream_maxlen: 1000,
+                    position: "test:position".into(),
+                    partitions: 1,
+                    cluster: false,
                 },
                 check_interval: Duration::from_millis(100),
             },
             Arc::clone(&near),
-            manager,
+            connection,
         );
         let status = subscriber.status();
         let task = tokio::spawn(subscriber.run(tokio_util::sync::CancellationToken::new()));

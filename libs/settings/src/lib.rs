@@ -172,6 +172,7 @@ impl Settings {
     pub fn redis_config(&self) -> RedisConfig {
         RedisConfig {
             url: self.redis_url(),
+            cluster_nodes: self.redis_cluster_nodes.clone(),
             tls: RedisTls {
                 ca_file: self.redis_tls_ca_file.as_ref().map(PathBuf::from),
                 cert_file: self.redis_tls_cert_file.as_ref().map(PathBuf::from),
@@ -213,11 +214,12 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| self.control_keys().stream),
             stream_maxlen: self.invalidation_stream_maxlen,
+            position: self.control_keys().feed_position,
+            partitions: self.invalidation_partitions,
+            cluster: !self.redis_cluster_nodes.is_empty(),
         }
     }
 
-    /// The invalidation subscriber, connecting with `redis` (the tier's
-    /// client, so TLS and credentials are the same).
     /// Logging (in `LOG_FORMAT`), metrics and trace export for the service
     /// `name`, its spans tagged with `INSTANCE_ID`.
     pub fn init_telemetry(
@@ -227,9 +229,11 @@ impl Settings {
         telemetry::init(name, &self.instance_id, self.log_format == LogFormat::Json)
     }
 
-    pub fn subscriber_config(&self, redis: redis::Client) -> SubscriberConfig {
+    /// The invalidation subscriber, on the tier's Redis (same TLS and
+    /// credentials).
+    pub fn subscriber_config(&self) -> SubscriberConfig {
         SubscriberConfig {
-            redis,
+            redis: self.redis_config(),
             channels: self.channels(),
             check_interval: self.invalidation_check_interval,
         }
@@ -256,7 +260,11 @@ impl Settings {
 
     /// The invalidators' keys for this collection.
     pub fn control_keys(&self) -> ControlKeys {
-        ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)
+        if self.redis_cluster_nodes.is_empty() {
+            ControlKeys::for_collection(&self.mongo_db, &self.mongo_collection)
+        } else {
+            ControlKeys::for_collection_on_cluster(&self.mongo_db, &self.mongo_collection)
+        }
     }
 
     /// The hot-key record, keeping four times `WARM_KEYS` keys (at least
@@ -436,6 +444,23 @@ impl Settings {
                 "REDIS_URL",
                 format!("unsupported scheme {:?}", parsed.scheme()),
             ));
+        }
+        if !self.redis_cluster_nodes.is_empty() {
+            if !matches!(parsed.scheme(), "redis" | "rediss") {
+                return Err(SettingsError::contradiction(
+                    "REDIS_CLUSTER_NODES",
+                    "REDIS_URL",
+                    "a cluster is reached over TCP: REDIS_URL must be redis:// or rediss://"
+                        .to_owned(),
+                ));
+            }
+            if !matches!(parsed.path().trim_matches('/'), "" | "0") {
+                return Err(SettingsError::contradiction(
+                    "REDIS_CLUSTER_NODES",
+                    "REDIS_URL",
+                    "a cluster has database 0 only".to_owned(),
+                ));
+            }
         }
         self.validate_redis_tls(parsed.scheme())
     }

@@ -165,3 +165,32 @@ pub(crate) fn opt_path(raw: Option<&str>) -> Read<Option<std::path::PathBuf>> {
 pub(crate) fn dev_keys(raw: Option<&str>) -> Read<Vec<access::KeyEntry>> {
     raw.map_or(Ok(Vec::new()), access::keys::parse_dev_keys)
 }
+
+/// The most invalidation partitions (each is a stream, a channel and a
+/// subscription per replica).
+const MAX_PARTITIONS: u64 = 1024;
+
+/// A partition count: 1 up to [`MAX_PARTITIONS`].
+pub(crate) fn partitions(raw: Option<&str>) -> Read<u16> {
+    match positive(raw)? {
+        n if n > MAX_PARTITIONS => Err(format!("at most {MAX_PARTITIONS}")),
+        n => u16::try_from(n).map_err(|_| "too large".into()),
+    }
+}
+
+/// Redis Cluster seeds: comma-separated `host:port`, when given.
+pub(crate) fn cluster_nodes(raw: Option<&str>) -> Read<Vec<String>> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .map(|seed| match seed.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Ok(seed.to_owned())
+            }
+            _ => Err(format!("{seed:?} is not host:port")),
+        })
+        .collect()
+}

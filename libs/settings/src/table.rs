@@ -3,9 +3,9 @@
 //! [`NAMES`].
 
 use crate::parse::{
-    boolean, dev_keys, fraction, instance_id, invalidation_mode, key_count, log_format, millis,
-    millis_or_zero, mongo_uri, non_empty, opt_number, opt_path, opt_string, positive,
-    positive_usize, seconds, socket_addr,
+    boolean, cluster_nodes, dev_keys, fraction, instance_id, invalidation_mode, key_count,
+    log_format, millis, millis_or_zero, mongo_uri, non_empty, opt_number, opt_path, opt_string,
+    partitions, positive, positive_usize, seconds, socket_addr,
 };
 use crate::{Defaults, LogFormat, SettingsError, Source};
 use invalidation::InvalidationMode;
@@ -76,6 +76,9 @@ settings! { binary =>
     /// PEM client certificate and key, for a Redis that verifies clients.
     redis_tls_cert_file: Option<String> = "REDIS_TLS_CERT_FILE", opt_string, None;
     redis_tls_key_file: Option<String> = "REDIS_TLS_KEY_FILE", opt_string, None;
+    /// Redis Cluster seeds (`host:port,host:port`); when set they win over
+    /// REDIS_URL's host, which then gives only the scheme, user and password.
+    redis_cluster_nodes: Vec<String> = "REDIS_CLUSTER_NODES", cluster_nodes, None;
     /// How long a document may stay in Redis.
     redis_ttl: Duration = "REDIS_TTL", seconds, Some("604800");
     redis_timeout: Duration = "REDIS_TIMEOUT_MS", millis, Some("500");
@@ -98,6 +101,10 @@ settings! { binary =>
     /// never under the document prefix `features:`.
     invalidation_stream: Option<String> = "INVALIDATION_STREAM", opt_string, None;
     invalidation_stream_maxlen: u64 = "INVALIDATION_STREAM_MAXLEN", positive, Some("100000");
+    /// Invalidation partitions: each has its own stream, channel and saved
+    /// position (a key's partition is its slot modulo this); on a Redis
+    /// Cluster they spread the announcements over the masters.
+    invalidation_partitions: u16 = "INVALIDATION_PARTITIONS", partitions, Some("1");
     /// How often a replica checks the stream for changes it may have missed.
     invalidation_check_interval: Duration = "INVALIDATION_CHECK_INTERVAL_MS", millis, Some("1000");
     leader_lease: Duration = "LEADER_LEASE_MS", millis, Some("5000");

@@ -607,3 +607,64 @@ fn absence_and_load_settings_default_map_and_refuse_bad_values() {
         );
     }
 }
+
+#[test]
+fn a_cluster_and_partitions_are_read_and_bad_values_refused() {
+    let s = load_from(Defaults::API, env(&[])).unwrap();
+    assert!(s.redis_cluster_nodes.is_empty());
+    assert_eq!(s.channels().partitions, 1);
+    assert!(!s.channels().cluster);
+    assert!(!s.redis_config().is_cluster());
+
+    let s = load_from(
+        Defaults::API,
+        env(&[
+            (
+                "REDIS_CLUSTER_NODES",
+                " 10.0.0.1:7000, redis-2.internal:7001 ,",
+            ),
+            ("INVALIDATION_PARTITIONS", "8"),
+            ("REDIS_URL", "rediss://cache-api:secret@ignored:6379/0"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        s.redis_config().cluster_nodes,
+        vec!["10.0.0.1:7000", "redis-2.internal:7001"]
+    );
+    let channels = s.channels();
+    assert_eq!(channels.partitions, 8);
+    assert!(channels.cluster);
+    // On a cluster the control keys share one slot (the lease script).
+    assert_eq!(
+        s.control_keys().lease,
+        "cache-invalidator:{cache_demo.customer_features}:leader"
+    );
+    assert_eq!(
+        channels.partition(3).stream,
+        "cache-invalidator:cache_demo.customer_features:changes:{p3}"
+    );
+
+    for (name, value) in [
+        ("REDIS_CLUSTER_NODES", "10.0.0.1"),
+        ("REDIS_CLUSTER_NODES", "10.0.0.1:0"),
+        ("REDIS_CLUSTER_NODES", ":7000"),
+        ("INVALIDATION_PARTITIONS", "0"),
+        ("INVALIDATION_PARTITIONS", "1025"),
+        ("INVALIDATION_PARTITIONS", "many"),
+    ] {
+        let err = load_from(Defaults::API, env(&[(name, value)]))
+            .expect_err(value)
+            .to_string();
+        assert!(err.contains(name), "{err}");
+    }
+    for url in ["redis+unix:///tmp/redis.sock", "redis://h:6379/3"] {
+        let err = load_from(
+            Defaults::API,
+            env(&[("REDIS_CLUSTER_NODES", "h:7000"), ("REDIS_URL", url)]),
+        )
+        .expect_err(url)
+        .to_string();
+        assert!(err.contains("REDIS_CLUSTER_NODES"), "{err}");
+    }
+}

@@ -160,7 +160,11 @@ fn init_with(
     // Logs and traces are filtered apart: `RUST_LOG` (default `info`) for
     // logs, `OTEL_TRACES_FILTER` (default `info`) for exported spans, so
     // detailed traces never mean noisy logs.
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The cluster client warns on every reconnect attempt to a dead node
+    // (once a second, for as long as it is down); the services log the
+    // state change once themselves.
+    let log_filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,redis::cluster_handling=error"));
     let fmt = if json_logs {
         tracing_subscriber::fmt::layer()
             .json()

@@ -56,7 +56,7 @@ impl Application {
         // without a near cache there is nothing of its own to keep fresh.
         let subscriber = tiers.near_handle().map(|near| {
             Subscriber::new(
-                settings.subscriber_config(tiers.redis().client()),
+                settings.subscriber_config(),
                 near,
                 tiers.redis().connection(),
             )
@@ -67,7 +67,7 @@ impl Application {
                 .context("authentication")?,
         );
         let fleet = FleetClient::new(
-            tiers.redis().client(),
+            tiers.redis().client().context("REDIS_URL")?,
             tiers.redis().connection(),
             settings.fleet_config(),
         );
@@ -144,16 +144,19 @@ impl Application {
             tokio::spawn(hot.run(shutdown.child_token()));
         }
         tokio::spawn(heartbeat(&state).run(shutdown.child_token()));
-        tokio::spawn(
-            Responder::new(
-                state.tiers.redis().client(),
-                state.tiers.redis().connection(),
-                state.settings.fleet_config(),
-                state.settings.instance_id.clone(),
-                state.tiers.near_handle(),
-            )
-            .run(shutdown.child_token()),
-        );
+        // The client was made once already in `build`: it cannot fail here.
+        if let Ok(client) = state.tiers.redis().client() {
+            tokio::spawn(
+                Responder::new(
+                    client,
+                    state.tiers.redis().connection(),
+                    state.settings.fleet_config(),
+                    state.settings.instance_id.clone(),
+                    state.tiers.near_handle(),
+                )
+                .run(shutdown.child_token()),
+            );
+        }
         tokio::spawn(state.access.clone().maintain(shutdown.child_token()));
         tokio::spawn(ensure_ttl_index(
             state.tiers.store().clone(),

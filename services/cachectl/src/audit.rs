@@ -104,7 +104,11 @@ pub async fn run(
     args: AuditArgs,
 ) -> anyhow::Result<ExitCode> {
     let redis = tiers.redis();
-    let fleet = FleetClient::new(redis.client(), redis.connection(), settings.fleet_config());
+    let fleet = FleetClient::new(
+        redis.client().context("REDIS_URL")?,
+        redis.connection(),
+        settings.fleet_config(),
+    );
     let mut checker = Checker::new(redis.clone(), tiers.store().clone());
     if args.near {
         checker = checker.with_near(

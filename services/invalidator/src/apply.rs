@@ -5,7 +5,7 @@
 //! same kind and go the same way ([`Apply::requests`]).
 
 use crate::audit::AuditHandle;
-use crate::worker::{Sequence, WorkerStatus};
+use crate::worker::WorkerStatus;
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
 };
@@ -198,7 +198,6 @@ pub struct Apply {
     redis: RedisTier,
     store: FeatureStore,
     mode: InvalidationMode,
-    sequence: Arc<Sequence>,
     status: Arc<WorkerStatus>,
     audit: AuditHandle,
     /// Puts the hottest keys back into Redis after a flush (`None`: off).
@@ -221,7 +220,6 @@ pub struct ApplyParts {
     pub requests: RequestQueue,
     pub store: FeatureStore,
     pub mode: InvalidationMode,
-    pub sequence: Arc<Sequence>,
     pub status: Arc<WorkerStatus>,
     /// Samples applied changes for the consistency audit.
     pub audit: AuditHandle,
@@ -240,7 +238,6 @@ impl Apply {
             redis: parts.redis.clone(),
             store: parts.store.clone(),
             mode: parts.mode,
-            sequence: Arc::clone(&parts.sequence),
             status: Arc::clone(&parts.status),
             audit: parts.audit.clone(),
             warm: parts.warm.clone(),
@@ -485,8 +482,9 @@ impl Apply {
             op,
             version: 0,
             cluster_time: ClusterTime { t: 0, i: 0 },
-            seq: self.sequence.next(),
-            run_id: self.sequence.run_id().to_owned(),
+            // Numbered by the announcer, in the message's partition.
+            seq: 0,
+            run_id: String::new(),
             traceparent,
             ordered: false,
             stream_id: None,
@@ -497,7 +495,7 @@ impl Apply {
             .await
             .map_err(ApplyError::Redis)?
             .unwrap_or_default();
-        self.announcer.announce(&message, &saved).await?;
+        self.announcer.announce(message, &saved).await?;
         Ok(())
     }
 
@@ -570,6 +568,7 @@ impl Apply {
         position: &str,
     ) -> Result<(), ApplyError> {
         let span = tracing::Span::current();
+        self.writer.await_replicas().await;
         observe_lag("redis", change, &span, "lag_redis_ms");
         let message = Invalidation {
             customer_id: Some(customer_id.to_owned()),
@@ -581,13 +580,14 @@ impl Apply {
                     t: t.seconds,
                     i: t.increment,
                 }),
-            seq: self.sequence.next(),
-            run_id: self.sequence.run_id().to_owned(),
+            // Numbered by the announcer, in the message's partition.
+            seq: 0,
+            run_id: String::new(),
             traceparent: telemetry::propagation::current_traceparent(),
             ordered,
             stream_id: None,
         };
-        self.announcer.announce(&message, position).await?;
+        self.announcer.announce(message, position).await?;
         observe_lag("published", change, &span, "lag_published_ms");
         tracing::debug!(customer_id, op = op.as_str(), version, "change applied");
         Ok(())

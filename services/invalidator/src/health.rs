@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use feature_cache::RedisConnection;
 use invalidation::InvalidationMode;
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,7 +19,7 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct HealthState {
     pub status: Arc<WorkerStatus>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     pub run_id: String,
     pub instance_id: String,
     pub mode: InvalidationMode,

@@ -4,9 +4,9 @@
 //! took over.
 
 use crate::worker::Progress;
-use feature_cache::{ControlKeys, Fence};
+use feature_cache::RedisConnection;
+use feature_cache::{ControlKeys, Fence, Spread};
 use redis::Script;
-use redis::aio::ConnectionManager;
 use std::time::{Duration, Instant};
 use telemetry::Condition;
 use tokio::task::JoinHandle;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// The leadership lease in Redis.
 #[derive(Clone)]
 pub struct Lease {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     keys: ControlKeys,
     script: Script,
     duration: Duration,
@@ -41,7 +41,7 @@ impl Term {
 
 impl Lease {
     pub fn new(
-        redis: ConnectionManager,
+        redis: RedisConnection,
         keys: ControlKeys,
         duration: Duration,
         holder_prefix: String,
@@ -71,7 +71,15 @@ impl Lease {
                 reachable.recover();
             }
             match attempt {
-                Ok(Some(token)) => return Some(self.begin_term(token, shutdown, progress)),
+                Ok(Some(token)) => match self.fence_of(token).await {
+                    Ok(Some(fence)) => return Some(self.begin_term(fence, shutdown, progress)),
+                    // A newer holder's token is already in the fence: we were
+                    // deposed as we began (a failover brought an old lease back).
+                    Ok(None) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not set up the fence; giving the lease back");
+                    }
+                },
                 Ok(None) => {}
                 Err(err) => {
                     reachable.fail(&err);
@@ -99,19 +107,48 @@ impl Lease {
         }
     }
 
-    fn begin_term(&self, token: String, shutdown: &CancellationToken, progress: &Progress) -> Term {
+    /// The fence of a term that holds `token`: on a cluster, written into
+    /// every slot first (`None`: a newer holder's is there). Without a
+    /// fence the lease is given back.
+    async fn fence_of(&self, token: String) -> redis::RedisResult<Option<Fence>> {
+        let fence = Fence::over(&self.redis, self.keys.lease.clone(), token);
+        let spread = fence.spread(&self.redis).await;
+        if !matches!(spread, Ok(Spread::Done)) {
+            let _ = self.call("release", &fence.token).await;
+        }
+        match spread? {
+            Spread::Done => Ok(Some(fence)),
+            Spread::Behind(newer) => {
+                // Either a newer holder exists (its lease will be seen), or
+                // the counter went back with lost Redis data: move it past
+                // the newest token so the next attempt can fence.
+                tracing::warn!(
+                    newer,
+                    "a fence copy holds a newer token; moving the token counter past it"
+                );
+                let _: i64 = redis::Script::new(
+                    "local c = tonumber(redis.call('GET', KEYS[1]) or '0') \
+                     if c < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1",
+                )
+                .key(&self.keys.fencing_counter)
+                .arg(newer)
+                .invoke_async(&mut self.redis.clone())
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn begin_term(&self, fence: Fence, shutdown: &CancellationToken, progress: &Progress) -> Term {
         let ended = shutdown.child_token();
         progress.mark();
         let renewer = tokio::spawn(self.clone().renew(
-            token.clone(),
+            fence.token.clone(),
             ended.clone(),
             progress.clone(),
         ));
         Term {
-            fence: Fence {
-                key: self.keys.lease.clone(),
-                token,
-            },
+            fence,
             ended,
             renewer,
         }

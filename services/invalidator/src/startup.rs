@@ -3,7 +3,7 @@ use crate::audit::{self, Auditor};
 use crate::health::{self, HealthState};
 use crate::leadership::Lease;
 use crate::tail::{self, Tail};
-use crate::worker::{Sequence, Worker, WorkerStatus};
+use crate::worker::{Worker, WorkerStatus};
 use anyhow::Context;
 use feature_cache::RedisTier;
 use feature_store::FeatureStore;
@@ -35,11 +35,7 @@ impl Application {
 
         let run_id = uuid::Uuid::new_v4().to_string();
         let keys = settings.control_keys();
-        let announcer = Announcer::new(
-            connection.clone(),
-            settings.channels(),
-            keys.feed_position.clone(),
-        );
+        let announcer = Announcer::new(connection.clone(), settings.channels(), run_id.clone());
         let lease = Lease::new(
             connection.clone(),
             keys,
@@ -48,8 +44,11 @@ impl Application {
         );
         // The audit reads every replica's near cache and repairs through the
         // fleet's eviction requests, which this process handles as leader.
-        let fleet =
-            fleet::FleetClient::new(redis.client(), connection.clone(), settings.fleet_config());
+        let fleet = fleet::FleetClient::new(
+            redis.client().context("REDIS_URL")?,
+            connection.clone(),
+            settings.fleet_config(),
+        );
         let checker = consistency::Checker::new(redis.clone(), store.clone()).with_near(
             Arc::new(consistency::FleetNear(fleet.clone())),
             settings.admin_fanout_timeout,
@@ -70,7 +69,6 @@ impl Application {
                 announcer,
                 store: store.clone(),
                 mode: settings.invalidation_mode,
-                sequence: Arc::new(Sequence::new(run_id.clone())),
                 status: Arc::clone(&status),
                 audit,
                 warm: settings.warm_config(),

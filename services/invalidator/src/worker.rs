@@ -49,32 +49,6 @@ impl Progress {
     }
 }
 
-/// Numbers the messages of one invalidator run, across its terms: a
-/// replica that sees a jump knows it missed one.
-#[derive(Debug)]
-pub struct Sequence {
-    run_id: String,
-    last: AtomicU64,
-}
-
-impl Sequence {
-    pub fn new(run_id: String) -> Self {
-        Self {
-            run_id,
-            last: AtomicU64::new(0),
-        }
-    }
-
-    pub fn run_id(&self) -> &str {
-        &self.run_id
-    }
-
-    /// The next number, starting at 1.
-    pub fn next(&self) -> u64 {
-        self.last.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
-
 pub struct Worker {
     pub lease: Lease,
     pub tail: Tail,
