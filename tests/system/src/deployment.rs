@@ -579,7 +579,7 @@ impl Deployment {
             .get(replica.url(&format!("/api/features/{id}/")))
             .send()
             .await
-            .unwrap_or_else(|err| panic!("GET {id} on {}: {err}", replica.name()));
+            .unwrap_or_else(|err| panic!("GET {id} on {}: {err:?}", replica.name()));
         let status = response.status().as_u16();
         let body = response.bytes().await.expect("body");
         let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
