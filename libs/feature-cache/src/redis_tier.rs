@@ -868,6 +868,24 @@ impl FencedWriter {
         Ok(removed > 0)
     }
 
+    /// Removes many customers' entries while the fence holds, in
+    /// pipelines of [`PIPELINE_CHUNK`].
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA+DEL", count = customer_ids.len()))]
+    pub async fn remove_many(&self, customer_ids: &[&str]) -> Result<(), FencedWriteError> {
+        for chunk in customer_ids.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for customer_id in chunk {
+                let key = document_key(customer_id);
+                let mut invocation = self.remove.prepare_invoke();
+                invocation.key(&key);
+                self.fence.append(&mut invocation, &key);
+                pipe.invoke_script(&invocation);
+            }
+            let _: Vec<i64> = query_scripts(&self.conn, &pipe, &self.remove).await?;
+        }
+        Ok(())
+    }
+
     pub fn fence(&self) -> &Fence {
         &self.fence
     }

@@ -153,7 +153,7 @@ impl FencedAnnouncer {
     #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", op = message.op.as_str()))]
     pub async fn announce(
         &self,
-        mut message: Invalidation,
+        message: Invalidation,
         position: &str,
     ) -> Result<String, FencedWriteError> {
         let channels = &self.announcer.channels;
@@ -161,59 +161,102 @@ impl FencedAnnouncer {
             Some(customer_id) => vec![channels.partition_of(customer_id)],
             None => channels.all(),
         };
-        message.run_id = self.announcer.run.id.clone();
         let mut first = None;
         for partition in partitions {
-            message.seq = self.announcer.run.last_seq[usize::from(partition.index)]
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            let (head, tail) = message.channel_payload_around_stream_id();
-            let id = self
-                .run(&partition, &message.stream_json(), position, &head, &tail)
+            let ids = self
+                .run(&partition, std::slice::from_ref(&message), position)
                 .await?;
-            first.get_or_insert(id);
+            first = first.or(ids.into_iter().next());
         }
         Ok(first.unwrap_or_default())
+    }
+
+    /// Announces a batch of changes of single customers, in their order,
+    /// then saves `position` (after the batch's last change): one script
+    /// per partition the batch touches, run at once (each keeps its
+    /// changes' order), and the position saved only once all landed — a
+    /// failure in between repeats the batch from the position saved before
+    /// it, never skips a change. One partition: one script saves it all.
+    #[tracing::instrument(skip_all, fields(db.system = "redis", db.operation = "EVALSHA", count = messages.len()))]
+    pub async fn announce_batch(
+        &self,
+        messages: &[Invalidation],
+        position: &str,
+    ) -> Result<(), FencedWriteError> {
+        let channels = &self.announcer.channels;
+        let mut parts: Vec<(Partition, Vec<Invalidation>)> = Vec::new();
+        for message in messages {
+            let partition = match &message.customer_id {
+                Some(customer_id) => channels.partition_of(customer_id),
+                None => channels.partition(0),
+            };
+            match parts.iter_mut().find(|(p, _)| p.index == partition.index) {
+                Some((_, batch)) => batch.push(message.clone()),
+                None => parts.push((partition, vec![message.clone()])),
+            }
+        }
+        if let [(partition, batch)] = parts.as_slice() {
+            self.run(partition, batch, position).await?;
+            return Ok(());
+        }
+        futures::future::try_join_all(
+            parts
+                .iter()
+                .map(|(partition, batch)| self.run(partition, batch, "")),
+        )
+        .await?;
+        self.save_position(position).await
     }
 
     /// Saves the position alone (the feed moved on without changes to announce).
     pub async fn save_position(&self, position: &str) -> Result<(), FencedWriteError> {
         let partition = self.announcer.channels.partition(0);
-        self.run(&partition, "", position, "", "").await.map(|_| ())
+        self.run(&partition, &[], position).await.map(|_| ())
     }
 
+    /// One partition's script: `messages` numbered in the partition and
+    /// announced in order, and `position` saved ('' for none).
     async fn run(
         &self,
         partition: &Partition,
-        entry: &str,
+        messages: &[Invalidation],
         position: &str,
-        head: &str,
-        tail: &str,
-    ) -> Result<String, FencedWriteError> {
-        let save = self.announcer.run.saves.fetch_add(1, Ordering::Relaxed) + 1;
-        let saved = format!("{SAVED_V2}{}:{save}:{position}", self.fence_rank);
+    ) -> Result<Vec<String>, FencedWriteError> {
+        let saved = if position.is_empty() {
+            String::new()
+        } else {
+            let save = self.announcer.run.saves.fetch_add(1, Ordering::Relaxed) + 1;
+            format!("{SAVED_V2}{}:{save}:{position}", self.fence_rank)
+        };
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(&partition.stream)
             .key(&partition.position)
             .arg(STREAM_FIELD)
-            .arg(entry)
             .arg(&partition.channel)
             .arg(self.announcer.channels.stream_maxlen)
             .arg(saved)
-            .arg(head)
-            .arg(tail)
             .arg(if partition.sharded {
                 "SPUBLISH"
             } else {
                 "PUBLISH"
             });
+        let last_seq = &self.announcer.run.last_seq[usize::from(partition.index)];
+        for message in messages {
+            let mut message = message.clone();
+            message.run_id = self.announcer.run.id.clone();
+            message.seq = last_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let (head, tail) = message.channel_payload_around_stream_id();
+            invocation.arg(message.stream_json()).arg(head).arg(tail);
+        }
         self.fence.append(&mut invocation, &partition.stream);
-        let id: String = invocation
+        let ids: Vec<String> = invocation
             .invoke_async(&mut self.announcer.redis.clone())
             .await?;
-        metrics::counter!("invalidator_resume_token_saves_total").increment(1);
-        Ok(id)
+        if !position.is_empty() {
+            metrics::counter!("invalidator_resume_token_saves_total").increment(1);
+        }
+        Ok(ids)
     }
 }
 

@@ -9,6 +9,7 @@ use crate::worker::WorkerStatus;
 use feature_cache::{
     CachedDocument, Entry, Fence, FencedWriteError, FencedWriter, Offer, RedisTier, WarmConfig,
 };
+use feature_cache::redis_tier::Writer;
 use feature_store::{Change, ChangeKind, CustomerId, FeatureStore, WriteOp};
 use fleet::{FencedRequestQueue, OperatorRequest, RequestKind, RequestQueue};
 use invalidation::{Announcer, ClusterTime, FencedAnnouncer, Invalidation, InvalidationMode, Op};
@@ -350,6 +351,151 @@ impl Apply {
         }
         .instrument(span)
         .await
+    }
+
+    /// Applies changes already at hand together, in their order: the
+    /// guarded Redis writes of the batch in one pipeline (removals in
+    /// another), one wait for the replicas, then one announcement script per
+    /// partition (each keeping its changes' order) and the position after
+    /// the batch's last change saved once they all landed. A failure
+    /// anywhere repeats the whole batch from the position saved before it:
+    /// at least once, and idempotent by the version guard. A batch holding
+    /// anything but writes and deletes of single documents (a flush, an
+    /// event to skip, an unreadable change) goes one change at a time.
+    pub async fn batch(&self, changes: &[Change]) -> Result<Next, ApplyError> {
+        let plans: Vec<Plan> = changes.iter().map(|c| plan(&c.kind, self.mode)).collect();
+        let simple = plans.iter().zip(changes).all(|(plan, change)| {
+            matches!(plan, Plan::Refresh { .. } | Plan::Remove { .. })
+                && !matches!(change.kind, ChangeKind::Unreadable { .. })
+        });
+        let (Some(last), true, true) = (changes.last(), simple, changes.len() > 1) else {
+            return self.one_by_one(changes).await;
+        };
+        for plan in &plans {
+            metrics::counter!("invalidator_events_total", "op" => plan.label()).increment(1);
+        }
+        self.status
+            .events
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+
+        let refreshes: Vec<(Entry, Writer)> = plans
+            .iter()
+            .filter_map(|plan| match plan {
+                Plan::Refresh { document, .. } => {
+                    Some((Entry::Document(Arc::clone(document)), Writer::Ordered))
+                }
+                _ => None,
+            })
+            .collect();
+        let offers = match self.writer.fill_many(&refreshes).await {
+            Ok(offers) => offers,
+            // Full: the one-by-one path removes instead of refreshing.
+            Err(FencedWriteError::Redis(err)) if err.code() == Some("OOM") => {
+                return self.one_by_one(changes).await;
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut offers = offers.into_iter();
+        let mut removals: Vec<&str> = Vec::new();
+        // Per change: (customer, op, version, ordered, stamp, traceparent).
+        let mut planned = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            match plan {
+                Plan::Refresh {
+                    document,
+                    op,
+                    traceparent,
+                } => {
+                    let removed = match offers.next() {
+                        Some(Offer::Refused {
+                            holds: Some(cached),
+                        }) => self.above_the_store(&document.customer_id, cached).await?,
+                        _ => Removed::No,
+                    };
+                    let stamp = match removed {
+                        Removed::Yes { stamp } => stamp,
+                        Removed::No => None,
+                    };
+                    planned.push((
+                        document.customer_id.as_str(),
+                        *op,
+                        document.version,
+                        removed == Removed::No,
+                        stamp,
+                        traceparent.clone(),
+                    ));
+                }
+                Plan::Remove {
+                    customer_id,
+                    op,
+                    version,
+                    traceparent,
+                    stamp,
+                } => {
+                    removals.push(customer_id);
+                    planned.push((
+                        customer_id.as_str(),
+                        *op,
+                        *version,
+                        false,
+                        *stamp,
+                        traceparent.clone(),
+                    ));
+                }
+                Plan::Flush { .. } | Plan::Skip => {}
+            }
+        }
+        self.writer.remove_many(&removals).await?;
+        self.writer.await_replicas().await;
+        let span = tracing::Span::current();
+        for change in changes {
+            observe_lag("redis", change, &span, "lag_redis_ms");
+        }
+        let messages: Vec<Invalidation> = planned
+            .iter()
+            .zip(changes)
+            .map(
+                |((customer_id, op, version, ordered, _, traceparent), change)| Invalidation {
+                    customer_id: Some((*customer_id).to_owned()),
+                    op: *op,
+                    version: *version,
+                    cluster_time: change
+                        .cluster_time
+                        .map_or(ClusterTime { t: 0, i: 0 }, |t| ClusterTime {
+                            t: t.seconds,
+                            i: t.increment,
+                        }),
+                    // Numbered by the announcer, in the message's partition.
+                    seq: 0,
+                    run_id: String::new(),
+                    traceparent: traceparent.clone(),
+                    ordered: *ordered,
+                    stream_id: None,
+                },
+            )
+            .collect();
+        self.announcer
+            .announce_batch(&messages, last.position.as_str())
+            .await?;
+        for ((customer_id, _, _, _, stamp, _), change) in planned.iter().zip(changes) {
+            observe_lag("published", change, &span, "lag_published_ms");
+            if let Some(seen) = stamp {
+                self.stamp(customer_id, *seen).await;
+            }
+            self.audit
+                .offer(&change.kind, telemetry::propagation::current_traceparent);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// [`Apply::change`] for each change in turn, stopping at a feed's end.
+    async fn one_by_one(&self, changes: &[Change]) -> Result<Next, ApplyError> {
+        for change in changes {
+            if self.change(change).await? == Next::Reopen {
+                return Ok(Next::Reopen);
+            }
+        }
+        Ok(Next::Continue)
     }
 
     /// Redis refused a change's document because it holds a higher version.

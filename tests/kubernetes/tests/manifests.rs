@@ -12,10 +12,6 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-/// Settings this issue adds to `settings::NAMES` (REDIS_CLUSTER_NODES,
-/// INVALIDATION_PARTITIONS); harmless once they are there.
-const NAMES_BEING_ADDED: &[&str] = &["REDIS_CLUSTER_NODES", "INVALIDATION_PARTITIONS"];
-
 /// BENCHMARKS.md, "6. Memory": cache-api's RSS without entries, and per
 /// near-cache entry of a typical ~400-byte document at 100,000 entries.
 const EMPTY_PROCESS_BYTES: u64 = 28 * MIB;
@@ -210,10 +206,7 @@ fn environment(objects: &[Value], container: &Value) -> HashMap<String, String> 
 }
 
 fn is_known_name(name: &str) -> bool {
-    settings::NAMES.contains(&name)
-        || NAMES_BEING_ADDED.contains(&name)
-        || name.starts_with("OTEL_")
-        || name == "RUST_LOG"
+    settings::NAMES.contains(&name) || name.starts_with("OTEL_") || name == "RUST_LOG"
 }
 
 #[test]
