@@ -73,14 +73,26 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `redis-server` (installed with apt-get when missing and we are root).
+/// `redis-server` (installed with apt-get when missing and we are root),
+/// with `redis-cli` beside it: the cluster tests create their clusters with
+/// `redis-cli --cluster create` (Debian's `redis-tools`).
 pub fn redis_server() -> Result<PathBuf> {
-    if let Some(path) = paths::which("redis-server") {
-        return Ok(path);
+    let server = match paths::which("redis-server") {
+        Some(path) => path,
+        None => {
+            ui::log("redis-server missing: installing Debian's redis-server");
+            apt_install(&["redis-server"])?;
+            paths::which("redis-server")
+                .context("redis-server still missing after apt-get install")?
+        }
+    };
+    let beside = server.with_file_name("redis-cli");
+    if !paths::is_executable(&beside) && paths::which("redis-cli").is_none() {
+        ui::log("redis-cli missing: installing Debian's redis-tools");
+        apt_install(&["redis-tools"])?;
+        paths::which("redis-cli").context("redis-cli still missing after apt-get install")?;
     }
-    ui::log("redis-server missing: installing Debian's redis-server");
-    apt_install(&["redis-server"])?;
-    paths::which("redis-server").context("redis-server still missing after apt-get install")
+    Ok(server)
 }
 
 /// SecantusDB [`SECANTUS_VERSION`] in `.venv-secantus/` (created or

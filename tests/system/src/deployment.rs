@@ -5,6 +5,11 @@
 //! helpers every scenario needs: reads and writes through a replica, writes
 //! straight into MongoDB with the driver (as another tool would), what Redis
 //! holds, and the check that every tier agrees with MongoDB.
+//!
+//! With [`Options::cluster`] the deployment runs on a Redis Cluster of its
+//! own ([`TestRedisCluster`]) instead: every process gets
+//! `REDIS_CLUSTER_NODES` (and no `REDIS_URL`), and the deployment's own
+//! Redis reads go through a cluster connection.
 #![allow(dead_code)] // each test binary uses a different part
 
 use bson::{Bson, Document, doc};
@@ -14,8 +19,9 @@ use mongodb::options::ReturnDocument;
 use serde_json::{Map, Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use testkit::TestRedis;
+use testkit::redis_cluster::key_slot_of;
 use testkit::services::{ServiceProcess, workspace_bin};
+use testkit::{TestRedis, TestRedisCluster};
 
 /// How long a change may take to reach every tier of every replica.
 pub const LAG_BOUND: Duration = Duration::from_secs(5);
@@ -38,8 +44,120 @@ pub struct Options {
     /// Extra settings of the invalidators only (win over `env`; same
     /// `{redis_port}` substitution).
     pub invalidator_env: Vec<(String, String)>,
-    /// Extra flags of the deployment's `redis-server`.
+    /// Extra flags of the deployment's `redis-server` (single Redis only).
     pub redis_args: Vec<String>,
+    /// Run on a Redis Cluster of this shape instead of a single Redis.
+    pub cluster: Option<ClusterShape>,
+    /// `INVALIDATION_PARTITIONS` of every process (unset: the default, 1).
+    pub partitions: Option<u32>,
+}
+
+/// The size of a deployment's Redis Cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterShape {
+    pub masters: usize,
+    pub replicas_per_master: usize,
+}
+
+impl Default for ClusterShape {
+    /// 3 masters with a replica each: the smallest cluster that survives a
+    /// master's loss.
+    fn default() -> Self {
+        Self {
+            masters: 3,
+            replicas_per_master: 1,
+        }
+    }
+}
+
+/// The deployment's Redis: one server, or a cluster.
+pub enum DeploymentRedis {
+    Single(TestRedis),
+    Cluster(TestRedisCluster),
+}
+
+impl DeploymentRedis {
+    /// The single server; panics on a cluster deployment (the single-Redis
+    /// operations below do too).
+    pub fn single(&self) -> &TestRedis {
+        match self {
+            Self::Single(redis) => redis,
+            Self::Cluster(_) => panic!("a single-Redis operation on a cluster deployment"),
+        }
+    }
+
+    pub fn single_mut(&mut self) -> &mut TestRedis {
+        match self {
+            Self::Single(redis) => redis,
+            Self::Cluster(_) => panic!("a single-Redis operation on a cluster deployment"),
+        }
+    }
+
+    /// The cluster; panics on a single-Redis deployment.
+    pub fn cluster(&self) -> &TestRedisCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            Self::Single(_) => panic!("a cluster operation on a single-Redis deployment"),
+        }
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut TestRedisCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            Self::Single(_) => panic!("a cluster operation on a single-Redis deployment"),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// See [`TestRedis::url`].
+    pub fn url(&self) -> String {
+        self.single().url()
+    }
+
+    /// See [`TestRedis::port`].
+    pub fn port(&self) -> u16 {
+        self.single().port()
+    }
+
+    /// See [`TestRedis::client`].
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        self.single().client().await
+    }
+
+    /// See [`TestRedis::stop`].
+    pub fn stop(&mut self) {
+        self.single_mut().stop();
+    }
+
+    /// See [`TestRedis::restart`].
+    pub async fn restart(&mut self) {
+        self.single_mut().restart().await;
+    }
+
+    /// See [`TestRedis::is_running`].
+    pub fn is_running(&mut self) -> bool {
+        self.single_mut().is_running()
+    }
+}
+
+/// The deployment's own connection: reconnects by itself (tests restart a
+/// single Redis), or follows the cluster's redirections.
+#[derive(Clone)]
+enum RedisConn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RedisConn {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self.clone() {
+            Self::Single(mut conn) => cmd.query_async(&mut conn).await,
+            Self::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
 }
 
 impl Default for Options {
@@ -51,6 +169,8 @@ impl Default for Options {
             env: Vec::new(),
             invalidator_env: Vec::new(),
             redis_args: Vec::new(),
+            cluster: None,
+            partitions: None,
         }
     }
 }
@@ -62,13 +182,14 @@ pub struct Deployment {
     pub invalidators: Vec<ServiceProcess>,
     pub a: ServiceProcess,
     pub b: ServiceProcess,
-    pub redis: TestRedis,
+    pub redis: DeploymentRedis,
     pub mongo: mongodb::Client,
     pub mongo_uri: String,
     pub db_name: String,
     http: reqwest::Client,
-    /// Reconnects by itself (tests restart Redis).
-    redis_conn: redis::aio::ConnectionManager,
+    redis_conn: RedisConn,
+    /// Invalidation partitions (`INVALIDATION_PARTITIONS`).
+    partitions: u32,
     /// What every process got, and the API binary, for replicas started later.
     base_env: Vec<(String, String)>,
     api_bin: PathBuf,
@@ -84,8 +205,15 @@ impl Deployment {
     /// the invalidation channel.
     pub async fn start(prefix: &str, options: Options) -> Self {
         let api_bin = workspace_bin("cache-api");
-        let redis_args: Vec<&str> = options.redis_args.iter().map(String::as_str).collect();
-        let redis = TestRedis::start_with(&redis_args).await;
+        let redis = match options.cluster {
+            Some(shape) => DeploymentRedis::Cluster(
+                TestRedisCluster::start(shape.masters, shape.replicas_per_master).await,
+            ),
+            None => {
+                let redis_args: Vec<&str> = options.redis_args.iter().map(String::as_str).collect();
+                DeploymentRedis::Single(TestRedis::start_with(&redis_args).await)
+            }
+        };
         let mongo_uri = options.mongo_uri.clone().unwrap_or_else(testkit::mongo_uri);
         let db_name = testkit::unique_db(prefix);
         let mongo = mongodb::Client::with_uri_str(&mongo_uri)
@@ -97,26 +225,45 @@ impl Deployment {
             .pool_max_idle_per_host(16)
             .build()
             .expect("http client");
-        let redis_conn = redis::Client::open(redis.url())
-            .expect("redis url")
-            .get_connection_manager()
-            .await
-            .expect("redis connection");
+        let redis_conn = match &redis {
+            DeploymentRedis::Single(single) => RedisConn::Single(
+                redis::Client::open(single.url())
+                    .expect("redis url")
+                    .get_connection_manager()
+                    .await
+                    .expect("redis connection"),
+            ),
+            DeploymentRedis::Cluster(cluster) => RedisConn::Cluster(cluster.connection().await),
+        };
 
         let lease = options.lease_ms.to_string();
-        let redis_url = redis.url();
-        let redis_port = redis.port().to_string();
+        let (redis_var, redis_value, redis_port) = match &redis {
+            DeploymentRedis::Single(single) => ("REDIS_URL", single.url(), single.port()),
+            DeploymentRedis::Cluster(cluster) => {
+                ("REDIS_CLUSTER_NODES", cluster.seeds(), cluster.ports()[0])
+            }
+        };
+        let redis_port = redis_port.to_string();
+        let partitions = options.partitions.unwrap_or(1);
+        let partitions_value = partitions.to_string();
         let with_port = |vars: &[(String, String)]| -> Vec<(String, String)> {
             vars.iter()
                 .map(|(k, v)| (k.clone(), v.replace("{redis_port}", &redis_port)))
                 .collect()
         };
         let base: Vec<(String, String)> = [
-            ("REDIS_URL", redis_url.as_str()),
+            (redis_var, redis_value.as_str()),
             ("MONGO_URI", mongo_uri.as_str()),
             ("MONGO_DB", db_name.as_str()),
             ("LEADER_LEASE_MS", lease.as_str()),
         ]
+        .into_iter()
+        .chain(
+            options
+                .partitions
+                .map(|_| ("INVALIDATION_PARTITIONS", partitions_value.as_str())),
+        )
+        .collect::<Vec<_>>()
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .chain(with_port(&options.env))
@@ -150,6 +297,7 @@ impl Deployment {
             db_name,
             http,
             redis_conn,
+            partitions,
             base_env: base,
             api_bin,
         };
@@ -226,37 +374,140 @@ impl Deployment {
 
     /// Sets a Redis key (to plant a state the test needs).
     pub async fn redis_set(&self, key: &str, value: &str) {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query_async(&mut self.redis_conn.clone())
+        let _: () = self
+            .redis_conn
+            .query(redis::cmd("SET").arg(key).arg(value))
             .await
             .expect("SET");
     }
 
-    /// A numeric field of Redis's `INFO` (e.g. `evicted_keys`); 0 if absent.
+    /// A numeric field of Redis's `INFO` (e.g. `evicted_keys`); 0 if
+    /// absent. On a cluster, the sum over its masters.
     pub async fn redis_info_field(&self, name: &str) -> u64 {
-        let info: String = redis::cmd("INFO")
-            .query_async(&mut self.redis_conn.clone())
-            .await
-            .expect("INFO");
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        let field = |info: &str| -> u64 {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        match &self.redis {
+            DeploymentRedis::Single(_) => {
+                let info: String = self
+                    .redis_conn
+                    .query(&redis::cmd("INFO"))
+                    .await
+                    .expect("INFO");
+                field(&info)
+            }
+            DeploymentRedis::Cluster(cluster) => {
+                let mut sum = 0;
+                for master in cluster.masters().await {
+                    let info: String = redis::cmd("INFO")
+                        .query_async(&mut cluster.node_client(master).await)
+                        .await
+                        .expect("INFO");
+                    sum += field(&info);
+                }
+                sum
+            }
+        }
+    }
+
+    /// Whether the invalidation channel, stream and position are split into
+    /// partitions with their own names (a cluster, or more than one).
+    pub fn partitioned(&self) -> bool {
+        self.redis.is_cluster() || self.partitions > 1
+    }
+
+    /// `INVALIDATION_PARTITIONS`.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition of a customer: its document key's slot mod P.
+    pub fn partition_of(&self, id: &str) -> u32 {
+        u32::from(key_slot_of(&format!("features:{id}"))) % self.partitions
+    }
+
+    /// `name` of partition `p` as the services name it: `name:{p<p>}`
+    /// when partitioned, else `name` itself.
+    fn partition_name(&self, name: String, partition: u32) -> String {
+        if self.partitioned() {
+            format!("{name}:{{p{partition}}}")
+        } else {
+            name
+        }
     }
 
     /// The invalidation stream's key (the default for this collection).
+    /// Single Redis, one partition only: see [`Deployment::stream_key_of`].
     pub fn stream_key(&self) -> String {
-        format!("cache-invalidator:{}.{COLLECTION}:changes", self.db_name)
+        assert!(
+            !self.partitioned(),
+            "a partitioned deployment: stream_key_of"
+        );
+        self.stream_key_of(0)
     }
 
-    /// The invalidator's Redis key of the saved resume token.
-    pub fn token_key(&self) -> String {
-        format!(
-            "cache-invalidator:{}.{COLLECTION}:resume-token",
-            self.db_name
+    /// The stream of partition `p`.
+    pub fn stream_key_of(&self, partition: u32) -> String {
+        self.partition_name(
+            format!("cache-invalidator:{}.{COLLECTION}:changes", self.db_name),
+            partition,
         )
+    }
+
+    /// Every partition's stream.
+    pub fn stream_keys(&self) -> Vec<String> {
+        (0..self.partitions)
+            .map(|p| self.stream_key_of(p))
+            .collect()
+    }
+
+    /// The invalidation channel of partition `p`.
+    pub fn channel_of(&self, partition: u32) -> String {
+        self.partition_name("features:invalidations".to_owned(), partition)
+    }
+
+    /// The invalidator's Redis key of the saved resume token. Single Redis,
+    /// one partition only: see [`Deployment::token_key_of`].
+    pub fn token_key(&self) -> String {
+        assert!(
+            !self.partitioned(),
+            "a partitioned deployment: token_key_of"
+        );
+        self.token_key_of(0)
+    }
+
+    /// The saved position of partition `p`.
+    pub fn token_key_of(&self, partition: u32) -> String {
+        self.partition_name(
+            format!(
+                "cache-invalidator:{}.{COLLECTION}:resume-token",
+                self.db_name
+            ),
+            partition,
+        )
+    }
+
+    /// Every partition's saved position.
+    pub fn token_keys(&self) -> Vec<String> {
+        (0..self.partitions).map(|p| self.token_key_of(p)).collect()
+    }
+
+    /// Whether some partition's position is saved (the change stream is
+    /// open: later writes are seen).
+    async fn position_saved(&self) -> bool {
+        for key in self.token_keys() {
+            if self
+                .redis_get(&key)
+                .await
+                .is_some_and(|token| !token.is_empty())
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// `/health` of an invalidator, `None` when it does not answer.
@@ -289,10 +540,7 @@ impl Deployment {
         loop {
             let leaders = self.leaders().await;
             if let [leader] = leaders[..]
-                && self
-                    .redis_get(&self.token_key())
-                    .await
-                    .is_some_and(|token| !token.is_empty())
+                && self.position_saved().await
             {
                 return leader;
             }
@@ -331,7 +579,7 @@ impl Deployment {
             .get(replica.url(&format!("/api/features/{id}/")))
             .send()
             .await
-            .unwrap_or_else(|err| panic!("GET {id} on {}: {err}", replica.name()));
+            .unwrap_or_else(|err| panic!("GET {id} on {}: {err:?}", replica.name()));
         let status = response.status().as_u16();
         let body = response.bytes().await.expect("body");
         let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -613,16 +861,21 @@ impl Deployment {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut self.redis_conn.clone())
-                .await
-            {
+            match self.redis_conn.query(redis::cmd("GET").arg(key)).await {
                 Ok(value) => return value,
                 Err(err) if attempt >= 20 => panic!("redis GET {key}: {err}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Any command through the deployment's own connection (on a cluster,
+    /// routed by its key and following redirections).
+    pub async fn redis_query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        self.redis_conn.query(cmd).await
     }
 
     /// What Redis holds for a customer.
@@ -657,42 +910,50 @@ impl Deployment {
     }
 
     /// Every `features:*` key of type string (cached documents and markers;
-    /// the invalidation stream shares the prefix but is a stream).
+    /// the invalidation stream shares the prefix but is a stream). On a
+    /// cluster, those of every master.
     pub async fn feature_keys(&self) -> Vec<String> {
-        let mut conn = self.redis_conn.clone();
-        let mut cursor: u64 = 0;
         let mut keys = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("features:*")
-                .arg("TYPE")
-                .arg("string")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .expect("SCAN");
-            keys.extend(batch);
-            if next == 0 {
-                keys.sort();
-                return keys;
+        match &self.redis {
+            DeploymentRedis::Single(_) => {
+                let RedisConn::Single(conn) = &self.redis_conn else {
+                    unreachable!("a single Redis has a single connection")
+                };
+                scan_feature_keys(&mut conn.clone(), &mut keys).await;
             }
-            cursor = next;
+            DeploymentRedis::Cluster(cluster) => {
+                for master in cluster.masters().await {
+                    scan_feature_keys(&mut cluster.node_client(master).await, &mut keys).await;
+                }
+            }
         }
+        keys.sort();
+        keys
     }
 
-    /// Kills every pub/sub connection (the replicas' subscriptions).
-    /// Returns how many were killed.
+    /// Kills every pub/sub connection (the replicas' subscriptions; on a
+    /// cluster, on every live node). Returns how many were killed.
     pub async fn kill_pubsub_clients(&self) -> i64 {
-        redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut self.redis_conn.clone())
-            .await
-            .expect("CLIENT KILL TYPE pubsub")
+        let mut kill = redis::cmd("CLIENT");
+        kill.arg("KILL").arg("TYPE").arg("pubsub");
+        match &self.redis {
+            DeploymentRedis::Single(_) => self
+                .redis_conn
+                .query(&kill)
+                .await
+                .expect("CLIENT KILL TYPE pubsub"),
+            DeploymentRedis::Cluster(cluster) => {
+                let mut killed = 0;
+                for port in cluster.live_ports() {
+                    let count: i64 = kill
+                        .query_async(&mut cluster.node_client(port).await)
+                        .await
+                        .expect("CLIENT KILL TYPE pubsub");
+                    killed += count;
+                }
+                killed
+            }
+        }
     }
 
     // ----------------------------------------------------------- consistency
@@ -792,6 +1053,29 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Appends the `features:*` string keys of one server (SCAN).
+async fn scan_feature_keys(conn: &mut impl redis::aio::ConnectionLike, keys: &mut Vec<String>) {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("features:*")
+            .arg("TYPE")
+            .arg("string")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
 

@@ -4,6 +4,8 @@
 //!
 //! - [`redis`]: [`TestRedis`], a private `redis-server` per test on a free
 //!   port, which can be stopped and restarted on the same port.
+//! - [`redis_cluster`]: [`TestRedisCluster`], a private Redis Cluster (3
+//!   masters + 3 replicas) per test, with master kills and slot migrations.
 //! - [`mongo`]: the testbed's MongoDB ([`mongo_uri`]) and a database of the
 //!   test's own ([`TestDb`], [`unique_db`]).
 //! - [`process`]: [`ChildGuard`] (a child process killed on drop), the one
@@ -42,6 +44,7 @@ pub mod prometheus;
 pub mod proxy;
 pub mod ready;
 pub mod redis;
+pub mod redis_cluster;
 pub mod secantus;
 pub mod services;
 pub mod state;
@@ -52,4 +55,5 @@ pub use logs::CapturedLogs;
 pub use mongo::{TestDb, mongo_uri, unique_db};
 pub use process::{ChildGuard, cargo_bin, free_port, wait_for_port, wait_http_ok};
 pub use redis::TestRedis;
+pub use redis_cluster::TestRedisCluster;
 pub use wait::{Check, eventually};

@@ -6,6 +6,7 @@ mod absence;
 mod admin;
 mod audit;
 mod auth_reload;
+mod cluster;
 mod compose;
 mod convergence;
 mod drain;
