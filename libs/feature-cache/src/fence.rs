@@ -137,11 +137,12 @@ impl Fence {
                 }
             }
         }
-        // Best effort, bounded: a master without a live replica holds it
-        // for the whole second, and the copies are in place all the same.
+        // Best effort, and short: WAIT blocks the connection every other
+        // command to that master shares (the lease's renewals too), and a
+        // master without a live replica holds it for the whole timeout.
         let _: redis::RedisResult<i64> = redis::cmd("WAIT")
             .arg(1)
-            .arg(1000)
+            .arg(crate::redis_tier::REPLICATION_WAIT_MS)
             .query_async(&mut conn)
             .await;
         Ok(Spread::Done)

@@ -811,8 +811,10 @@ pub struct FencedWriter {
     began: Instant,
 }
 
-/// How long a cluster write waits for a replica's acknowledgement.
-const REPLICATION_WAIT_MS: u64 = 50;
+/// How long a cluster write waits for a replica's acknowledgement. WAIT
+/// blocks the connection to that master, which every command to it shares:
+/// short, so a replica that is slow to answer delays the rest only a little.
+pub(crate) const REPLICATION_WAIT_MS: u64 = 20;
 /// After a wait timed out, how long writes go on without waiting.
 const REPLICATION_BACKOFF_MS: u64 = 5000;
 
