@@ -718,7 +718,17 @@ d4 127.0.0.1:30004@40004 slave a1 0 0 1 connected
         let masters = cluster.masters().await;
         assert_eq!(masters.len(), 3);
         for &master in &masters {
-            let replica = cluster.replica_of(master).await.expect("a replica");
+            // The node asked may learn of a replica by gossip a moment later.
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            let replica = loop {
+                match cluster.replica_of(master).await {
+                    Some(replica) => break replica,
+                    None if Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    None => panic!("no replica of {master} after 10 s"),
+                }
+            };
             assert!(!masters.contains(&replica));
         }
 
