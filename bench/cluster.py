@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Redis Cluster beside a single Redis, in one run (BENCHMARKS.md, "Redis Cluster").
 
-    bench/cluster.py [--seconds 8] [--rounds 2] [--partitions 3] [--name NAME]
+    bench/cluster.py [--seconds 8] [--rounds 2] [--partitions 3] [--name NAME] [--bin-dir DIR]
 
 Needs release binaries (target/release/cache-api, cache-invalidator,
 invalidator-feedbench: `cargo build --release -p cache-api -p cache-invalidator`),
@@ -205,7 +205,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--name", default=time.strftime("cluster-%Y%m%d-%H%M"))
+    parser.add_argument("--bin-dir", default=str(RELEASE),
+                        help="where the release binaries are (default target/release)")
     args = parser.parse_args()
+    global RELEASE
+    RELEASE = Path(args.bin_dir)
     for tool in ("redis-server", "redis-cli", "wrk"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing")
