@@ -200,15 +200,15 @@ def feedbench(env, batch, partitions, seconds):
 
 
 def main():
+    global RELEASE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--name", default=time.strftime("cluster-%Y%m%d-%H%M"))
-    parser.add_argument("--bin-dir", default=str(RELEASE),
+    parser.add_argument("--bin-dir", default=str(ROOT / "target" / "release"),
                         help="where the release binaries are (default target/release)")
     args = parser.parse_args()
-    global RELEASE
     RELEASE = Path(args.bin_dir)
     for tool in ("redis-server", "redis-cli", "wrk"):
         if shutil.which(tool) is None:

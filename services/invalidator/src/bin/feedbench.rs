@@ -81,6 +81,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let apply = Apply::for_term(&parts, &term.fence);
 
+    // Versions as MongoDB gives them (its clock in ms × 1000), so a later
+    // run's changes are newer than what an earlier run left in Redis.
+    let first_version = chrono::Utc::now().timestamp_millis().saturating_mul(1000);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
     let mut lags_us: Vec<u64> = Vec::new();
@@ -98,7 +101,9 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_micros(200)).await;
             continue;
         }
-        let batch: Vec<Change> = (next..due).map(|n| change(n, args.keys)).collect();
+        let batch: Vec<Change> = (next..due)
+            .map(|n| change(n, first_version, args.keys))
+            .collect();
         let due_at: Vec<Duration> = (next..due)
             .map(|n| {
                 if args.rate == 0 {
@@ -149,11 +154,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The `n`th synthetic change: an update of customer `n mod keys` to
-/// version `n + 1` (versions only grow, as MongoDB's do).
-fn change(n: u64, keys: usize) -> Change {
+/// version `first_version + n` (versions only grow, as MongoDB's do).
+fn change(n: u64, first_version: i64, keys: usize) -> Change {
     let customer_id = format!("bench-{}", n % keys as u64);
     let document: Option<FeatureDocument> = serde_json::from_value(serde_json::json!({
-        "version": 1_000_000 + n,
+        "version": first_version.saturating_add(i64::try_from(n).unwrap_or(i64::MAX)),
         "customer_id": customer_id,
         "features": {"score": (n % 1000) as f64 / 1000.0, "segment": "b", "recent": [1, 2, 3]},
         "calculated_at": "2026-12-01T00:00:00.000Z",
