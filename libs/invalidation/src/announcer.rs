@@ -69,20 +69,11 @@ impl Announcer {
             .into_iter()
             .map(|p| p.position)
             .collect();
-        let saved: Vec<Option<String>> = if keys.len() == 1 {
-            vec![
-                redis::cmd("GET")
-                    .arg(&keys[0])
-                    .query_async(&mut self.redis.clone())
-                    .await?,
-            ]
-        } else {
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.get(key);
-            }
-            pipe.query_async(&mut self.redis.clone()).await?
-        };
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.get(key);
+        }
+        let saved: Vec<Option<String>> = pipe.query_async(&mut self.redis.clone()).await?;
         Ok(saved
             .into_iter()
             .flatten()

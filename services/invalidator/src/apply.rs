@@ -455,22 +455,15 @@ impl Apply {
             .iter()
             .zip(changes)
             .map(
-                |((customer_id, op, version, ordered, _, traceparent), change)| Invalidation {
-                    customer_id: Some((*customer_id).to_owned()),
-                    op: *op,
-                    version: *version,
-                    cluster_time: change.cluster_time.map_or(ClusterTime { t: 0, i: 0 }, |t| {
-                        ClusterTime {
-                            t: t.seconds,
-                            i: t.increment,
-                        }
-                    }),
-                    // Numbered by the announcer, in the message's partition.
-                    seq: 0,
-                    run_id: String::new(),
-                    traceparent: traceparent.clone(),
-                    ordered: *ordered,
-                    stream_id: None,
+                |((customer_id, op, version, ordered, _, traceparent), change)| {
+                    change_message(
+                        change,
+                        customer_id,
+                        *op,
+                        *version,
+                        *ordered,
+                        traceparent.clone(),
+                    )
                 },
             )
             .collect();
@@ -716,23 +709,14 @@ impl Apply {
         let span = tracing::Span::current();
         self.writer.await_replicas().await;
         observe_lag("redis", change, &span, "lag_redis_ms");
-        let message = Invalidation {
-            customer_id: Some(customer_id.to_owned()),
+        let message = change_message(
+            change,
+            customer_id,
             op,
             version,
-            cluster_time: change
-                .cluster_time
-                .map_or(ClusterTime { t: 0, i: 0 }, |t| ClusterTime {
-                    t: t.seconds,
-                    i: t.increment,
-                }),
-            // Numbered by the announcer, in the message's partition.
-            seq: 0,
-            run_id: String::new(),
-            traceparent: telemetry::propagation::current_traceparent(),
             ordered,
-            stream_id: None,
-        };
+            telemetry::propagation::current_traceparent(),
+        );
         self.announcer.announce(message, position).await?;
         observe_lag("published", change, &span, "lag_published_ms");
         tracing::debug!(customer_id, op = op.as_str(), version, "change applied");
@@ -769,6 +753,34 @@ fn quiet(err: ApplyError) -> Result<(), ApplyError> {
 }
 
 /// Names the change's target on the current span.
+/// The message announcing `change` of one customer's entry (numbered
+/// later by the announcer, in the message's partition).
+fn change_message(
+    change: &Change,
+    customer_id: &str,
+    op: Op,
+    version: i64,
+    ordered: bool,
+    traceparent: Option<String>,
+) -> Invalidation {
+    Invalidation {
+        customer_id: Some(customer_id.to_owned()),
+        op,
+        version,
+        cluster_time: change
+            .cluster_time
+            .map_or(ClusterTime { t: 0, i: 0 }, |t| ClusterTime {
+                t: t.seconds,
+                i: t.increment,
+            }),
+        seq: 0,
+        run_id: String::new(),
+        traceparent,
+        ordered,
+        stream_id: None,
+    }
+}
+
 fn record_target(customer_id: &str, version: i64) {
     let span = tracing::Span::current();
     span.record("customer_id", customer_id);

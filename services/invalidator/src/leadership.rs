@@ -125,14 +125,7 @@ impl Lease {
                     newer,
                     "a fence copy holds a newer token; moving the token counter past it"
                 );
-                let _: i64 = redis::Script::new(
-                    "local c = tonumber(redis.call('GET', KEYS[1]) or '0') \
-                     if c < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1",
-                )
-                .key(&self.keys.fencing_counter)
-                .arg(newer)
-                .invoke_async(&mut self.redis.clone())
-                .await?;
+                self.call("advance", &newer.to_string()).await?;
                 Ok(false)
             }
         }

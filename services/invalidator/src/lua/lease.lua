@@ -1,8 +1,16 @@
 -- Leadership lease with a fencing token. KEYS: lease key, token counter.
--- ARGV: action (acquire | renew | release), holder prefix or holder, ms.
+-- ARGV: action (acquire | renew | release | advance), holder prefix or
+-- holder (advance: a token number), ms.
 -- acquire returns the new holder value ('<prefix>:<token>') or false;
--- renew and release return 1 when this holder still held the lease.
+-- renew and release return 1 when this holder still held the lease;
+-- advance moves the counter up to the number (never down) and returns 1.
 local action = ARGV[1]
+if action == 'advance' then
+  if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[2], ARGV[2])
+  end
+  return 1
+end
 if action == 'acquire' then
   if redis.call('EXISTS', KEYS[1]) == 1 then
     return false
