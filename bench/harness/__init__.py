@@ -13,7 +13,8 @@ Layout, one job a module:
     loadgen.py        wrk, oha and redis-benchmark runners
     phases/           one module per phase or family of phases, each a cmd_<phase>(args):
         setup.py          machine, zipf, warm, sizes
-        hitpath.py        hitpath (wrk + redis-benchmark), latency (oha at fixed rates)
+        hitpath.py        hitpath (wrk + redis-benchmark), hitpath-rounds (side by side in rounds,
+                          with the ratios to the references), auth-cost, latency (oha at fixed rates)
         miss.py           miss (serial cold and warm reads), stampede
         offload.py        offload (95/5 read/write mix, reads reaching MongoDB)
         recovery.py       settle (wait for writes to finish), probe (can the API reach MongoDB)
