@@ -138,9 +138,11 @@ def _feed_throughput(res: dict, plt):
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for series, rows in feed["series"].items():
         ax.plot([r["batch"] for r in rows], [r["changes_per_s_median"] for r in rows], "o-", label=series)
-    ax.set_ylim(bottom=0)
     ax.axhline(feed["target_changes_per_s"], color="black", ls="--", lw=0.9,
                label=f"target {feed['target_changes_per_s']:,}/s")
+    top = max([feed["target_changes_per_s"]] + [r["changes_per_s_median"] for rows in feed["series"].values()
+                                                for r in rows])
+    ax.set_ylim(0, top * 1.1)  # from zero, the target always in view
     batches = sorted({r["batch"] for rows in feed["series"].values() for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
