@@ -10,7 +10,9 @@ Layout, one job a module:
     http.py           keep-alive HTTP client, Prometheus scrape, sums of metric samples
     system.py         the system under test: customer ids, API routes, Redis keys,
                       Redis and MongoDB clients
-    loadgen.py        wrk, oha and redis-benchmark runners
+    loadgen.py        wrk, oha, redis-benchmark and invalidator-feedbench runners
+    servers.py        for the scripts that start their own servers (bench/cluster.py,
+                      bench/feedsweep.py): free ports, child processes, redis-server, a Redis Cluster
     phases/           one module per phase or family of phases, each a cmd_<phase>(args):
         setup.py          machine, zipf, warm, sizes
         hitpath.py        hitpath (wrk + redis-benchmark), hitpath-rounds (side by side in rounds,
