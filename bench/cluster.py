@@ -20,12 +20,8 @@ Writes bench/results/NAME-cluster.{json,md}.
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,20 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from harness.http import Http  # noqa: E402
-from harness.loadgen import run_wrk  # noqa: E402
+from harness.loadgen import run_feedbench, run_wrk  # noqa: E402
+from harness.servers import Procs, free_port, start_cluster, start_redis  # noqa: E402
 
 RELEASE = ROOT / "target" / "release"
 SECANTUS = ROOT / ".venv-secantus" / "bin" / "secantusd-py"
 KEYS = 1000
-
-
-def free_port(below: int = 50000) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < below:
-            return port
 
 
 def wait_http(url: str, timeout: float = 30.0):
@@ -62,66 +50,6 @@ def wait_http(url: str, timeout: float = 30.0):
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} not ready")
-
-
-class Procs:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.procs = []
-
-    def start(self, name, cmd, env=None, cwd=None):
-        log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=log,
-                                cwd=cwd, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    def stop_all(self):
-        for proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def redis_cli(port, *args):
-    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def start_redis(procs, port, extra=()):
-    d = procs.workdir / f"redis-{port}"
-    d.mkdir()
-    procs.start(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                  "--save", "", "--appendonly", "no", "--dir", str(d), *extra])
-    for _ in range(100):
-        try:
-            if redis_cli(port, "ping").strip() == "PONG":
-                return
-        except subprocess.CalledProcessError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"redis on {port} did not start")
-
-
-def start_cluster(procs):
-    ports = [free_port() for _ in range(6)]
-    for port in ports:
-        start_redis(procs, port, ["--cluster-enabled", "yes", "--cluster-config-file",
-                                  f"nodes-{port}.conf", "--cluster-node-timeout", "1000"])
-    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                    "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, check=True)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if all("cluster_state:ok" in redis_cli(p, "cluster", "info") for p in ports):
-            return ports
-        time.sleep(0.2)
-    raise RuntimeError("cluster not ok")
 
 
 def start_stack(procs, mongo_uri, db, redis_env):
@@ -189,14 +117,7 @@ def invalidation_lag(a_url, b_url, writes=200):
 
 
 def feedbench(env, batch, partitions, seconds):
-    out = subprocess.run([str(RELEASE / "invalidator-feedbench"), "--batch", str(batch),
-                          "--seconds", str(seconds)],
-                         env={**os.environ, **env, "INVALIDATION_PARTITIONS": str(partitions),
-                              "RUST_LOG": "error", "LOG_FORMAT": "json"},
-                         capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-800:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_feedbench(RELEASE / "invalidator-feedbench", env, batch, partitions, seconds)
 
 
 def main():

@@ -10,10 +10,13 @@ Layout, one job a module:
     http.py           keep-alive HTTP client, Prometheus scrape, sums of metric samples
     system.py         the system under test: customer ids, API routes, Redis keys,
                       Redis and MongoDB clients
-    loadgen.py        wrk, oha and redis-benchmark runners
+    loadgen.py        wrk, oha, redis-benchmark and invalidator-feedbench runners
+    servers.py        for the scripts that start their own servers (bench/cluster.py,
+                      bench/feedsweep.py): free ports, child processes, redis-server, a Redis Cluster
     phases/           one module per phase or family of phases, each a cmd_<phase>(args):
         setup.py          machine, zipf, warm, sizes
-        hitpath.py        hitpath (wrk + redis-benchmark), latency (oha at fixed rates)
+        hitpath.py        hitpath (wrk + redis-benchmark), hitpath-rounds (side by side in rounds,
+                          with the ratios to the references), auth-cost, latency (oha at fixed rates)
         miss.py           miss (serial cold and warm reads), stampede
         offload.py        offload (95/5 read/write mix, reads reaching MongoDB)
         recovery.py       settle (wait for writes to finish), probe (can the API reach MongoDB)

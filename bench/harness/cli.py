@@ -73,6 +73,14 @@ def parser() -> argparse.ArgumentParser:
           arg("--conc", type=int, nargs="+", default=[1, 16, 64, 256]), seconds(10),
           arg("--ids", required=True), REDIS_PORT, arg("--redis-n", type=int, default=200000),
           arg("--doc-bytes", type=int, required=True), RAW_LOG, PART)
+    phase("hitpath-rounds", hitpath.cmd_hitpath_rounds,
+          arg("--targets", nargs="+", required=True, help="NAME=URL"),
+          arg("--metrics", nargs="*", default=[], help="targets whose /metrics to diff"),
+          arg("--expect", nargs="*", default=[], help="NAME=SOURCE: the x-cache-source its hits must have"),
+          arg("--conc", type=int, nargs="+", default=[16, 64, 256]), seconds(10),
+          arg("--rounds", type=int, default=2), arg("--ids", required=True), RAW_LOG,
+          arg("--run-dir", required=True, help="meta.json and parts/{machine,sizes,zipf}.json"),
+          arg("--out", required=True))
     phase("auth-cost", hitpath.cmd_auth_cost,
           arg("--part", required=True, help="the hitpath phase's JSON"),
           arg("--meta", required=True), arg("--machine", required=True), arg("--out", required=True))

@@ -102,6 +102,22 @@ def msum_delta(before, after, name: str, **labels) -> float:
     return msum(after, name, **labels) - msum(before, name, **labels)
 
 
+def histogram_delta(before, after, name: str, **labels) -> list[tuple[float, float]]:
+    """The cumulative buckets (upper bound, count) of a Prometheus histogram
+    `name` over a measurement: after minus before, summed over the samples
+    that carry `labels`, by `le` (+Inf last)."""
+    def buckets(samples) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for n, l, v in samples:
+            if n == f"{name}_bucket" and all(l.get(k) == want for k, want in labels.items()):
+                le = float(l["le"])
+                out[le] = out.get(le, 0.0) + v
+        return out
+
+    b, a = buckets(before), buckets(after)
+    return [(le, a[le] - b.get(le, 0.0)) for le in sorted(a)]
+
+
 def is_feature_get(name: str, labels: dict) -> bool:
     """A request counter of GET on the single-document route (both path spellings)."""
     return (

@@ -1,11 +1,14 @@
 """The load generators: wrk (closed loop, with bench/wrk/*.lua), oha (fixed
-offered rate, latency-corrected) and redis-benchmark (Redis GET, the floor of
-a Redis hit). Each runner starts the tool, appends its command and output to
-the raw log, and returns its figures as a dict for the JSON part."""
+offered rate, latency-corrected), redis-benchmark (Redis GET, the floor of
+a Redis hit) and invalidator-feedbench (a synthetic change feed through the
+invalidator's apply pipeline). Each runner starts the tool, appends its
+command and output to the raw log where it has one, and returns its figures
+as a dict for the JSON part."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -158,3 +161,18 @@ def run_oha(url_file: Path, rate: int, seconds: float, conc: int, raw_log=None) 
             "max": round((summary.get("slowest") or 0) * 1000.0, 3),
         },
     }
+
+
+def run_feedbench(binary: Path, env: dict, batch: int, partitions: int, seconds: float, rate: int = 0,
+                  raw_log=None) -> dict:
+    """One run of invalidator-feedbench (services/invalidator/src/bin/feedbench.rs)
+    with `env` (REDIS_URL or REDIS_CLUSTER_NODES, MONGO_URI, MONGO_DB...) and
+    INVALIDATION_PARTITIONS=`partitions`: its JSON line."""
+    cmd = [str(binary), "--batch", str(batch), "--seconds", f"{seconds:g}", "--rate", str(rate)]
+    proc = subprocess.run(cmd, env={**os.environ, **env, "INVALIDATION_PARTITIONS": str(partitions),
+                                    "RUST_LOG": "error", "LOG_FORMAT": "json"},
+                          capture_output=True, text=True, timeout=seconds + 120, check=False)
+    _append_raw_log(raw_log, cmd, f"INVALIDATION_PARTITIONS={partitions}\n{proc.stdout}{proc.stderr}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"invalidator-feedbench failed ({proc.returncode}): {proc.stderr[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

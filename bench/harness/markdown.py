@@ -159,7 +159,19 @@ def _lag(res: dict) -> list[str]:
                    "| writes | seen in | p50 ms | p90 ms | p99 ms | max ms | seen at the first poll | not seen in time |",
                    "|---|---|---:|---:|---:|---:|---:|---:|",
                    rows)
-    return table + [acks, "", polls, ""]
+    return table + [acks, "", polls, ""] + _lag_stages(lag)
+
+
+def _lag_stages(lag: dict) -> list[str]:
+    stages = lag.get("stages")
+    if not stages:
+        return []
+    rows = [f"| {name} | {v['what']} | {v['count']:.0f} | {v['p50_ms']} (<= {v['p50_bucket_le_ms']}) | "
+            f"{v['p99_ms']} (<= {v['p99_bucket_le_ms']}) | {v['mean_ms']} |" for name, v in stages.items()]
+    return _table("Lag per stage, as the services record it (`invalidation_lag_seconds{stage}`, over this phase):",
+                  "| stage | from -> to | n | p50 ms (bucket bound) | p99 ms (bucket bound) | mean ms |",
+                  "|---|---|---:|---:|---:|---:|",
+                  rows, intro=lag.get("stage_note"))
 
 
 @_section("throughput")

@@ -100,6 +100,75 @@ def _lag(res: dict, plt):
                       "fraction of writes", "Invalidation lag (CDF)", fontsize=7)
 
 
+def _bars(ax, rows: list[tuple[str, float | None, float | None]], title: str) -> None:
+    """p50 and p99 bars side by side, one pair per row (label, p50, p99)."""
+    xs = range(len(rows))
+    for shift, idx, label in ((-0.2, 1, "p50"), (0.2, 2, "p99")):
+        values = [r[idx] or 0 for r in rows]
+        bars = ax.bar([x + shift for x in xs], values, width=0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7)
+    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
+    ax.set(ylabel="ms", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def _lag_stages(res: dict, plt):
+    lag = res.get("lag")
+    if not lag or not lag.get("stages"):
+        return None
+    fig, axes = _two_panels(plt)
+    polled = lag["lag_ms"]
+    where = {"redis": "Redis", "A": "replica A", "D": "replica D"}
+    _bars(axes[0], [(f"{'API' if path == 'api' else 'MongoDB'}\n-> {where[t]}", polled[path][t].get("p50"),
+                     polled[path][t].get("p99")) for path in ("api", "direct") for t in ("redis", "A", "D")],
+          f"Write acknowledged -> visible, polled ({lag['writes']} writes: half API, half MongoDB)")
+    stages = lag["stages"]
+    _bars(axes[1], [(name.replace(" ", "\n"), v.get("p50_ms"), v.get("p99_ms")) for name, v in stages.items()],
+          "Recorded by the services, per stage (histograms)")
+    fig.text(0.5, 0.005, "invalidator stages: from the change's wall time in MongoDB; replica stages: from the "
+             "stream entry's time; whole-ms samples, interpolated within buckets", ha="center", fontsize=7)
+    return fig
+
+
+def _feed_throughput(res: dict, plt):
+    feed = res.get("feed")
+    if not feed:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for series, rows in feed["series"].items():
+        ax.plot([r["batch"] for r in rows], [r["changes_per_s_median"] for r in rows], "o-", label=series)
+    ax.axhline(feed["target_changes_per_s"], color="black", ls="--", lw=0.9,
+               label=f"target {feed['target_changes_per_s']:,}/s")
+    top = max([feed["target_changes_per_s"]] + [r["changes_per_s_median"] for rows in feed["series"].values()
+                                                for r in rows])
+    ax.set_ylim(0, top * 1.1)  # from zero, the target always in view
+    batches = sorted({r["batch"] for rows in feed["series"].values() for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    return _labelled(fig, ax, "changes applied together (batch size)", "changes/s (median over rounds)",
+                     f"Invalidator apply pipeline (invalidator-feedbench, {feed['seconds']} s a run)", fontsize=8)
+
+
+def _feed_lag(res: dict, plt):
+    feed = res.get("feed")
+    if not feed:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (series, rows) in enumerate(feed["series"].items()):
+        color = f"C{i}"
+        batches = [r["batch"] for r in rows]
+        ax.plot(batches, [r["lag_p50_ms_median"] for r in rows], "o-", color=color, label=f"{series} p50")
+        ax.plot(batches, [r["lag_p99_ms_median"] for r in rows], "s--", color=color, alpha=0.7,
+                label=f"{series} p99")
+    batches = sorted({r["batch"] for rows in feed["series"].values() for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    return _labelled(fig, ax, "changes applied together (batch size)", "lag (ms, log; median over rounds)",
+                     "Lag of a change: due -> its batch announced", fontsize=7)
+
+
 def _memory(res: dict, plt):
     mem = res.get("memory")
     if not mem:
@@ -139,7 +208,8 @@ def _tiers(res: dict, plt):
 
 
 # (file name suffix, drawing function), in the order the report lists them.
-PLOTS = (("hitpath", _hitpath), ("latency-vs-load", _latency), ("lag", _lag), ("memory", _memory), ("tiers", _tiers))
+PLOTS = (("hitpath", _hitpath), ("latency-vs-load", _latency), ("lag", _lag), ("lag-stages", _lag_stages),
+         ("memory", _memory), ("tiers", _tiers), ("feed-throughput", _feed_throughput), ("feed-lag", _feed_lag))
 
 
 def make_plots(res: dict, out_dir: Path, name: str) -> list[str]:

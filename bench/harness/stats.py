@@ -1,6 +1,6 @@
 """Numbers from samples and from the machine: percentiles and latency
-summaries, machine-wide CPU use (/proc/stat), load average, and one process's
-CPU time and memory (/proc/PID)."""
+summaries, quantiles of Prometheus histograms, machine-wide CPU use
+(/proc/stat), load average, and one process's CPU time and memory (/proc/PID)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,27 @@ def summary_ms(seconds: list[float]) -> dict:
         out[f"p{p:g}"] = pct(ms, p)
     out["max"] = max(ms)
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float):
+    """The q-quantile (0-1) of cumulative histogram buckets (upper bound,
+    count), interpolated linearly within its bucket as Prometheus'
+    histogram_quantile does, and that bucket's upper bound: (value, bound).
+    (None, None) without observations; in the +Inf bucket, the last finite
+    bound for both."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None, None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower, lower
+            inside = count - below
+            value = le if inside <= 0 else lower + (le - lower) * (rank - below) / inside
+            return value, le
+        lower, below = le, count
+    return lower, lower
 
 
 def cpu_times() -> list[int]:

@@ -37,8 +37,9 @@ enum Command {
     Evict(admin::KeyArgs),
     /// The live API replicas, from their heartbeats.
     Replicas(admin::ApiArgs),
-    /// Serve a constant JSON body at GET /api/features/{id}/: the HTTP
-    /// stack's reference point for the benchmarks (needs no Redis or MongoDB).
+    /// Serve a constant JSON body at GET /api/features/{id}/ (needs no Redis
+    /// or MongoDB), or with --redis-url the bytes of one Redis GET of the
+    /// customer's key: the HTTP stack's reference points for the benchmarks.
     ReferenceServer(reference::ReferenceArgs),
 }
 
