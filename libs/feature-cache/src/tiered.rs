@@ -273,7 +273,10 @@ impl TieredStore {
                 .near_misses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let loaded = self.load(id).await;
+        // Boxed: the load's future (Redis, then MongoDB) is large, and
+        // every caller's future would carry it, copied on each move, even
+        // when the near cache answers.
+        let loaded = Box::pin(self.load(id)).await;
         if let Ok(Some(lookup)) = &loaded {
             self.record(&lookup.document);
         }

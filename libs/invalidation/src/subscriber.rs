@@ -256,14 +256,17 @@ impl Follower {
             seq: message.seq,
             stream_id,
         });
-        let now_ms = std::time::SystemTime::now()
+        // The stream id holds the announcement's time in whole ms; now is
+        // taken in µs, so a lag under a millisecond is not recorded as 0.
+        let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let lag_ms = now_ms.saturating_sub(stream_id.ms);
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let lag_us = now_us.saturating_sub(stream_id.ms.saturating_mul(1000));
+        let lag_ms = lag_us / 1000;
         // The last stage of a change's way (the invalidator records the
         // stages before it): announced -> applied in this near cache.
         metrics::histogram!("invalidation_lag_seconds", "stage" => "replica")
-            .record(lag_ms as f64 / 1000.0);
+            .record(lag_us as f64 / 1_000_000.0);
         self.set_status(|s| {
             s.applied += 1;
             s.last_stream_id = Some(stream_id.to_string());

@@ -2,7 +2,8 @@
 //! route's scope, the principal's rate limit, in that order — each step is
 //! cheaper than the next, and what a refused request costs stays small.
 //! The decisions are the `access` crate's; this module maps routes to
-//! scopes and refusals to [`ApiError`]s.
+//! scopes and refusals to [`ApiError`]s; [`crate::middleware::RequestLayer`]
+//! runs it.
 //!
 //! Health, probes and the documentation pages stay open (and are never shed
 //! or limited: an orchestrator must see a busy replica as alive). A route
@@ -11,12 +12,10 @@
 
 use crate::error::ApiError;
 use access::{Access, Denial, Scope};
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::Method;
-use axum::middleware::Next;
+use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::IpAddr;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// What a route needs: nothing (open) or one scope.
 pub fn required_scope(method: &Method, route: Option<&str>) -> Option<Scope> {
@@ -45,25 +44,23 @@ fn is_read(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
 }
 
-/// The admission middleware; installed only when [`Access`] does anything.
-pub async fn admit(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let Some(scope) = required_scope(request.method(), route) else {
-        return next.run(request).await;
+/// Admission of one request to `route`: `Ok` with its place under
+/// `MAX_CONCURRENT_REQUESTS` (to hold until the response is produced), or
+/// the refusal to answer with.
+pub async fn admit(
+    access: &Access,
+    route: Option<&str>,
+    method: &Method,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Result<Option<OwnedSemaphorePermit>, Response> {
+    let Some(scope) = required_scope(method, route) else {
+        return Ok(None);
     };
-    // Held until the response is produced.
-    let _permit = match access.try_enter() {
-        Ok(permit) => permit,
-        Err(access::Overloaded) => return ApiError::Overloaded.into_response(),
-    };
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    let principal = match access.authenticate(request.headers()).await {
+    let permit = access
+        .try_enter()
+        .map_err(|access::Overloaded| ApiError::Overloaded.into_response())?;
+    let principal = match access.authenticate(headers).await {
         Ok(principal) => principal,
         Err(denial) => {
             // Failed attempts count against the client's address, so that
@@ -71,7 +68,7 @@ pub async fn admit(State(access): State<Arc<Access>>, request: Request, next: Ne
             if let Err(secs) = access.check_rate(&access::RateKey::Ip(
                 client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             )) {
-                return ApiError::RateLimited(secs).into_response();
+                return Err(ApiError::RateLimited(secs).into_response());
             }
             denial.count();
             tracing::debug!(
@@ -79,19 +76,19 @@ pub async fn admit(State(access): State<Arc<Access>>, request: Request, next: Ne
                 route = route.unwrap_or_default(),
                 "request denied"
             );
-            return ApiError::Unauthorized(denial).into_response();
+            return Err(ApiError::Unauthorized(denial).into_response());
         }
     };
     if !principal.scopes.contains(scope) {
         let denial = Denial::Scope(scope);
         denial.count();
         tracing::debug!(reason = denial.reason(), principal = principal.name(), scope = %scope, "request denied");
-        return ApiError::Forbidden(scope).into_response();
+        return Err(ApiError::Forbidden(scope).into_response());
     }
     if let Err(secs) = access.check_rate(&principal.rate_key(client)) {
-        return ApiError::RateLimited(secs).into_response();
+        return Err(ApiError::RateLimited(secs).into_response());
     }
-    next.run(request).await
+    Ok(permit)
 }
 
 #[cfg(test)]

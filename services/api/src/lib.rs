@@ -7,12 +7,13 @@
 //! - [`error`]: [`ApiError`], every failure as a JSON body with the right status.
 //! - [`extract`]: the JSON body extractor that turns bad input into `ApiError`s.
 //! - [`server`]: the serving loop with its limits (connection cap, header
-//!   and idle timeouts, half-close, graceful drain) and the request deadline.
-//! - [`admission`]: which route needs which scope; the middleware that
-//!   sheds load, authenticates, authorizes and rate-limits (decisions in the
-//!   `access` crate).
-//! - [`middleware`]: per-request span (continuing the caller's trace), metrics
-//!   and the `traceparent` response header.
+//!   and idle timeouts, half-close, graceful drain).
+//! - [`admission`]: which route needs which scope; the admission of one
+//!   request: shed load, authenticate, authorize, rate-limit (decisions in
+//!   the `access` crate).
+//! - [`middleware`]: the one layer around every route: per-request span
+//!   (continuing the caller's trace), metrics, the `traceparent` response
+//!   header, admission, the request deadline.
 //!
 //! The cache logic itself lives in `feature-cache`; this crate is wiring.
 

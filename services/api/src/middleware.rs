@@ -1,28 +1,180 @@
-use axum::extract::{MatchedPath, Request, State};
+//! The one layer around every route ([`RequestLayer`]), outermost first:
+//!
+//! 1. observation: a server span per request (continuing the caller's W3C
+//!    trace), request metrics by route and status, the `traceparent`
+//!    response header;
+//! 2. admission (only when [`Access`] does anything; see [`crate::admission`]);
+//! 3. the per-request deadline (`HTTP_REQUEST_TIMEOUT_MS`): a request not
+//!    answered within it gets 503 `request_timeout` (its work is dropped; a
+//!    database call already sent still runs to its end, see feature-store's
+//!    `CallLimiter`).
+//!
+//! One hand-written layer rather than three `from_fn` middlewares: each of
+//! those cloned the route's boxed service and boxed a future per request; this
+//! one boxes one future, and clones the route only when admission has to wait.
+
+use crate::admission;
+use crate::error::ApiError;
+use access::Access;
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{HeaderValue, Method};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use metrics::{Counter, Histogram};
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower::{Layer, Service};
 use tracing::Instrument;
 
-/// Wraps every request in a server span (continuing the caller's W3C trace),
-/// records request metrics by route and status, and returns `traceparent`.
-pub async fn observe(
-    State(metrics): State<Arc<RequestMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-    // What the client chose goes into the span bounded: the method as one of
-    // the standard ones or `_OTHER` (as OpenTelemetry's conventions say),
-    // the path cut to a length.
-    let method_label = if is_standard(&method) {
+/// Observation, admission and the deadline for every route.
+#[derive(Clone)]
+pub struct RequestLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    metrics: RequestMetrics,
+    /// `None` in open mode (no credentials, no limits): requests then skip
+    /// admission altogether.
+    access: Option<Arc<Access>>,
+    deadline: Duration,
+}
+
+impl RequestLayer {
+    pub fn new(access: Arc<Access>, deadline: Duration) -> Self {
+        let access = (!access.is_open()).then_some(access);
+        Self {
+            shared: Arc::new(Shared {
+                metrics: RequestMetrics::default(),
+                access,
+                deadline,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// A route wrapped by [`RequestLayer`].
+#[derive(Clone)]
+pub struct RequestService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request> for RequestService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let method = request.method().clone();
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let span = request_span(&method, route.as_ref(), &request);
+        let deadline = shared.deadline;
+        let work = match &shared.access {
+            // The inner service is ready (`poll_ready` above): calling it now
+            // spares a clone of it.
+            None => Work::Admitted(self.inner.call(request)),
+            Some(_) => {
+                // Admission may wait (a JWT's keys): the ready service goes
+                // with the request, a clone stays for the next one.
+                let clone = self.inner.clone();
+                Work::Admit(std::mem::replace(&mut self.inner, clone), request)
+            }
+        };
+        Box::pin(async move {
+            let served = async {
+                match work {
+                    Work::Admitted(future) => within(deadline, future).await,
+                    Work::Admit(mut inner, request) => {
+                        let access = shared.access.as_deref();
+                        let route = route.as_ref().map(MatchedPath::as_str);
+                        let client = client_ip(&request);
+                        let verdict = match access {
+                            Some(access) => {
+                                let (method, headers) = (request.method(), request.headers());
+                                admission::admit(access, route, method, headers, client).await
+                            }
+                            None => Ok(None),
+                        };
+                        match verdict {
+                            // Held until the response is produced.
+                            Ok(_permit) => within(deadline, inner.call(request)).await,
+                            Err(refusal) => refusal,
+                        }
+                    }
+                }
+            };
+            let mut response = served.instrument(span.clone()).await;
+            let status = response.status().as_u16();
+            span.record("http.response.status_code", status);
+            if let Some(traceparent) = telemetry::propagation::traceparent_of(&span)
+                && let Ok(value) = HeaderValue::from_str(&traceparent)
+            {
+                response.headers_mut().insert("traceparent", value);
+            }
+            let route = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+            shared
+                .metrics
+                .record(&method, route, status, started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+    }
+}
+
+/// What a request still has to go through. It lives in the request's one
+/// boxed future, which is as large as its largest state anyway: boxing the
+/// request here would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Work<F, S> {
+    /// Open mode: the route's future, already made.
+    Admitted(F),
+    /// Admission first, then the route.
+    Admit(S, Request),
+}
+
+/// The route's answer, or 503 once the deadline passed.
+async fn within<F>(deadline: Duration, future: F) -> Response
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    match tokio::time::timeout(deadline, future).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(never)) => match never {},
+        Err(_) => ApiError::RequestTimeout(deadline).into_response(),
+    }
+}
+
+/// The server span of one request. What the client chose goes into it
+/// bounded: the method as one of the standard ones or `_OTHER` (as
+/// OpenTelemetry's conventions say), the path cut to a length.
+fn request_span(method: &Method, route: Option<&MatchedPath>, request: &Request) -> tracing::Span {
+    let route = route.map_or(UNMATCHED, MatchedPath::as_str);
+    let method_label = if is_standard(method) {
         method.as_str()
     } else {
         "_OTHER"
@@ -37,18 +189,15 @@ pub async fn observe(
         http.response.status_code = tracing::field::Empty,
     );
     telemetry::propagation::continue_from_headers(&span, request.headers());
+    span
+}
 
-    let mut response = next.run(request).instrument(span.clone()).await;
-
-    let status = response.status().as_u16();
-    span.record("http.response.status_code", status);
-    if let Some(traceparent) = telemetry::propagation::traceparent_of(&span)
-        && let Ok(value) = HeaderValue::from_str(&traceparent)
-    {
-        response.headers_mut().insert("traceparent", value);
-    }
-    metrics.record(&method, route, status, started.elapsed().as_secs_f64());
-    response
+/// The client's address, as the serving loop records it.
+fn client_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
 }
 
 /// The longest client-chosen text a span attribute carries.

@@ -17,14 +17,11 @@
 //!   it serves and closes, and after `SHUTDOWN_GRACE_MS` whatever is left is
 //!   dropped.
 //!
-//! The per-request deadline (`HTTP_REQUEST_TIMEOUT_MS`) is [`deadline`], a
-//! middleware, so its answer is the API's JSON error.
+//! The per-request deadline (`HTTP_REQUEST_TIMEOUT_MS`) is part of
+//! [`crate::middleware::RequestLayer`], so its answer is the API's JSON error.
 
-use crate::error::ApiError;
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -302,15 +299,5 @@ impl AsyncWrite for Watched {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-/// The per-request deadline: a request not answered within it gets 503
-/// `request_timeout` (its work is dropped; a database call already sent
-/// still runs to its end, see feature-store's `CallLimiter`).
-pub async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::RequestTimeout(limit).into_response(),
     }
 }

@@ -1,5 +1,4 @@
-use crate::admission::admit;
-use crate::middleware::{RequestMetrics, observe};
+use crate::middleware::RequestLayer;
 use crate::routes;
 use crate::server::{self, ServerLimits};
 use crate::state::AppState;
@@ -66,11 +65,11 @@ impl Application {
                 .await
                 .context("authentication")?,
         );
-        let fleet = FleetClient::new(
+        let fleet = Arc::new(FleetClient::new(
             tiers.redis().client().context("REDIS_URL")?,
             tiers.redis().connection(),
             settings.fleet_config(),
-        );
+        ));
         let state = AppState {
             tiers,
             settings: Arc::new(settings.clone()),
@@ -79,24 +78,10 @@ impl Application {
             access: access.clone(),
             fleet,
         };
-        let mut router = routes::router(settings.max_body_bytes)
-            // Inside the metrics: a request cut by its deadline is counted
-            // with the 503 it got.
-            .layer(axum::middleware::from_fn_with_state(
-                settings.http_request_timeout,
-                server::deadline,
-            ));
-        // Open mode costs nothing: without credentials or limits no request
-        // passes through admission at all. Outside the deadline: a request
-        // refused is refused at once.
-        if !access.is_open() {
-            router = router.layer(axum::middleware::from_fn_with_state(access, admit));
-        }
-        let router = router
-            .layer(axum::middleware::from_fn_with_state(
-                Arc::new(RequestMetrics::default()),
-                observe,
-            ))
+        // Inside the metrics: a request cut by its deadline is counted with
+        // the 503 it got; a request admission refuses is refused at once.
+        let router = routes::router(settings.max_body_bytes)
+            .layer(RequestLayer::new(access, settings.http_request_timeout))
             .with_state(state.clone());
         let listener = TcpListener::bind(settings.http_addr)
             .await

@@ -3,7 +3,8 @@ use invalidation::SubscriberStatus;
 use settings::Settings;
 use std::sync::{Arc, Mutex};
 
-/// What every handler can reach.
+/// What every handler can reach. Cloned for every request: each field is
+/// one reference count (or a type that is one).
 #[derive(Clone)]
 pub struct AppState {
     pub tiers: TieredStore,
@@ -15,5 +16,5 @@ pub struct AppState {
     /// Admission control (credentials, rate limits, load shedding).
     pub access: Arc<access::Access>,
     /// The fleet of replicas, for the admin routes.
-    pub fleet: fleet::FleetClient,
+    pub fleet: Arc<fleet::FleetClient>,
 }

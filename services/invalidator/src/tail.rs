@@ -421,6 +421,7 @@ impl Reader {
             loop {
                 let (read, stop) = match feed.next().await {
                     Ok(Some(change)) => {
+                        crate::apply::record_lag("feed", &change);
                         let ends = matches!(&change.kind, ChangeKind::CollectionGone(event) if event.ends_feed());
                         (Read::Change(change), ends)
                     }

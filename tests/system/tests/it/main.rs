@@ -6,6 +6,7 @@ mod absence;
 mod admin;
 mod audit;
 mod auth_reload;
+mod batches;
 mod cluster;
 mod compose;
 mod convergence;
