@@ -189,30 +189,6 @@ pub enum Next {
 /// Operator requests handled per look at the requests stream.
 const REQUESTS_BATCH: usize = 100;
 
-/// The changes of a batch written (and then announced) together; a batch
-/// of more goes in parts, the next part written while one is announced.
-pub const PART: usize = 64;
-
-/// What a part of a batch did on the Redis side.
-enum Written<'a> {
-    /// Per change, what to announce.
-    Parts(Vec<Planned<'a>>),
-    /// Redis refused a write for lack of memory.
-    Full,
-}
-
-/// One change of a batch, written, to announce.
-struct Planned<'a> {
-    customer_id: &'a str,
-    op: Op,
-    version: i64,
-    /// Whether Redis holds the change's own version (else it was removed).
-    ordered: bool,
-    /// A version to give the document once announced (see [`Plan::Remove`]).
-    stamp: Option<i64>,
-    traceparent: &'a Option<String>,
-}
-
 /// Applies changes for one leadership term.
 pub struct Apply {
     writer: FencedWriter,
@@ -377,65 +353,31 @@ impl Apply {
         .await
     }
 
-    /// Applies changes already at hand together, in their order, in parts
-    /// of [`PART`]: each part's guarded Redis writes in one pipeline
-    /// (removals in another), one wait for the replicas, then one
-    /// announcement script per partition (each keeping its changes' order)
-    /// and the position after the part's last change saved once they all
-    /// landed. A part's writes go while the part before it is announced,
-    /// so this process and Redis work at once; the announcements stay in
-    /// order, each after its own part's effects. A failure anywhere repeats
-    /// the batch from the last position saved: at least once, and idempotent
-    /// by the version guard. A batch holding anything but writes and deletes
-    /// of single documents (a flush, an event to skip, an unreadable change)
-    /// goes one change at a time.
+    /// Applies changes already at hand together, in their order: the
+    /// guarded Redis writes of the batch in one pipeline (removals in
+    /// another), one wait for the replicas, then one announcement script per
+    /// partition (each keeping its changes' order) and the position after
+    /// the batch's last change saved once they all landed. A failure
+    /// anywhere repeats the whole batch from the position saved before it:
+    /// at least once, and idempotent by the version guard. A batch holding
+    /// anything but writes and deletes of single documents (a flush, an
+    /// event to skip, an unreadable change) goes one change at a time.
     pub async fn batch(&self, changes: &[Change]) -> Result<Next, ApplyError> {
         let plans: Vec<Plan> = changes.iter().map(|c| plan(&c.kind, self.mode)).collect();
         let simple = plans.iter().zip(changes).all(|(plan, change)| {
             matches!(plan, Plan::Refresh { .. } | Plan::Remove { .. })
                 && !matches!(change.kind, ChangeKind::Unreadable { .. })
         });
-        if !simple || changes.len() < 2 {
+        let (Some(last), true, true) = (changes.last(), simple, changes.len() > 1) else {
             return self.one_by_one(changes).await;
-        }
+        };
         for plan in &plans {
             metrics::counter!("invalidator_events_total", "op" => plan.label()).increment(1);
         }
         self.status
             .events
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
-        let mut announcing = None;
-        let parts = changes.chunks(PART).zip(plans.chunks(PART));
-        for (index, (part, part_plans)) in parts.enumerate() {
-            let writing = self.write_part(part, part_plans);
-            let written = match announcing.take() {
-                Some(announcing) => {
-                    let (announced, written) = futures::join!(announcing, writing);
-                    announced?;
-                    written?
-                }
-                None => writing.await?,
-            };
-            match written {
-                Written::Parts(planned) => announcing = Some(self.announce_part(part, planned)),
-                // Full: the one-by-one path removes instead of refreshing.
-                Written::Full => return self.one_by_one(&changes[index * PART..]).await,
-            }
-        }
-        if let Some(announcing) = announcing {
-            announcing.await?;
-        }
-        Ok(Next::Continue)
-    }
 
-    /// The Redis side of a part of a batch: guarded writes, removals, the
-    /// wait for the replicas. Says [`Written::Full`] when Redis refused a
-    /// write for lack of memory (nothing of the part is announced then).
-    async fn write_part<'a>(
-        &self,
-        changes: &[Change],
-        plans: &'a [Plan],
-    ) -> Result<Written<'a>, ApplyError> {
         let refreshes: Vec<(Entry, Writer)> = plans
             .iter()
             .filter_map(|plan| match plan {
@@ -447,15 +389,17 @@ impl Apply {
             .collect();
         let offers = match self.writer.fill_many(&refreshes).await {
             Ok(offers) => offers,
+            // Full: the one-by-one path removes instead of refreshing.
             Err(FencedWriteError::Redis(err)) if err.code() == Some("OOM") => {
-                return Ok(Written::Full);
+                return self.one_by_one(changes).await;
             }
             Err(err) => return Err(err.into()),
         };
         let mut offers = offers.into_iter();
         let mut removals: Vec<&str> = Vec::new();
+        // Per change: (customer, op, version, ordered, stamp, traceparent).
         let mut planned = Vec::with_capacity(plans.len());
-        for plan in plans {
+        for plan in &plans {
             match plan {
                 Plan::Refresh {
                     document,
@@ -472,14 +416,14 @@ impl Apply {
                         Removed::Yes { stamp } => stamp,
                         Removed::No => None,
                     };
-                    planned.push(Planned {
-                        customer_id: document.customer_id.as_str(),
-                        op: *op,
-                        version: document.version,
-                        ordered: removed == Removed::No,
+                    planned.push((
+                        document.customer_id.as_str(),
+                        *op,
+                        document.version,
+                        removed == Removed::No,
                         stamp,
-                        traceparent,
-                    });
+                        traceparent.clone(),
+                    ));
                 }
                 Plan::Remove {
                     customer_id,
@@ -489,14 +433,14 @@ impl Apply {
                     stamp,
                 } => {
                     removals.push(customer_id);
-                    planned.push(Planned {
-                        customer_id,
-                        op: *op,
-                        version: *version,
-                        ordered: false,
-                        stamp: *stamp,
-                        traceparent,
-                    });
+                    planned.push((
+                        customer_id.as_str(),
+                        *op,
+                        *version,
+                        false,
+                        *stamp,
+                        traceparent.clone(),
+                    ));
                 }
                 Plan::Flush { .. } | Plan::Skip => {}
             }
@@ -507,46 +451,34 @@ impl Apply {
         for change in changes {
             observe_lag("redis", change, &span, "lag_redis_ms");
         }
-        Ok(Written::Parts(planned))
-    }
-
-    /// Announces a part of a batch whose Redis side is done, saving the
-    /// position after its last change.
-    async fn announce_part(
-        &self,
-        changes: &[Change],
-        planned: Vec<Planned<'_>>,
-    ) -> Result<(), ApplyError> {
-        let Some(last) = changes.last() else {
-            return Ok(());
-        };
         let messages: Vec<Invalidation> = planned
             .iter()
             .zip(changes)
-            .map(|(planned, change)| {
-                change_message(
-                    change,
-                    planned.customer_id,
-                    planned.op,
-                    planned.version,
-                    planned.ordered,
-                    planned.traceparent.clone(),
-                )
-            })
+            .map(
+                |((customer_id, op, version, ordered, _, traceparent), change)| {
+                    change_message(
+                        change,
+                        customer_id,
+                        *op,
+                        *version,
+                        *ordered,
+                        traceparent.clone(),
+                    )
+                },
+            )
             .collect();
         self.announcer
             .announce_batch(&messages, last.position.as_str())
             .await?;
-        let span = tracing::Span::current();
-        for (planned, change) in planned.iter().zip(changes) {
+        for ((customer_id, _, _, _, stamp, _), change) in planned.iter().zip(changes) {
             observe_lag("published", change, &span, "lag_published_ms");
-            if let Some(seen) = planned.stamp {
-                self.stamp(planned.customer_id, seen).await;
+            if let Some(seen) = stamp {
+                self.stamp(customer_id, *seen).await;
             }
             self.audit
                 .offer(&change.kind, telemetry::propagation::current_traceparent);
         }
-        Ok(())
+        Ok(Next::Continue)
     }
 
     /// [`Apply::change`] for each change in turn, stopping at a feed's end.

@@ -1,8 +1,8 @@
 //! The invalidator's batched pipeline, driven by its own benchmark
 //! (`invalidator-feedbench`, a real process feeding the apply path a
-//! synthetic change feed): batches larger than a part are written and
-//! announced in overlapping parts, and still every change lands in Redis and
-//! on its partition's stream, each customer's changes in their order.
+//! synthetic change feed): in batches of hundreds of changes, each customer
+//! changed many times per batch, every change lands in Redis and on its
+//! partition's stream exactly once, each customer's changes in their order.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -135,11 +135,11 @@ async fn check(partitions: u32, batch: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_of_many_parts_land_in_order_on_one_partition() {
+async fn large_batches_land_in_order_on_one_partition() {
     check(1, 256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_of_many_parts_land_in_order_on_three_partitions() {
+async fn large_batches_land_in_order_on_three_partitions() {
     check(3, 200).await;
 }
