@@ -127,7 +127,8 @@ def _lag_stages(res: dict, plt):
     _bars(axes[1], [(name.replace(" ", "\n"), v.get("p50_ms"), v.get("p99_ms")) for name, v in stages.items()],
           "Recorded by the services, per stage (histograms)")
     fig.text(0.5, 0.005, "invalidator stages: from the change's wall time in MongoDB; replica stages: from the "
-             "stream entry's time; whole-ms samples, interpolated within buckets", ha="center", fontsize=7)
+             "stream entry's time (both whole ms: a stage reads up to 1 ms long); interpolated within buckets",
+             ha="center", fontsize=7)
     return fig
 
 

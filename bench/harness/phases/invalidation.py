@@ -42,6 +42,7 @@ def _wait_for_api_writes(api: Http) -> float:
 # The stages of a change's way as the services record them in the histogram
 # invalidation_lag_seconds{stage}: (label, who, stage, what it spans).
 STAGES = (
+    ("feed", "invalidator", "feed", "change's wall time in MongoDB -> read from the change feed"),
     ("redis", "invalidator", "redis", "change's wall time in MongoDB -> guarded write in Redis done"),
     ("published", "invalidator", "published", "change's wall time in MongoDB -> announced (stream and channel)"),
     ("replica A", "A", "replica", "stream entry's time -> applied in replica A's near cache"),
@@ -161,7 +162,7 @@ def cmd_lag(a):
     def invalidator_lag(stat: str) -> dict:
         return {
             stage: msum_delta(inv_before, inv_after, f"invalidation_lag_seconds_{stat}", stage=stage)
-            for stage in ("redis", "published")
+            for stage in ("feed", "redis", "published")
         }
 
     lag_sum, lag_cnt = invalidator_lag("sum"), invalidator_lag("count")
