@@ -99,28 +99,24 @@ where
             // The inner service is ready (`poll_ready` above): calling it now
             // spares a clone of it.
             None => Work::Admitted(self.inner.call(request)),
-            Some(_) => {
+            Some(access) => {
                 // Admission may wait (a JWT's keys): the ready service goes
                 // with the request, a clone stays for the next one.
                 let clone = self.inner.clone();
-                Work::Admit(std::mem::replace(&mut self.inner, clone), request)
+                let inner = std::mem::replace(&mut self.inner, clone);
+                Work::Admit(Arc::clone(access), inner, request)
             }
         };
         Box::pin(async move {
             let served = async {
                 match work {
                     Work::Admitted(future) => within(deadline, future).await,
-                    Work::Admit(mut inner, request) => {
-                        let access = shared.access.as_deref();
+                    Work::Admit(access, mut inner, request) => {
                         let route = route.as_ref().map(MatchedPath::as_str);
                         let client = client_ip(&request);
-                        let verdict = match access {
-                            Some(access) => {
-                                let (method, headers) = (request.method(), request.headers());
-                                admission::admit(access, route, method, headers, client).await
-                            }
-                            None => Ok(None),
-                        };
+                        let (method, headers) = (request.method(), request.headers());
+                        let verdict =
+                            admission::admit(&access, route, method, headers, client).await;
                         match verdict {
                             // Held until the response is produced.
                             Ok(_permit) => within(deadline, inner.call(request)).await,
@@ -154,7 +150,7 @@ enum Work<F, S> {
     /// Open mode: the route's future, already made.
     Admitted(F),
     /// Admission first, then the route.
-    Admit(S, Request),
+    Admit(Arc<Access>, S, Request),
 }
 
 /// The route's answer, or 503 once the deadline passed.

@@ -752,7 +752,6 @@ fn quiet(err: ApplyError) -> Result<(), ApplyError> {
     }
 }
 
-/// Names the change's target on the current span.
 /// The message announcing `change` of one customer's entry (numbered
 /// later by the announcer, in the message's partition).
 fn change_message(
@@ -781,6 +780,7 @@ fn change_message(
     }
 }
 
+/// Names the change's target on the current span.
 fn record_target(customer_id: &str, version: i64) {
     let span = tracing::Span::current();
     span.record("customer_id", customer_id);
