@@ -3,7 +3,8 @@
 # this script starts on loopback and tears down again.
 #
 #   bench/run.sh [--quick] [--name NAME] [--skip-build | --bin-dir DIR] [--no-memory-1m]
-#                [--auth-cost | --warm | --hit-path [--rounds N] | --lag]
+#                [--auth-cost | --warm | --hit-path [--rounds N] | --lag
+#                 | --memory [--baseline-bin-dir DIR]]
 #
 #   --quick          3 s per load cell (10 s otherwise), fewer writes and entries
 #   --name NAME      results go to bench/results/NAME.json, NAME-*.png, NAME.md
@@ -27,6 +28,10 @@
 #                    MongoDB), each timed to Redis and replicas A and D, with the lag per stage
 #                    from the services' histograms: bench/results/NAME-lag.{json,md},
 #                    NAME-lag.png, NAME-lag-stages.png, ~2-3 min after the build
+#   --memory         only the near cache's memory: a fresh cache-api (E) filled to 100k and 1M
+#                    entries (10k, 50k, 100k with --quick); with --baseline-bin-dir DIR the
+#                    cache-api in DIR is measured the same way right after, in the same run:
+#                    bench/results/NAME-memory.{json,md}, ~4 min after the build (~8 with a baseline)
 #
 # What it starts (all on 127.0.0.1, free ports, LOG_FORMAT=json RUST_LOG=warn):
 #   testbed     cargo xtask testbed up target/bench-testbed (private Redis + SecantusDB)
@@ -61,6 +66,8 @@ WARM=0
 HIT_PATH=0
 ROUNDS=2
 LAG=0
+MEMORY=0
+BASELINE_DIR=""
 BIN_DIR=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -77,12 +84,16 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS="$2"; shift ;;
         --rounds=*) ROUNDS="${1#--rounds=}" ;;
         --lag) LAG=1 ;;
+        --memory) MEMORY=1 ;;
+        --baseline-bin-dir) BASELINE_DIR="$2"; shift ;;
+        --baseline-bin-dir=*) BASELINE_DIR="${1#--baseline-bin-dir=}" ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-[ $((AUTH_COST + WARM + HIT_PATH + LAG)) -le 1 ] || { echo "--auth-cost, --warm, --hit-path, --lag: one at most" >&2; exit 2; }
+[ $((AUTH_COST + WARM + HIT_PATH + LAG + MEMORY)) -le 1 ] || { echo "--auth-cost, --warm, --hit-path, --lag, --memory: one at most" >&2; exit 2; }
+[ -z "$BASELINE_DIR" ] || [ "$MEMORY" = 1 ] || { echo "--baseline-bin-dir: only with --memory" >&2; exit 2; }
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds: a positive number" >&2; exit 2; }
 # The run's kind: what its results are named after and which phases it runs.
 MODE="$([ "$QUICK" = 1 ] && echo quick || echo full)"
@@ -90,6 +101,7 @@ MODE="$([ "$QUICK" = 1 ] && echo quick || echo full)"
 [ "$WARM" = 1 ] && MODE=warm
 [ "$HIT_PATH" = 1 ] && MODE=hitpath
 [ "$LAG" = 1 ] && MODE=lag
+[ "$MEMORY" = 1 ] && MODE=memory
 if [ -z "$NAME" ]; then
     NAME="$MODE-$(date +%Y%m%d-%H%M)"
 fi
@@ -103,6 +115,9 @@ else
     MEM_COUNTS="10000 100000"
     [ "$MEM_1M" = 1 ] && MEM_COUNTS="10000 100000 1000000"
 fi
+# --memory: the issue's two sizes.
+[ "$MODE" = memory ] && [ "$QUICK" = 0 ] && MEM_COUNTS="100000 1000000"
+
 CONC="1 16 64 256"
 RATES="2000 5000 10000 20000 30000"
 CUSTOMERS=10000
@@ -164,7 +179,7 @@ settle() { "$PY" "$BENCH" settle --invalidator "$I" --mongo-uri "$MONGO_URI" --q
 # ---------------------------------------------------------------- tools
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
 case "$MODE" in
-    warm | lag) TOOLS="redis-cli curl python3" ;;
+    warm | lag | memory) TOOLS="redis-cli curl python3" ;;
     hitpath) TOOLS="wrk redis-cli curl python3" ;;
     *) TOOLS="wrk redis-benchmark redis-cli curl python3" ;;
 esac
@@ -204,6 +219,9 @@ SRC="${BIN_DIR:-target/release}"
 for b in cache-api cache-invalidator cachectl; do
     cp "$SRC/$b" "$RUN/bin/$b" || die "$SRC/$b missing: run without --skip-build / --bin-dir"
 done
+if [ -n "$BASELINE_DIR" ]; then
+    cp "$BASELINE_DIR/cache-api" "$RUN/bin/cache-api-baseline" || die "$BASELINE_DIR/cache-api missing"
+fi
 # The supervisor and test bed: this checkout's own build (xtask finds .venv-secantus/ in
 # the checkout it was built from), release or debug; built (debug) when there is none.
 XT_SRC=""
@@ -292,6 +310,29 @@ EOF
 "$PY" "$BENCH" machine --part "$RUN/parts/machine.json"
 
 IDS="$RUN/zipf-ids.txt"
+# memory_phase PART [BINARY]: a fresh cache-api (E), alone, filled to $MEM_COUNTS entries
+# (its bounds well above: neither entries nor bytes may evict).
+memory_phase() {
+    local part="$1" binary="${2:-$BIN/cache-api}" max
+    max=$(($(echo "$MEM_COUNTS" | tr ' ' '\n' | sort -n | tail -n 1) + 10000))
+    log "memory: near cache of a fresh cache-api (E, $(basename "$binary")) at $MEM_COUNTS entries"
+    proc start --name api-e --port "$PORT_E" --ready /api/health/ --timeout 60 "${COMMON[@]}" \
+        --env "HTTP_ADDR=127.0.0.1:$PORT_E" --env INSTANCE_ID=bench-e --env "LOCAL_CACHE_MAX_ENTRIES=$max" \
+        --env "LOCAL_CACHE_MAX_BYTES=$((max * 4096))" \
+        --env LOCAL_CACHE_TTL_MS=3600000 -- "$binary"
+    # shellcheck disable=SC2086
+    "$PY" "$BENCH" memory --api "$E" --pid "$(proc pid --name api-e)" --redis-port "$TESTBED_REDIS_PORT" \
+        --counts $MEM_COUNTS --part "$RUN/parts/$part.json"
+    proc stop --name api-e
+}
+if [ "$MODE" = memory ]; then
+    memory_phase memory
+    [ -z "$BASELINE_DIR" ] || memory_phase memory_baseline "$BIN/cache-api-baseline"
+    finish_meta
+    "$PY" "$BENCH" report --run-dir "$RUN" --name "$NAME-memory" --out "$RESULTS/$NAME-memory.json"
+    log "results: $RESULTS/$NAME-memory.json, $RESULTS/$NAME-memory.md"
+    exit 0
+fi
 if [ "$WARM" = 1 ]; then
     # ------------------------------------------------------------ warm start, 404 storm
     # inv [KEY=VALUE...]: starts the invalidator with these settings.
@@ -492,14 +533,9 @@ settle
     --seconds "$TP_SECS" --part "$RUN/parts/throughput.json"
 
 # ---------------------------------------------------------------- memory
-log "memory: near cache of a fresh cache-api (E) at $MEM_COUNTS entries"
 settle
 proc stop --name reference; proc stop --name api-b; proc stop --name api-d; proc stop --name api-f
-MEM_MAX=$(($(echo "$MEM_COUNTS" | tr ' ' '\n' | sort -n | tail -n 1) + 10000))
-api api-e "$PORT_E" bench-e LOCAL_CACHE_MAX_ENTRIES="$MEM_MAX" LOCAL_CACHE_TTL_MS=3600000
-# shellcheck disable=SC2086
-"$PY" "$BENCH" memory --api "$E" --pid "$(proc pid --name api-e)" --redis-port "$TESTBED_REDIS_PORT" \
-    --counts $MEM_COUNTS --part "$RUN/parts/memory.json"
+memory_phase memory
 
 # ---------------------------------------------------------------- report
 finish_meta

@@ -185,18 +185,28 @@ def _throughput(res: dict) -> list[str]:
     return ["## Invalidator throughput", "", f"- writer: {tp['writer']}", writes, events, cpu, ""]
 
 
+def _memory_table(mem: dict, title: str) -> list[str]:
+    doc = mem["avg_document_json_bytes"]
+    rows = []
+    for r in mem["rows"]:
+        per = r.get("rss_bytes_per_entry")
+        times = f"{per / doc:.2f}" if per and doc else ""
+        rows.append(f"| {r['entries']} | {r['VmRSS'] / 2**20:.1f} | {r.get('RssAnon', 0) / 2**20:.1f} | "
+                    f"{per if per is not None else ''} | {times} | {r.get('fill_seconds', '')} |")
+    return _table(title,
+                  "| near-cache entries | RSS MiB | RssAnon MiB | bytes/entry over baseline | × document JSON | fill s |",
+                  "|---:|---:|---:|---:|---:|---:|",
+                  rows,
+                  intro=f"Average document: {doc} bytes of JSON; Redis: "
+                  f"{mem['redis_used_memory_bytes_per_key']} bytes per key.")
+
+
 @_section("memory")
 def _memory(res: dict) -> list[str]:
-    mem = res["memory"]
-    rows = [f"| {r['entries']} | {r['VmRSS'] / 2**20:.1f} | {r.get('RssAnon', 0) / 2**20:.1f} | "
-            f"{r.get('rss_bytes_per_entry', '')} | {r.get('fill_seconds', '')} |"
-            for r in mem["rows"]]
-    return _table("## Memory",
-                  "| near-cache entries | RSS MiB | RssAnon MiB | bytes/entry over baseline | fill s |",
-                  "|---:|---:|---:|---:|---:|",
-                  rows,
-                  intro=f"Average document: {mem['avg_document_json_bytes']} bytes of JSON; Redis: "
-                  f"{mem['redis_used_memory_bytes_per_key']} bytes per key.")
+    lines = _memory_table(res["memory"], "## Memory")
+    if res.get("memory_baseline"):
+        lines += _memory_table(res["memory_baseline"], "## Memory, baseline binary (--baseline-bin-dir)")
+    return lines
 
 
 def _recovery10(res: dict) -> list[str]:

@@ -174,18 +174,24 @@ def _memory(res: dict, plt):
     mem = res.get("memory")
     if not mem:
         return None
-    rows = mem["rows"]
-    filled = [r for r in rows[1:] if r["entries"]]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([r["entries"] for r in filled], [r["VmRSS"] / 2**20 for r in filled], "o-", label="RSS")
-    ax.axhline(rows[0]["VmRSS"] / 2**20, color="gray", ls="--", lw=0.8,
-               label=f"empty process ({rows[0]['VmRSS'] / 2**20:.1f} MiB)")
-    for r in filled:
-        ax.annotate(f"{r['VmRSS'] / 2**20:.0f} MiB, {r.get('rss_bytes_per_entry', 0):.0f} B/entry",
-                    (r["entries"], r["VmRSS"] / 2**20), textcoords="offset points", xytext=(-40, 8), fontsize=8)
+    runs = [("this build", mem, "o-")]
+    if res.get("memory_baseline"):
+        runs.append(("baseline (--baseline-bin-dir)", res["memory_baseline"], "s--"))
+    for label, run, style in runs:
+        rows = run["rows"]
+        filled = [r for r in rows[1:] if r["entries"]]
+        ax.plot([r["entries"] for r in filled], [r["VmRSS"] / 2**20 for r in filled], style,
+                label=f"RSS, {label}")
+        for r in filled:
+            ax.annotate(f"{r['VmRSS'] / 2**20:.0f} MiB, {r.get('rss_bytes_per_entry', 0):.0f} B/entry",
+                        (r["entries"], r["VmRSS"] / 2**20), textcoords="offset points", xytext=(-40, 8),
+                        fontsize=8)
+    empty = mem["rows"][0]["VmRSS"] / 2**20
+    ax.axhline(empty, color="gray", ls="--", lw=0.8, label=f"empty process ({empty:.1f} MiB)")
     ax.set(xscale="log", yscale="log")
     return _labelled(fig, ax, "near-cache entries", "RSS (MiB, log)", "cache-api resident memory",
-                      fontsize=8, loc="upper left")
+                     fontsize=8, loc="upper left")
 
 
 def _tiers(res: dict, plt):

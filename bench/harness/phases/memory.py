@@ -85,6 +85,9 @@ def cmd_memory(a):
         time.sleep(1)
         row = {"entries": near_cache_entries(client), "target": target, "fill_seconds": round(fill_s, 1),
                **proc_status(a.pid)}
+        if row["entries"] < target:
+            raise RuntimeError(f"the near cache holds {row['entries']} of {target} entries: its bounds "
+                               "(LOCAL_CACHE_MAX_ENTRIES, LOCAL_CACHE_MAX_BYTES) evicted")
         rows.append(row)
         log(f"memory: {row['entries']} near-cache entries -> RSS {row['VmRSS'] / 2**20:.1f} MiB (fill {fill_s:.1f}s)")
     client.close()

@@ -44,8 +44,8 @@ impl Observed {
             // Rendered by us from a document: it parses. Should it not, the
             // content differs from any truth, which is what it is.
             Some(Entry::Document(doc)) => Self::Document {
-                version: doc.version,
-                body: serde_json::from_str(doc.json.get()).unwrap_or(Value::Null),
+                version: doc.version(),
+                body: serde_json::from_slice(doc.json_bytes()).unwrap_or(Value::Null),
             },
         }
     }

@@ -22,7 +22,6 @@ use feature_store::CustomerId;
 use rand::Rng;
 use redis::Script;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 use telemetry::Condition;
 use tokio::sync::mpsc;
@@ -68,23 +67,23 @@ impl HotConfig {
 /// The read path's handle: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct HotRecorder {
-    samples: mpsc::Sender<Arc<CachedDocument>>,
+    samples: mpsc::Sender<CachedDocument>,
 }
 
 impl HotRecorder {
     /// Notes a read of `doc` (one in [`SAMPLE`] is kept).
     #[inline]
-    pub fn record(&self, doc: &Arc<CachedDocument>) {
+    pub fn record(&self, doc: &CachedDocument) {
         if rand::rng().random_ratio(1, SAMPLE) {
             // Full: the counter task is behind; a lost sample only blurs counts.
-            let _ = self.samples.try_send(Arc::clone(doc));
+            let _ = self.samples.try_send(doc.clone());
         }
     }
 }
 
 /// The task that counts samples and adds them to Redis.
 pub struct HotRecord {
-    samples: mpsc::Receiver<Arc<CachedDocument>>,
+    samples: mpsc::Receiver<CachedDocument>,
     conn: RedisConnection,
     config: HotConfig,
     script: Script,
@@ -119,7 +118,7 @@ impl HotRecord {
                 () = shutdown.cancelled() => break,
                 sample = self.samples.recv() => {
                     let Some(doc) = sample else { break };
-                    count(&mut counts, &doc.customer_id);
+                    count(&mut counts, doc.customer_id());
                 }
                 _ = tick.tick() => self.flush(&mut counts).await,
             }

@@ -102,7 +102,7 @@ impl TtlPolicy {
         match entry {
             Entry::Document(doc) => {
                 let mut ttl = self.document_ttl;
-                if let Some(expires_at) = doc.expires_at {
+                if let Some(expires_at) = doc.expires_at() {
                     let left = (expires_at - Utc::now()).to_std().ok()?;
                     ttl = ttl.min(left);
                 }

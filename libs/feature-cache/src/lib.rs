@@ -10,7 +10,7 @@
 //!   guard).
 //! - [`tier`]: [`CacheTier`], the trait both tiers implement: look up, and offer
 //!   an entry that is kept only if it supersedes what is there.
-//! - [`near`]: the in-process near cache (moka), with the guard and an epoch that
+//! - [`near`]: the in-process near cache (quick_cache), with the guard and an epoch that
 //!   refuses fills across a flush.
 //! - [`redis_tier`]: Redis, with the guard as a Lua compare-and-set, the
 //!   fenced writer the invalidator writes through, and flushes.

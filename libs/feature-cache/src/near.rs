@@ -1,10 +1,9 @@
-use crate::entry::Entry;
+use crate::entry::{CachedDocument, Entry};
 use crate::tier::{CacheTier, TierError};
-use moka::Expiry;
-use moka::notification::RemovalCause;
-use moka::ops::compute::{CompResult, Op};
-use moka::sync::Cache;
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -24,59 +23,120 @@ pub struct NearCacheConfig {
     pub negative_ttl: Duration,
 }
 
-/// Each entry lives `ttl` from when it was stored (a replacement starts
-/// again); an absence at most `negative_ttl`.
-struct Lifetimes {
-    ttl: Duration,
-    negative_ttl: Duration,
-}
-
-impl Lifetimes {
-    fn of(&self, entry: &Entry) -> Duration {
-        match entry {
-            Entry::Absent { .. } => self.negative_ttl.min(self.ttl),
-            _ => self.ttl,
-        }
-    }
-}
-
-impl Expiry<String, Entry> for Lifetimes {
-    fn expire_after_create(&self, _key: &String, entry: &Entry, _at: Instant) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &String,
-        entry: &Entry,
-        _at: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-}
-
-/// Bytes an entry costs beyond its key and JSON: the map slot, the `Arc`,
-/// moka's bookkeeping; roughly, and on the generous side.
-const ENTRY_OVERHEAD: u64 = 160;
+/// Bytes an entry costs beyond its key and JSON: the cache's slot and
+/// table, the document's `Arc` and allocator rounding; roughly, and on the
+/// generous side (BENCHMARKS.md measures it).
+const ENTRY_OVERHEAD: u64 = 128;
 
 /// What one entry weighs: its key, its rendered JSON and the overhead.
 pub fn weight(key: &str, entry: &Entry) -> u64 {
     let body = match entry {
-        Entry::Document(doc) => doc.json.get().len() + doc.customer_id.len(),
-        Entry::Floor { customer_id, .. }
-        | Entry::Tombstone { customer_id, .. }
-        | Entry::Absent { customer_id, .. } => customer_id.len(),
+        Entry::Document(doc) => document_bytes(doc),
+        marker => marker.customer_id().len(),
     };
     (key.len() + body) as u64 + ENTRY_OVERHEAD
 }
 
+fn document_bytes(doc: &CachedDocument) -> usize {
+    doc.json_bytes().len() + doc.customer_id().len()
+}
+
+/// What the near cache keeps for one key, in two words: documents (nearly
+/// every entry) as their shared `Arc`, the small markers behind one of
+/// their own, and when the entry leaves.
+#[derive(Clone)]
+struct Held {
+    stored: Stored,
+    /// Nanoseconds after the cache's `born`.
+    deadline: u64,
+}
+
+#[derive(Clone)]
+enum Stored {
+    Document(CachedDocument),
+    Marker(Arc<Entry>),
+}
+
+impl Stored {
+    fn new(entry: Entry) -> Self {
+        match entry {
+            Entry::Document(doc) => Self::Document(doc),
+            marker => Self::Marker(Arc::new(marker)),
+        }
+    }
+
+    fn entry(&self) -> Entry {
+        match self {
+            Self::Document(doc) => Entry::Document(doc.clone()),
+            Self::Marker(marker) => Entry::clone(marker),
+        }
+    }
+
+    fn into_entry(self) -> Entry {
+        match self {
+            Self::Document(doc) => Entry::Document(doc),
+            Self::Marker(marker) => Arc::unwrap_or_clone(marker),
+        }
+    }
+
+    fn is_of(&self, customer_id: &str) -> bool {
+        match self {
+            Self::Document(doc) => doc.is_of(customer_id),
+            Self::Marker(marker) => marker.customer_id() == customer_id,
+        }
+    }
+}
+
+/// Weighs each entry by [`weight`], at least `min`.
+#[derive(Clone)]
+struct Weigh {
+    min: u64,
+}
+
+impl Weighter<u64, Held> for Weigh {
+    fn weight(&self, _key: &u64, held: &Held) -> u64 {
+        let weight = match &held.stored {
+            Stored::Document(doc) => {
+                (doc.customer_id().len() + document_bytes(doc)) as u64 + ENTRY_OVERHEAD
+            }
+            Stored::Marker(marker) => weight(marker.customer_id(), marker),
+        };
+        weight.max(self.min)
+    }
+}
+
+/// Counts the entries evicted for room.
+#[derive(Clone)]
+struct CountEvictions;
+
+impl Lifecycle<u64, Held> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: u64, _held: Held) {
+        record_evictions("size", 1);
+    }
+}
+
+fn record_evictions(cause: &'static str, count: u64) {
+    metrics::counter!("near_cache_evictions_total", "cause" => cause).increment(count);
+}
+
+type Entries = Cache<u64, Held, Weigh, DefaultHashBuilder, CountEvictions>;
+
 /// The in-process near cache: bounded by entries, by bytes and a short TTL,
 /// guarded by version like every tier.
 ///
-/// moka bounds one measure, so both bounds become one: the cache holds
-/// `max_bytes` of weight, and each entry weighs at least
+/// The table (quick_cache) bounds one measure, so both bounds become one:
+/// it holds `max_bytes` of weight, and each entry weighs at least
 /// `max_bytes / max_entries`, so neither more entries nor more bytes fit.
+///
+/// Entries are keyed by the 64-bit hash of the customer id, not the id:
+/// the id is in the entry already, and storing it twice was a tenth of an
+/// entry. Every read checks the id, so two ids sharing a hash (about one in
+/// 10^13 pairs) cost each other misses, never a wrong answer.
+///
+/// Each entry carries its deadline and is never served past it; an
+/// expired entry is dropped when read and makes room like any cold one.
 ///
 /// A fill is accepted only if nothing invalidated its key since the fill
 /// began: a flush advances the epoch; each key's invalidations advance a
@@ -88,10 +148,13 @@ pub fn weight(key: &str, entry: &Entry) -> u64 {
 /// make the cache forget an invalidation a slow fill missed; keys sharing a
 /// stripe only ever cost a refused fill.
 pub struct NearCache {
+    entries: Entries,
     // foldhash: keys are hashed on every hit, and SipHash (the default) was a
     // measurable share of a hit; foldhash is seeded per process, too.
-    entries: Cache<String, Entry, foldhash::fast::RandomState>,
     hasher: foldhash::fast::RandomState,
+    born: Instant,
+    ttl: u64,
+    negative_ttl: u64,
     epoch: AtomicU64,
     stripes: Box<[Stripe]>,
     /// How many flushes there were, for whoever refills after one.
@@ -117,30 +180,38 @@ pub struct Ticket {
 
 impl NearCache {
     pub fn new(config: &NearCacheConfig) -> Self {
-        let hasher = foldhash::fast::RandomState::default();
-        let min_weight = (config.max_bytes / config.max_entries.max(1)).max(1);
-        let entries = Cache::builder()
-            .max_capacity(config.max_bytes)
-            .weigher(move |key: &String, entry: &Entry| {
-                u32::try_from(weight(key, entry).max(min_weight)).unwrap_or(u32::MAX)
-            })
-            .expire_after(Lifetimes {
-                ttl: config.ttl,
-                negative_ttl: config.negative_ttl,
-            })
-            .eviction_listener(|_key, _value, cause| {
-                let cause = match cause {
-                    RemovalCause::Expired => "expired",
-                    RemovalCause::Size => "size",
-                    RemovalCause::Explicit => "explicit",
-                    RemovalCause::Replaced => return,
-                };
-                metrics::counter!("near_cache_evictions_total", "cause" => cause).increment(1);
-            })
-            .build_with_hasher(hasher.clone());
+        let max_entries = config.max_entries.max(1);
+        let min_weight = (config.max_bytes / max_entries).max(1);
+        // The table is sized for the bound up front: a full cache never
+        // regrows it, and pages not yet used cost no memory.
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(usize::try_from(max_entries).unwrap_or(usize::MAX))
+            .weight_capacity(config.max_bytes.max(1))
+            .build();
+        let entries = match options {
+            Ok(options) => Cache::with_options(
+                options,
+                Weigh { min: min_weight },
+                DefaultHashBuilder::default(),
+                CountEvictions,
+            ),
+            // Only a hot or ghost share out of range is refused, and we set
+            // neither; keep a cache of the same bounds all the same.
+            Err(_) => Cache::with(
+                usize::try_from(max_entries).unwrap_or(usize::MAX),
+                config.max_bytes.max(1),
+                Weigh { min: min_weight },
+                DefaultHashBuilder::default(),
+                CountEvictions,
+            ),
+        };
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
             entries,
-            hasher,
+            hasher: foldhash::fast::RandomState::default(),
+            born: Instant::now(),
+            ttl: nanos(config.ttl),
+            negative_ttl: nanos(config.negative_ttl.min(config.ttl)),
             epoch: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             flushes: watch::Sender::new(0),
@@ -149,13 +220,22 @@ impl NearCache {
 
     /// The hot path: a synchronous lookup.
     pub fn get(&self, customer_id: &str) -> Option<Entry> {
-        self.entries.get(customer_id)
+        let key = self.key_of(customer_id);
+        let held = self.entries.get(&key)?;
+        if !held.stored.is_of(customer_id) {
+            return None;
+        }
+        if held.deadline <= self.now() {
+            self.drop_expired(key);
+            return None;
+        }
+        Some(held.stored.into_entry())
     }
 
     /// Takes a ticket for a fill of `customer_id` that is about to read the
     /// tiers below.
     pub fn ticket(&self, customer_id: &str) -> Ticket {
-        let index = self.stripe_of(customer_id);
+        let index = self.stripe_of(self.key_of(customer_id));
         let stripe = &self.stripes[index];
         Ticket {
             epoch: self.epoch.load(Ordering::Acquire),
@@ -172,24 +252,46 @@ impl NearCache {
         if !self.still_valid(ticket, version) {
             return false;
         }
-        let key = entry.customer_id().to_owned();
-        let result = self
+        let key = self.key_of(entry.customer_id());
+        let now = self.now();
+        let lifetime = match entry {
+            Entry::Absent { .. } => self.negative_ttl,
+            _ => self.ttl,
+        };
+        // What is held yields if it is another id's, expired, or older.
+        let yields = |current: &Held| {
+            !current.stored.is_of(entry.customer_id())
+                || current.deadline <= now
+                || entry.supersedes(&current.stored.entry())
+        };
+        let mut offered = Some(Held {
+            stored: Stored::new(entry.clone()),
+            deadline: now.saturating_add(lifetime),
+        });
+        let stored = match self
             .entries
-            .entry(key.clone())
-            .and_compute_with(|current| match current {
-                Some(current) if !entry.supersedes(current.value()) => Op::Nop,
-                _ => Op::Put(entry),
-            });
-        let stored = matches!(
-            result,
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
-        );
+            .entry(&key, None, |_, current| match offered.take() {
+                Some(held) if yields(current) => {
+                    *current = held;
+                    EntryAction::Retain(true)
+                }
+                _ => EntryAction::Retain(false),
+            }) {
+            EntryResult::Retained(stored) => stored,
+            EntryResult::Vacant(slot) => match offered.take() {
+                Some(held) => slot.insert(held).is_ok(),
+                None => false,
+            },
+            // Our callback neither removes nor asks to replace; nothing
+            // was stored.
+            _ => false,
+        };
         if !stored {
             metrics::counter!("version_guard_rejections_total", "tier" => "local").increment(1);
         }
-        // An invalidation that raced the compute above wins: drop what we put.
+        // An invalidation that raced the store above wins: drop what we put.
         if stored && !self.still_valid(ticket, version) {
-            self.entries.invalidate(&key);
+            self.entries.remove(&key);
             return false;
         }
         stored
@@ -205,29 +307,36 @@ impl NearCache {
     /// stays; anything else is dropped (and fills that began before are
     /// refused).
     pub fn settle(&self, customer_id: &str, version: i64) {
-        self.stripes[self.stripe_of(customer_id)]
+        let key = self.key_of(customer_id);
+        self.stripes[self.stripe_of(key)]
             .floor
             .fetch_max(version, Ordering::AcqRel);
-        if let Some(Entry::Document(doc)) = self.entries.get(customer_id)
-            && doc.version >= version
-        {
-            return;
+        let stays = |held: &Held| {
+            matches!(&held.stored, Stored::Document(doc)
+                if doc.is_of(customer_id) && doc.version() >= version)
+        };
+        if self.entries.remove_if(&key, |held| !stays(held)).is_some() {
+            record_evictions("explicit", 1);
         }
-        self.entries.invalidate(customer_id);
     }
 
     /// Drops the key and refuses every fill of it that began before now.
     pub fn invalidate(&self, customer_id: &str) {
-        self.stripes[self.stripe_of(customer_id)]
+        let key = self.key_of(customer_id);
+        self.stripes[self.stripe_of(key)]
             .unordered
             .fetch_add(1, Ordering::AcqRel);
-        self.entries.invalidate(customer_id);
+        if self.entries.remove(&key).is_some() {
+            record_evictions("explicit", 1);
+        }
     }
 
     /// Drops everything and refuses every fill that began before now.
     pub fn flush(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.entries.invalidate_all();
+        let held = self.entries.len() as u64;
+        self.entries.clear();
+        record_evictions("explicit", held);
         self.flushes.send_modify(|flushes| *flushes += 1);
     }
 
@@ -237,16 +346,17 @@ impl NearCache {
         self.flushes.subscribe()
     }
 
+    /// How many entries are held, after expired ones were dropped.
     pub fn len(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.drop_all_expired();
+        self.entries.len() as u64
     }
 
     /// What the entries weigh together (at least [`weight`] each), after
-    /// pending evictions ran.
+    /// expired ones were dropped.
     pub fn weighted_size(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.weighted_size()
+        self.drop_all_expired();
+        self.entries.weight()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,9 +372,38 @@ impl NearCache {
             && (floor == ticket.floor || floor <= version)
     }
 
-    fn stripe_of(&self, customer_id: &str) -> usize {
+    fn key_of(&self, customer_id: &str) -> u64 {
+        self.hasher.hash_one(customer_id)
+    }
+
+    fn stripe_of(&self, key: u64) -> usize {
         // The modulo keeps the index in range whatever the hash.
-        (self.hasher.hash_one(customer_id) % STRIPES as u64) as usize
+        (key % STRIPES as u64) as usize
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn drop_expired(&self, key: u64) {
+        let now = self.now();
+        if self
+            .entries
+            .remove_if(&key, |held| held.deadline <= now)
+            .is_some()
+        {
+            record_evictions("expired", 1);
+        }
+    }
+
+    fn drop_all_expired(&self) {
+        let now = self.now();
+        let before = self.entries.len();
+        self.entries.retain(|_, held| held.deadline > now);
+        let dropped = before.saturating_sub(self.entries.len()) as u64;
+        if dropped > 0 {
+            record_evictions("expired", dropped);
+        }
     }
 }
 
@@ -281,17 +420,30 @@ impl CacheTier for NearCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::CachedDocument;
-    use std::sync::Arc;
+
+    /// A near cache bounded as given, whose entries outlive the test.
+    fn bounded(max_entries: u64, max_bytes: u64) -> NearCache {
+        NearCache::new(&NearCacheConfig {
+            max_entries,
+            max_bytes,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+        })
+    }
+
+    /// A roomy near cache with the given lifetimes.
+    fn lasting(ttl: Duration, negative_ttl: Duration) -> NearCache {
+        NearCache::new(&NearCacheConfig {
+            max_entries: 100,
+            max_bytes: 1 << 20,
+            ttl,
+            negative_ttl,
+        })
+    }
 
     fn document(id: &str, bytes: usize) -> Entry {
         let json = format!(r#"{{"customer_id":"{id}","blob":"{}"}}"#, "x".repeat(bytes));
-        Entry::Document(Arc::new(CachedDocument {
-            customer_id: id.to_owned(),
-            version: 1,
-            expires_at: None,
-            json: serde_json::value::RawValue::from_string(json).unwrap(),
-        }))
+        Entry::Document(CachedDocument::new(id, 1, None, &json))
     }
 
     /// Filled far past its bound in bytes, the near cache evicts: what it
@@ -299,12 +451,7 @@ mod tests {
     #[test]
     fn the_near_cache_stays_within_its_bound_in_bytes() {
         let max_bytes = 50_000;
-        let near = NearCache::new(&NearCacheConfig {
-            max_entries: 100_000,
-            max_bytes,
-            ttl: Duration::from_secs(600),
-            negative_ttl: Duration::from_secs(5),
-        });
+        let near = bounded(100_000, max_bytes);
         let ids: Vec<String> = (0..200).map(|i| format!("C{i}")).collect();
         for id in &ids {
             assert!(near.offer(document(id, 2_000)));
@@ -323,27 +470,68 @@ mod tests {
     /// `max_bytes / max_entries` each.
     #[test]
     fn the_entry_bound_still_holds_for_small_entries() {
-        let near = NearCache::new(&NearCacheConfig {
-            max_entries: 10,
-            max_bytes: 1 << 30,
-            ttl: Duration::from_secs(600),
-            negative_ttl: Duration::from_secs(5),
-        });
+        let near = bounded(10, 1 << 30);
         for i in 0..100 {
             near.offer(document(&format!("S{i}"), 1));
         }
         assert!(near.len() <= 10, "{} entries", near.len());
     }
 
+    /// An entry is served only for its own id: one stored under another
+    /// id's key (as a hash collision would) reads as a miss, and an offer
+    /// for the right id replaces it.
+    #[test]
+    fn an_entry_under_another_ids_key_is_never_served() {
+        let near = lasting(Duration::from_secs(600), Duration::from_secs(5));
+        let intruder = Held {
+            stored: Stored::new(document("OTHER", 10)),
+            deadline: u64::MAX,
+        };
+        near.entries.insert(near.key_of("MINE"), intruder);
+        assert!(near.get("MINE").is_none());
+        assert!(near.offer(document("MINE", 10)));
+        assert_eq!(
+            near.get("MINE").map(|e| e.customer_id().to_owned()),
+            Some("MINE".into())
+        );
+    }
+
+    /// Expired entries are not counted, and what they weighed is freed.
+    #[test]
+    fn expired_entries_leave_the_count_and_the_weight() {
+        let near = lasting(Duration::from_millis(50), Duration::from_millis(50));
+        for i in 0..10 {
+            assert!(near.offer(document(&format!("E{i}"), 10)));
+        }
+        assert_eq!(near.len(), 10);
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(near.len(), 0);
+        assert_eq!(near.weighted_size(), 0);
+    }
+
+    /// A newer version replaces an older one; an older offer is refused.
+    #[test]
+    fn the_guard_holds_in_the_near_cache() {
+        let near = lasting(Duration::from_secs(600), Duration::from_secs(5));
+        let at = |version: i64| {
+            let json = format!(r#"{{"version":{version}}}"#);
+            Entry::Document(CachedDocument::new("G", version, None, &json))
+        };
+        assert!(near.offer(at(2)));
+        assert!(!near.offer(at(1)));
+        assert!(!near.offer(at(2)));
+        assert_eq!(near.get("G").map(|e| e.version()), Some(2));
+        assert!(near.offer(Entry::tombstone("G", 2)));
+        assert!(!near.offer(at(2)));
+        assert!(near.offer(at(3)));
+        near.settle("G", 4);
+        assert!(near.get("G").is_none());
+    }
+
     /// An absence leaves after the negative TTL; a document stays its TTL.
     #[test]
     fn an_absence_lives_the_negative_ttl() {
-        let near = NearCache::new(&NearCacheConfig {
-            max_entries: 100,
-            max_bytes: 1 << 20,
-            ttl: Duration::from_secs(600),
-            negative_ttl: Duration::from_millis(50),
-        });
+        let near = lasting(Duration::from_secs(600), Duration::from_millis(50));
         assert!(near.offer(Entry::absent("GONE", -1)));
         assert!(near.offer(document("HERE", 10)));
         assert!(matches!(near.get("GONE"), Some(Entry::Absent { .. })));

@@ -38,7 +38,7 @@ impl RefreshAhead {
         if left > self.window {
             return false;
         }
-        match doc.expires_at {
+        match doc.expires_at() {
             None => true,
             Some(at) => (at - Utc::now())
                 .to_std()
@@ -78,15 +78,9 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc as StdArc;
 
-    fn doc(expires_in: Option<chrono::Duration>) -> StdArc<CachedDocument> {
-        StdArc::new(CachedDocument {
-            customer_id: "C1".into(),
-            version: 1,
-            expires_at: expires_in.map(|d| Utc::now() + d),
-            json: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-        })
+    fn doc(expires_in: Option<chrono::Duration>) -> CachedDocument {
+        CachedDocument::new("C1", 1, expires_in.map(|d| Utc::now() + d), "{}")
     }
 
     #[test]

@@ -35,14 +35,14 @@ impl Source {
 
 #[derive(Debug, Clone)]
 pub struct Lookup {
-    pub document: Arc<CachedDocument>,
+    pub document: CachedDocument,
     pub source: Source,
 }
 
 /// The result of a write: the stored document, rendered once.
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
-    pub document: Arc<CachedDocument>,
+    pub document: CachedDocument,
     pub created: bool,
 }
 
@@ -198,7 +198,7 @@ impl TieredStore {
         let _ = self.inner.hot.set(recorder);
     }
 
-    fn record(&self, doc: &Arc<CachedDocument>) {
+    fn record(&self, doc: &CachedDocument) {
         if let Some(hot) = self.inner.hot.get() {
             hot.record(doc);
         }
@@ -416,9 +416,9 @@ impl TieredStore {
         );
     }
 
-    fn served_from_redis(&self, doc: Arc<CachedDocument>, ticket: Option<Ticket>) -> Lookup {
-        self.offer_near(Entry::Document(Arc::clone(&doc)), ticket);
-        tracing::debug!(customer_id = %doc.customer_id, source = "redis", "served");
+    fn served_from_redis(&self, doc: CachedDocument, ticket: Option<Ticket>) -> Lookup {
+        self.offer_near(Entry::Document(doc.clone()), ticket);
+        tracing::debug!(customer_id = %doc.customer_id(), source = "redis", "served");
         Lookup {
             document: doc,
             source: Source::Redis,
@@ -474,17 +474,13 @@ impl TieredStore {
             return Ok(None);
         };
         let document = CachedDocument::from_document(&doc);
-        if document.customer_id == id.as_str() {
-            self.warm(vec![(
-                Entry::Document(Arc::clone(&document)),
-                writer,
-                ticket,
-            )])
-            .await;
+        if document.customer_id() == id.as_str() {
+            self.warm(vec![(Entry::Document(document.clone()), writer, ticket)])
+                .await;
         } else {
             // Its `customer_id` is another customer's: serve it as stored,
             // never cache it (it would land under that customer's key).
-            tracing::warn!(customer_id = %id, stored_customer_id = %document.customer_id, "document's customer_id differs from its _id; not cached");
+            tracing::warn!(customer_id = %id, stored_customer_id = %document.customer_id(), "document's customer_id differs from its _id; not cached");
         }
         tracing::debug!(customer_id = %id, source = "mongodb", "served");
         Ok(Some(Lookup {
@@ -573,11 +569,11 @@ impl TieredStore {
             .filter(|lookup| lookup.source != Source::Local)
             .filter(|lookup| {
                 self.near()
-                    .and_then(|near| near.get(&lookup.document.customer_id))
+                    .and_then(|near| near.get(lookup.document.customer_id()))
                     .and_then(|entry| {
                         entry
                             .document()
-                            .map(|doc| Arc::ptr_eq(doc, &lookup.document))
+                            .map(|doc| doc.is_same_copy(&lookup.document))
                     })
                     .unwrap_or(self.near().is_none())
             })
@@ -666,7 +662,7 @@ impl TieredStore {
                     Some(doc) => {
                         let document = CachedDocument::from_document(&doc);
                         fills.push((
-                            Entry::Document(Arc::clone(&document)),
+                            Entry::Document(document.clone()),
                             pending.writer,
                             pending.ticket,
                         ));
@@ -749,7 +745,7 @@ impl TieredStore {
                     // What was written is the truth as of the write: the near
                     // cache's ticket is taken when the fill begins.
                     let ticket = self.ticket(&o.document.customer_id);
-                    fills.push((Entry::Document(Arc::clone(&document)), writer, ticket));
+                    fills.push((Entry::Document(document.clone()), writer, ticket));
                     Ok(WriteOutcome {
                         document,
                         created: o.created,

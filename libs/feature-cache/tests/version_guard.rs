@@ -459,7 +459,7 @@ async fn a_slow_readers_fill_never_overwrites_a_newer_write_or_a_delete() {
     tiers.upsert(&write(&id, 1)).await.unwrap();
     let v1 = store.get(&id).await.unwrap().unwrap(); // the slow reader's copy
     let v2 = tiers.upsert(&write(&id, 2)).await.unwrap().document;
-    assert!(v2.version > v1.version);
+    assert!(v2.version() > v1.version);
 
     let stale = Entry::Document(CachedDocument::from_document(&v1));
     assert!(
@@ -471,7 +471,7 @@ async fn a_slow_readers_fill_never_overwrites_a_newer_write_or_a_delete() {
         "near cache refuses v1 after v2"
     );
     let served = tiers.get(&id).await.unwrap().unwrap();
-    assert_eq!(served.document.version, v2.version);
+    assert_eq!(served.document.version(), v2.version());
 
     let v2_doc = store.get(&id).await.unwrap().unwrap();
     assert!(tiers.delete(&id).await.unwrap());
@@ -488,12 +488,12 @@ async fn a_slow_readers_fill_never_overwrites_a_newer_write_or_a_delete() {
 
     let v3 = tiers.upsert(&write(&id, 3)).await.unwrap().document;
     assert!(
-        v3.version > v2_doc.version,
+        v3.version() > v2_doc.version,
         "re-creation gets a larger version than any before"
     );
     assert_eq!(
-        tiers.get(&id).await.unwrap().unwrap().document.version,
-        v3.version
+        tiers.get(&id).await.unwrap().unwrap().document.version(),
+        v3.version()
     );
 }
 
@@ -565,7 +565,7 @@ async fn concurrent_readers_and_writer_leave_the_latest_version_cached() {
             );
         }
         assert_eq!(
-            tiers.get(&id).await.unwrap().unwrap().document.version,
+            tiers.get(&id).await.unwrap().unwrap().document.version(),
             latest
         );
     }

@@ -159,7 +159,7 @@ async fn sampled_reads_reach_the_record() {
     task.await.unwrap();
 }
 
-fn document(id: &str, version: i64) -> std::sync::Arc<CachedDocument> {
+fn document(id: &str, version: i64) -> CachedDocument {
     let doc: FeatureDocument = serde_json::from_value(json!({
         "version": version,
         "customer_id": id,

@@ -54,7 +54,7 @@ impl From<&Entry> for EntryView {
     fn from(entry: &Entry) -> Self {
         let (kind, document) = match entry {
             // The rendered JSON was serialized from a document: it parses.
-            Entry::Document(doc) => ("document", serde_json::from_str(doc.json.get()).ok()),
+            Entry::Document(doc) => ("document", serde_json::from_slice(doc.json_bytes()).ok()),
             Entry::Tombstone { .. } => ("tombstone", None),
             Entry::Floor { .. } => ("floor", None),
             Entry::Absent { .. } => ("absent", None),
@@ -112,16 +112,13 @@ mod tests {
     use serde_json::json;
 
     fn document(version: i64) -> Entry {
-        let doc: feature_cache::CachedDocument = feature_cache::CachedDocument {
-            customer_id: "C1".into(),
+        let json = json!({"version": version, "customer_id": "C1", "features": {"a": 1}});
+        Entry::Document(feature_cache::CachedDocument::new(
+            "C1",
             version,
-            expires_at: None,
-            json: serde_json::value::to_raw_value(
-                &json!({"version": version, "customer_id": "C1", "features": {"a": 1}}),
-            )
-            .unwrap(),
-        };
-        Entry::Document(std::sync::Arc::new(doc))
+            None,
+            &json.to_string(),
+        ))
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum Plan {
     /// Refresh Redis with the document through the version guard, then
     /// announce `op`.
     Refresh {
-        document: Arc<CachedDocument>,
+        document: CachedDocument,
         op: Op,
         traceparent: Option<String>,
     },
@@ -382,7 +382,7 @@ impl Apply {
             .iter()
             .filter_map(|plan| match plan {
                 Plan::Refresh { document, .. } => {
-                    Some((Entry::Document(Arc::clone(document)), Writer::Ordered))
+                    Some((Entry::Document(document.clone()), Writer::Ordered))
                 }
                 _ => None,
             })
@@ -409,7 +409,7 @@ impl Apply {
                     let removed = match offers.next() {
                         Some(Offer::Refused {
                             holds: Some(cached),
-                        }) => self.above_the_store(&document.customer_id, cached).await?,
+                        }) => self.above_the_store(document.customer_id(), cached).await?,
                         _ => Removed::No,
                     };
                     let stamp = match removed {
@@ -417,9 +417,9 @@ impl Apply {
                         Removed::No => None,
                     };
                     planned.push((
-                        document.customer_id.as_str(),
+                        document.customer_id(),
                         *op,
-                        document.version,
+                        document.version(),
                         removed == Removed::No,
                         stamp,
                         traceparent.clone(),
@@ -851,7 +851,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((document.version, op), (5, Op::Update));
+        assert_eq!((document.version(), op), (5, Op::Update));
         assert!(traceparent.is_some());
     }
 

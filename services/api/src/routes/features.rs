@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use utoipa::ToSchema;
 
 /// Most items in one bulk write or batch read.
@@ -261,7 +260,7 @@ pub async fn bulk_create(
                 } else {
                     "updated"
                 },
-                version: Some(outcome.document.version),
+                version: Some(outcome.document.version()),
                 error: None,
             },
             Err(err) => BulkItemResult {
@@ -340,14 +339,19 @@ pub async fn batch_get(
     for chunk in ids.chunks(BATCH_CHUNK) {
         let (found, missing) = state.tiers.get_many(chunk).await?;
         for lookup in found {
-            bytes = bytes.saturating_add(lookup.document.json.get().len());
+            bytes = bytes.saturating_add(lookup.document.json_bytes().len());
             if bytes > limit {
                 return Err(ApiError::BatchTooLarge(limit));
             }
-            response.found.insert(
-                lookup.document.customer_id.clone(),
-                lookup.document.json.clone(),
-            );
+            let id = lookup.document.customer_id().to_owned();
+            // Every tier checked the JSON it holds; should it not parse, the
+            // document is reported missing rather than sent broken.
+            match RawValue::from_string(lookup.document.json().to_owned()) {
+                Ok(json) => {
+                    response.found.insert(id, json);
+                }
+                Err(_) => response.missing.push(id),
+            }
         }
         response
             .missing
@@ -356,14 +360,14 @@ pub async fn batch_get(
     Ok(axum::Json(response).into_response())
 }
 
-fn document_response(status: StatusCode, document: &Arc<CachedDocument>) -> Response {
+fn document_response(status: StatusCode, document: &CachedDocument) -> Response {
     (
         status,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        document.json.get().to_owned(),
+        document.json().to_owned(),
     )
         .into_response()
 }

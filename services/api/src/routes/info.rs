@@ -28,7 +28,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
         "instance_id": s.instance_id,
         "strategy": "read-through near cache -> Redis -> MongoDB; write-through with version guard",
         "tiers": [
-            {"name": "local", "kind": "in-process (moka)", "enabled": near.is_some(),
+            {"name": "local", "kind": "in-process (quick_cache)", "enabled": near.is_some(),
              "max_entries": s.local_cache_max_entries, "ttl_ms": s.local_cache_ttl.as_millis() as u64,
              "entries": near.map(|n| n.len())},
             {"name": "redis", "key": "features:{customer_id}", "ttl_seconds": s.redis_ttl.as_secs(),
