@@ -12,6 +12,9 @@ use tokio::sync::watch;
 /// invalidation rarely refuses an unrelated fill, few enough to stay small.
 const STRIPES: usize = 4096;
 
+/// How often at most expired entries are swept out for the count.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// How big the near cache may grow and how long an entry may stay.
 #[derive(Debug, Clone, Copy)]
 pub struct NearCacheConfig {
@@ -155,6 +158,10 @@ pub struct NearCache {
     born: Instant,
     ttl: u64,
     negative_ttl: u64,
+    /// When expired entries were last swept out (ns after `born`), and how
+    /// often at most: a sweep scans every shard under its write lock.
+    last_sweep: AtomicU64,
+    sweep_every: u64,
     epoch: AtomicU64,
     stripes: Box<[Stripe]>,
     /// How many flushes there were, for whoever refills after one.
@@ -206,12 +213,15 @@ impl NearCache {
             ),
         };
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let negative_ttl = config.negative_ttl.min(config.ttl);
         Self {
             entries,
             hasher: foldhash::fast::RandomState::default(),
             born: Instant::now(),
             ttl: nanos(config.ttl),
-            negative_ttl: nanos(config.negative_ttl.min(config.ttl)),
+            negative_ttl: nanos(negative_ttl),
+            last_sweep: AtomicU64::new(0),
+            sweep_every: nanos(negative_ttl.min(SWEEP_EVERY)),
             epoch: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             flushes: watch::Sender::new(0),
@@ -346,14 +356,15 @@ impl NearCache {
         self.flushes.subscribe()
     }
 
-    /// How many entries are held, after expired ones were dropped.
+    /// How many entries are held; expired ones leave the count within
+    /// [`SWEEP_EVERY`] (or the negative TTL, if shorter).
     pub fn len(&self) -> u64 {
         self.drop_all_expired();
         self.entries.len() as u64
     }
 
-    /// What the entries weigh together (at least [`weight`] each), after
-    /// expired ones were dropped.
+    /// What the entries weigh together (at least [`weight`] each); expired
+    /// ones leave it as they leave [`NearCache::len`].
     pub fn weighted_size(&self) -> u64 {
         self.drop_all_expired();
         self.entries.weight()
@@ -396,8 +407,19 @@ impl NearCache {
         }
     }
 
+    /// Sweeps expired entries out, unless a sweep ran within `sweep_every`
+    /// (the metrics scrape and the heartbeat both ask for the count).
     fn drop_all_expired(&self) {
         let now = self.now();
+        let last = self.last_sweep.load(Ordering::Acquire);
+        if now.saturating_sub(last) < self.sweep_every
+            || self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
         let before = self.entries.len();
         self.entries.retain(|_, held| held.deadline > now);
         let dropped = before.saturating_sub(self.entries.len()) as u64;
