@@ -62,11 +62,11 @@ impl CachedDocument {
     }
 
     pub fn version(&self) -> i64 {
-        i64::from_le_bytes(self.word(VERSION_AT))
+        i64::from_le_bytes(self.field(VERSION_AT))
     }
 
     pub fn expires_at(&self) -> Option<DateTime<Utc>> {
-        match i64::from_le_bytes(self.word(EXPIRES_AT)) {
+        match i64::from_le_bytes(self.field(EXPIRES_AT)) {
             NEVER => None,
             micros => DateTime::from_timestamp_micros(micros),
         }
@@ -115,20 +115,18 @@ impl CachedDocument {
         body
     }
 
-    fn word(&self, at: usize) -> [u8; 8] {
-        let mut word = [0; 8];
-        if let Some(bytes) = self.bytes.get(at..at + 8) {
-            word.copy_from_slice(bytes);
+    /// The header's `N` bytes at `at` (zeros past the end, which `new`
+    /// never leaves).
+    fn field<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut field = [0; N];
+        if let Some(bytes) = self.bytes.get(at..at + N) {
+            field.copy_from_slice(bytes);
         }
-        word
+        field
     }
 
     fn id_len(&self) -> usize {
-        let mut len = [0; 2];
-        if let Some(bytes) = self.bytes.get(ID_LEN_AT..ID_AT) {
-            len.copy_from_slice(bytes);
-        }
-        usize::from(u16::from_le_bytes(len))
+        usize::from(u16::from_le_bytes(self.field(ID_LEN_AT)))
     }
 
     fn json_at(&self) -> usize {

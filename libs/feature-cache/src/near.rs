@@ -37,6 +37,10 @@ pub fn weight(key: &str, entry: &Entry) -> u64 {
         Entry::Document(doc) => document_bytes(doc),
         marker => marker.customer_id().len(),
     };
+    weigh(key, body)
+}
+
+fn weigh(key: &str, body: usize) -> u64 {
     (key.len() + body) as u64 + ENTRY_OVERHEAD
 }
 
@@ -44,14 +48,20 @@ fn document_bytes(doc: &CachedDocument) -> usize {
     doc.json_bytes().len() + doc.customer_id().len()
 }
 
-/// What the near cache keeps for one key, in two words: documents (nearly
-/// every entry) as their shared `Arc`, the small markers behind one of
-/// their own, and when the entry leaves.
+/// What the near cache keeps for one key, in three words: documents
+/// (nearly every entry) as their shared allocation, the small markers behind
+/// an `Arc` of their own, and when the entry leaves.
 #[derive(Clone)]
 struct Held {
     stored: Stored,
     /// Nanoseconds after the cache's `born`.
     deadline: u64,
+}
+
+impl Held {
+    fn is_expired(&self, now: u64) -> bool {
+        self.deadline <= now
+    }
 }
 
 #[derive(Clone)]
@@ -99,9 +109,7 @@ struct Weigh {
 impl Weighter<u64, Held> for Weigh {
     fn weight(&self, _key: &u64, held: &Held) -> u64 {
         let weight = match &held.stored {
-            Stored::Document(doc) => {
-                (doc.customer_id().len() + document_bytes(doc)) as u64 + ENTRY_OVERHEAD
-            }
+            Stored::Document(doc) => weigh(doc.customer_id(), document_bytes(doc)),
             Stored::Marker(marker) => weight(marker.customer_id(), marker),
         };
         weight.max(self.min)
@@ -235,8 +243,9 @@ impl NearCache {
         if !held.stored.is_of(customer_id) {
             return None;
         }
-        if held.deadline <= self.now() {
-            self.drop_expired(key);
+        let now = self.now();
+        if held.is_expired(now) {
+            self.drop_expired(key, now);
             return None;
         }
         Some(held.stored.into_entry())
@@ -271,7 +280,7 @@ impl NearCache {
         // What is held yields if it is another id's, expired, or older.
         let yields = |current: &Held| {
             !current.stored.is_of(entry.customer_id())
-                || current.deadline <= now
+                || current.is_expired(now)
                 || entry.supersedes(&current.stored.entry())
         };
         let mut offered = Some(Held {
@@ -396,11 +405,10 @@ impl NearCache {
         u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn drop_expired(&self, key: u64) {
-        let now = self.now();
+    fn drop_expired(&self, key: u64, now: u64) {
         if self
             .entries
-            .remove_if(&key, |held| held.deadline <= now)
+            .remove_if(&key, |held| held.is_expired(now))
             .is_some()
         {
             record_evictions("expired", 1);
@@ -421,7 +429,7 @@ impl NearCache {
             return;
         }
         let before = self.entries.len();
-        self.entries.retain(|_, held| held.deadline > now);
+        self.entries.retain(|_, held| !held.is_expired(now));
         let dropped = before.saturating_sub(self.entries.len()) as u64;
         if dropped > 0 {
             record_evictions("expired", dropped);
