@@ -131,17 +131,34 @@ impl JwtVerifier {
         Ok(verifier)
     }
 
-    /// Checks a token: signature by a key of the set, `exp`, `iss`, `aud`, `sub`.
+    /// Checks a token: signature by a key of the set, `exp`, `iss`, `aud`,
+    /// `sub`. A token naming a key the set lacks fetches the set again first
+    /// (at most once per `UNKNOWN_KID_REFRESH_MIN`).
     pub async fn verify(&self, token: &str) -> Result<TokenPrincipal, TokenError> {
+        if let Some(verdict) = self.verify_now(token) {
+            return verdict;
+        }
+        self.refresh_for_unknown_kid().await;
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
-        let key = match self.key_for(header.kid.as_deref()) {
-            Some(key) => key,
-            None => {
-                self.refresh_for_unknown_kid().await;
-                self.key_for(header.kid.as_deref())
-                    .ok_or(TokenError::Invalid)?
-            }
+        let key = self
+            .key_for(header.kid.as_deref())
+            .ok_or(TokenError::Invalid)?;
+        Self::check(token, &key)
+    }
+
+    /// [`verify`](Self::verify)'s verdict when the set in force decides it;
+    /// `None` when the token names a key the set lacks (only `verify` may
+    /// fetch the set again).
+    pub fn verify_now(&self, token: &str) -> Option<Result<TokenPrincipal, TokenError>> {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Some(Err(TokenError::Invalid));
         };
+        let key = self.key_for(header.kid.as_deref())?;
+        Some(Self::check(token, &key))
+    }
+
+    /// The token checked against `key`.
+    fn check(token: &str, key: &VerifyingKey) -> Result<TokenPrincipal, TokenError> {
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(|err| {
                 match err.kind() {

@@ -230,32 +230,42 @@ impl Access {
     /// credentials are configured. Denials are not counted here (a caller
     /// may still turn one into a 429).
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Denial> {
+        match self.authenticate_now(headers) {
+            Some(verdict) => verdict,
+            // Only a JWT naming a key not loaded yet gets here.
+            None => match self.auth.as_ref().and_then(|auth| auth.jwt.as_ref()) {
+                Some(jwt) => token_principal(jwt.verify(presented_credentials(headers)?).await),
+                None => Err(Denial::Invalid),
+            },
+        }
+    }
+
+    /// [`authenticate`](Self::authenticate)'s verdict when it needs no I/O;
+    /// `None` when it must wait (a JWT naming a key the service has not
+    /// loaded: the key set is fetched again).
+    pub fn authenticate_now(&self, headers: &HeaderMap) -> Option<Result<Principal, Denial>> {
         let Some(auth) = &self.auth else {
-            return Ok(Principal {
+            return Some(Ok(Principal {
                 identity: Identity::Anonymous,
                 scopes: Scopes::ALL,
-            });
+            }));
         };
-        let presented = presented_credentials(headers)?;
+        let presented = match presented_credentials(headers) {
+            Ok(presented) => presented,
+            Err(denial) => return Some(Err(denial)),
+        };
         if let Some(entry) = auth.keys.current().find(presented.as_bytes()) {
-            return Ok(Principal {
+            return Some(Ok(Principal {
                 identity: Identity::Key(entry.name.clone()),
                 scopes: entry.scopes,
-            });
+            }));
         }
         match &auth.jwt {
             // A JWT is three base64url parts; anything else was meant as a key.
             Some(jwt) if presented.bytes().filter(|b| *b == b'.').count() == 2 => {
-                match jwt.verify(presented).await {
-                    Ok(token) => Ok(Principal {
-                        identity: Identity::Subject(token.subject),
-                        scopes: token.scopes,
-                    }),
-                    Err(TokenError::Expired) => Err(Denial::Expired),
-                    Err(TokenError::Invalid) => Err(Denial::Invalid),
-                }
+                jwt.verify_now(presented).map(token_principal)
             }
-            _ => Err(Denial::Invalid),
+            _ => Some(Err(Denial::Invalid)),
         }
     }
 
@@ -338,6 +348,18 @@ impl Access {
 pub struct Overloaded;
 
 /// The presented secret: `Authorization: Bearer …` first, then `X-API-Key`.
+/// A checked token's principal, or why it is refused.
+fn token_principal(verdict: Result<jwt::TokenPrincipal, TokenError>) -> Result<Principal, Denial> {
+    match verdict {
+        Ok(token) => Ok(Principal {
+            identity: Identity::Subject(token.subject),
+            scopes: token.scopes,
+        }),
+        Err(TokenError::Expired) => Err(Denial::Expired),
+        Err(TokenError::Invalid) => Err(Denial::Invalid),
+    }
+}
+
 fn presented_credentials(headers: &HeaderMap) -> Result<&str, Denial> {
     if let Some(value) = headers.get(AUTHORIZATION) {
         let value = value.to_str().map_err(|_| Denial::Invalid)?;

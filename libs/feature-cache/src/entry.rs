@@ -102,16 +102,22 @@ impl CachedDocument {
     /// The response body: the document plus the tier that answered, appended
     /// to the rendered JSON without parsing it again.
     pub fn body_with_source(&self, source: &str) -> Vec<u8> {
+        const KEY: &[u8] = b"\"source\":\"";
         let json = self.json_bytes();
         let open = json.strip_suffix(b"}").unwrap_or(json);
-        let mut body = Vec::with_capacity(json.len() + 32);
+        let comma = open.len() > 1;
+        // Exactly as long as it will be: `Bytes` takes a full vector over
+        // without allocating again.
+        let len = open.len() + usize::from(comma) + KEY.len() + source.len() + 2;
+        let mut body = Vec::with_capacity(len);
         body.extend_from_slice(open);
-        if open.len() > 1 {
+        if comma {
             body.push(b',');
         }
-        body.extend_from_slice(b"\"source\":\"");
+        body.extend_from_slice(KEY);
         body.extend_from_slice(source.as_bytes());
         body.extend_from_slice(b"\"}");
+        debug_assert_eq!(body.len(), len);
         body
     }
 
@@ -429,5 +435,9 @@ pub(crate) mod tests {
         assert_eq!(body["source"], "redis");
         assert_eq!(body["version"], 3);
         assert_eq!(body["features"]["score"], 1);
+        let empty = CachedDocument::new("C-2", 1, None, "{}").body_with_source("local");
+        assert_eq!(empty, br#"{"source":"local"}"#);
+        // Allocated to its length: no second allocation on the way out.
+        assert_eq!(empty.capacity(), empty.len());
     }
 }

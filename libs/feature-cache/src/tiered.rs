@@ -230,6 +230,35 @@ impl TieredStore {
         &self.inner.store
     }
 
+    /// The near cache's fresh document for `id` (a valid customer id), if
+    /// it holds one, counted as the near hit [`get`](Self::get) would count;
+    /// otherwise `None`, and nothing counted: the caller then asks `get`.
+    /// For answering near hits before anything else is set up for a request.
+    pub fn near_hit(&self, id: &str) -> Option<CachedDocument> {
+        let near = self.inner.near.as_ref()?;
+        match near.get(id) {
+            Some(Entry::Document(doc)) if !doc.is_expired(Utc::now()) => {
+                let _span =
+                    tracing::info_span!("near_cache.get", cache.tier = "local", cache.hit = true)
+                        .entered();
+                self.served_from_near(&doc);
+                Some(doc)
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts and records a document the near cache answered with.
+    fn served_from_near(&self, doc: &CachedDocument) {
+        self.inner.counters.local_hit.increment(1);
+        self.inner
+            .counters
+            .near_hits
+            .fetch_add(1, Ordering::Relaxed);
+        self.record(doc);
+        tracing::debug!(customer_id = doc.customer_id(), source = "local", "served");
+    }
+
     /// One customer's document from the nearest tier that has it.
     pub async fn get(&self, id: &CustomerId) -> LoadResult {
         if let Some(near) = &self.inner.near {
@@ -242,13 +271,7 @@ impl TieredStore {
             match near.get(id.as_str()) {
                 Some(Entry::Document(doc)) if !doc.is_expired(Utc::now()) => {
                     span.record("cache.hit", true);
-                    self.inner.counters.local_hit.increment(1);
-                    self.inner
-                        .counters
-                        .near_hits
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.record(&doc);
-                    tracing::debug!(customer_id = %id, source = "local", "served");
+                    self.served_from_near(&doc);
                     return Ok(Some(Lookup {
                         document: doc,
                         source: Source::Local,

@@ -19,16 +19,20 @@ impl CustomerId {
     pub const MAX_LEN: usize = 128;
 
     pub fn parse(raw: &str) -> Result<Self, InvalidCustomerId> {
-        let valid = !raw.is_empty()
-            && raw.len() <= Self::MAX_LEN
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-        if valid {
+        if Self::is_valid(raw) {
             Ok(Self(Arc::from(raw)))
         } else {
             Err(InvalidCustomerId)
         }
+    }
+
+    /// Whether `raw` is a customer id: 1–128 characters of `[A-Za-z0-9_.:-]`.
+    pub fn is_valid(raw: &str) -> bool {
+        !raw.is_empty()
+            && raw.len() <= Self::MAX_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
     }
 
     pub fn as_str(&self) -> &str {

@@ -60,7 +60,44 @@ pub async fn admit(
     let permit = access
         .try_enter()
         .map_err(|access::Overloaded| ApiError::Overloaded.into_response())?;
-    let principal = match access.authenticate(headers).await {
+    let principal = access.authenticate(headers).await;
+    match decide(access, principal, scope, route, client) {
+        Ok(()) => Ok(permit),
+        Err(refusal) => Err(refusal.into_response()),
+    }
+}
+
+/// [`admit`]'s verdict when it needs no waiting (see
+/// [`Access::authenticate_now`]); `None`, with nothing taken or charged,
+/// when it would wait.
+pub fn admit_now(
+    access: &Access,
+    route: Option<&str>,
+    method: &Method,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Option<Result<Option<OwnedSemaphorePermit>, Response>> {
+    let Some(scope) = required_scope(method, route) else {
+        return Some(Ok(None));
+    };
+    let principal = access.authenticate_now(headers)?;
+    let verdict = match access.try_enter() {
+        Ok(permit) => decide(access, principal, scope, route, client).map(|()| permit),
+        Err(access::Overloaded) => Err(ApiError::Overloaded),
+    };
+    Some(verdict.map_err(IntoResponse::into_response))
+}
+
+/// The rest of admission once the caller is known (or refused): the
+/// scope, then the principal's rate limit.
+fn decide(
+    access: &Access,
+    principal: Result<access::Principal, Denial>,
+    scope: Scope,
+    route: Option<&str>,
+    client: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    let principal = match principal {
         Ok(principal) => principal,
         Err(denial) => {
             // Failed attempts count against the client's address, so that
@@ -68,7 +105,7 @@ pub async fn admit(
             if let Err(secs) = access.check_rate(&access::RateKey::Ip(
                 client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             )) {
-                return Err(ApiError::RateLimited(secs).into_response());
+                return Err(ApiError::RateLimited(secs));
             }
             denial.count();
             tracing::debug!(
@@ -76,19 +113,19 @@ pub async fn admit(
                 route = route.unwrap_or_default(),
                 "request denied"
             );
-            return Err(ApiError::Unauthorized(denial).into_response());
+            return Err(ApiError::Unauthorized(denial));
         }
     };
     if !principal.scopes.contains(scope) {
         let denial = Denial::Scope(scope);
         denial.count();
         tracing::debug!(reason = denial.reason(), principal = principal.name(), scope = %scope, "request denied");
-        return Err(ApiError::Forbidden(scope).into_response());
+        return Err(ApiError::Forbidden(scope));
     }
     if let Err(secs) = access.check_rate(&principal.rate_key(client)) {
-        return Err(ApiError::RateLimited(secs).into_response());
+        return Err(ApiError::RateLimited(secs));
     }
-    Ok(permit)
+    Ok(())
 }
 
 #[cfg(test)]

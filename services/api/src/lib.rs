@@ -14,12 +14,15 @@
 //! - [`middleware`]: the one layer around every route: per-request span
 //!   (continuing the caller's trace), metrics, the `traceparent` response
 //!   header, admission, the request deadline.
+//! - [`fast_path`]: near-cache hits of one customer's document, answered
+//!   before the router with what the router would answer.
 //!
 //! The cache logic itself lives in `feature-cache`; this crate is wiring.
 
 pub mod admission;
 pub mod error;
 pub mod extract;
+pub mod fast_path;
 pub mod middleware;
 pub mod routes;
 pub mod server;

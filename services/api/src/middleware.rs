@@ -12,12 +12,16 @@
 //! One hand-written layer rather than three `from_fn` middlewares: each of
 //! those cloned the route's boxed service and boxed a future per request; this
 //! one boxes one future, and clones the route only when admission has to wait.
+//!
+//! A request the fast path ([`crate::fast_path`]) looked at first carries
+//! what it did ([`Prepared`]): its span and admission are then not made
+//! again. Its answers go out through [`observe`], as the layer's do.
 
 use crate::admission;
 use crate::error::ApiError;
 use access::Access;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use metrics::{Counter, Histogram};
@@ -27,6 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -37,7 +42,7 @@ pub struct RequestLayer {
 }
 
 struct Shared {
-    metrics: RequestMetrics,
+    metrics: Arc<RequestMetrics>,
     /// `None` in open mode (no credentials, no limits): requests then skip
     /// admission altogether.
     access: Option<Arc<Access>>,
@@ -45,16 +50,29 @@ struct Shared {
 }
 
 impl RequestLayer {
-    pub fn new(access: Arc<Access>, deadline: Duration) -> Self {
+    /// `metrics` is shared with whatever answers requests before the router
+    /// ([`crate::fast_path`]).
+    pub fn new(access: Arc<Access>, deadline: Duration, metrics: Arc<RequestMetrics>) -> Self {
         let access = (!access.is_open()).then_some(access);
         Self {
             shared: Arc::new(Shared {
-                metrics: RequestMetrics::default(),
+                metrics,
                 access,
                 deadline,
             }),
         }
     }
+}
+
+/// What was done for a request before the router ([`crate::fast_path`]),
+/// handed to this layer in the request's extensions so that it is not done
+/// twice: the server span, when the request began, and admission (its
+/// place under `MAX_CONCURRENT_REQUESTS`, when one was taken).
+#[derive(Clone)]
+pub struct Prepared {
+    pub span: tracing::Span,
+    pub started: Instant,
+    pub permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl<S> Layer<S> for RequestLayer {
@@ -88,18 +106,31 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
-        let started = Instant::now();
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let shared = Arc::clone(&self.shared);
         let method = request.method().clone();
         let route = request.extensions().get::<MatchedPath>().cloned();
-        let span = request_span(&method, route.as_ref(), &request);
+        let prepared = request.extensions_mut().remove::<Prepared>();
+        let (span, started, permit) = match prepared {
+            Some(Prepared {
+                span,
+                started,
+                permit,
+            }) => (span, started, Some(permit)),
+            None => {
+                let route = route.as_ref().map(MatchedPath::as_str);
+                let span = request_span(&method, route, request.uri().path(), request.headers());
+                (span, Instant::now(), None)
+            }
+        };
         let deadline = shared.deadline;
-        let work = match &shared.access {
+        let work = match (&shared.access, permit) {
             // The inner service is ready (`poll_ready` above): calling it now
             // spares a clone of it.
-            None => Work::Admitted(self.inner.call(request)),
-            Some(access) => {
+            (None, _) => Work::Admitted(self.inner.call(request), None),
+            // Admitted before the router.
+            (Some(_), Some(permit)) => Work::Admitted(self.inner.call(request), permit),
+            (Some(access), None) => {
                 // Admission may wait (a JWT's keys): the ready service goes
                 // with the request, a clone stays for the next one.
                 let clone = self.inner.clone();
@@ -110,7 +141,8 @@ where
         Box::pin(async move {
             let served = async {
                 match work {
-                    Work::Admitted(future) => within(deadline, future).await,
+                    // The permit is held until the response is produced.
+                    Work::Admitted(future, _permit) => within(deadline, future).await,
                     Work::Admit(access, mut inner, request) => {
                         let route = route.as_ref().map(MatchedPath::as_str);
                         let client = client_ip(&request);
@@ -126,20 +158,39 @@ where
                 }
             };
             let mut response = served.instrument(span.clone()).await;
-            let status = response.status().as_u16();
-            span.record("http.response.status_code", status);
-            if let Some(traceparent) = telemetry::propagation::traceparent_of(&span)
-                && let Ok(value) = HeaderValue::from_str(&traceparent)
-            {
-                response.headers_mut().insert("traceparent", value);
-            }
-            let route = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
-            shared
-                .metrics
-                .record(&method, route, status, started.elapsed().as_secs_f64());
+            let route = route.as_ref().map(MatchedPath::as_str);
+            observe(
+                &mut response,
+                &span,
+                &shared.metrics,
+                &method,
+                route,
+                started,
+            );
             Ok(response)
         })
     }
+}
+
+/// What every answer goes out with: its status in the request's span, the
+/// span's `traceparent` header, and the request metrics.
+pub fn observe(
+    response: &mut Response,
+    span: &tracing::Span,
+    metrics: &RequestMetrics,
+    method: &Method,
+    route: Option<&str>,
+    started: Instant,
+) {
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if let Some(traceparent) = telemetry::propagation::traceparent_of(span)
+        && let Ok(value) = HeaderValue::from_str(&traceparent)
+    {
+        response.headers_mut().insert("traceparent", value);
+    }
+    let route = route.unwrap_or(UNMATCHED);
+    metrics.record(method, route, status, started.elapsed().as_secs_f64());
 }
 
 /// What a request still has to go through. It lives in the request's one
@@ -147,8 +198,9 @@ where
 /// request here would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Work<F, S> {
-    /// Open mode: the route's future, already made.
-    Admitted(F),
+    /// Open mode, or admitted before the router: the route's future,
+    /// already made (and the permit admission gave, if any).
+    Admitted(F, Option<Arc<OwnedSemaphorePermit>>),
     /// Admission first, then the route.
     Admit(Arc<Access>, S, Request),
 }
@@ -165,11 +217,17 @@ where
     }
 }
 
-/// The server span of one request. What the client chose goes into it
-/// bounded: the method as one of the standard ones or `_OTHER` (as
+/// The server span of one request to `route` (`None`: no route matched),
+/// continuing the caller's trace from `headers`. What the client chose goes
+/// into it bounded: the method as one of the standard ones or `_OTHER` (as
 /// OpenTelemetry's conventions say), the path cut to a length.
-fn request_span(method: &Method, route: Option<&MatchedPath>, request: &Request) -> tracing::Span {
-    let route = route.map_or(UNMATCHED, MatchedPath::as_str);
+pub fn request_span(
+    method: &Method,
+    route: Option<&str>,
+    path: &str,
+    headers: &HeaderMap,
+) -> tracing::Span {
+    let route = route.unwrap_or(UNMATCHED);
     let method_label = if is_standard(method) {
         method.as_str()
     } else {
@@ -181,10 +239,10 @@ fn request_span(method: &Method, route: Option<&MatchedPath>, request: &Request)
         otel.kind = "server",
         http.request.method = method_label,
         http.route = %route,
-        url.path = truncated(request.uri().path(), MAX_ATTRIBUTE_CHARS),
+        url.path = truncated(path, MAX_ATTRIBUTE_CHARS),
         http.response.status_code = tracing::field::Empty,
     );
-    telemetry::propagation::continue_from_headers(&span, request.headers());
+    telemetry::propagation::continue_from_headers(&span, headers);
     span
 }
 
@@ -235,7 +293,7 @@ impl RequestHandles {
 }
 
 impl RequestMetrics {
-    fn record(&self, method: &Method, route: &str, status: u16, seconds: f64) {
+    pub fn record(&self, method: &Method, route: &str, status: u16, seconds: f64) {
         // Methods outside the standard set share one label, so that clients
         // cannot grow the table (or the metrics) without bound.
         let method = if is_standard(method) {

@@ -20,8 +20,10 @@
 //! The per-request deadline (`HTTP_REQUEST_TIMEOUT_MS`) is part of
 //! [`crate::middleware::RequestLayer`], so its answer is the API's JSON error.
 
+use crate::fast_path::{Answer, FastPath};
 use axum::Router;
 use axum::extract::{ConnectInfo, Request};
+use futures::future::{self, Either};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -60,12 +62,20 @@ impl ServerLimits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then drains
+/// What answers requests: the router, and before it the near hits' fast
+/// path (when there is a near cache).
+#[derive(Clone)]
+pub struct Service {
+    pub router: Router,
+    pub fast_path: Option<Arc<FastPath>>,
+}
+
+/// Serves `service` on `listener` until `shutdown` is cancelled, then drains
 /// (see the module's documentation). Returns once every connection closed
 /// or the grace passed.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    service: Service,
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) {
@@ -102,10 +112,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let builder = Arc::clone(&builder);
-        let router = router.clone();
+        let service = service.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            serve_connection(&builder, stream, peer, router, limits, shutdown).await;
+            serve_connection(&builder, stream, peer, service, limits, shutdown).await;
             drop(permit);
         });
     }
@@ -134,7 +144,7 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     stream: TcpStream,
     peer: SocketAddr,
-    router: Router,
+    service: Service,
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) {
@@ -143,19 +153,38 @@ async fn serve_connection(
         inner: stream,
         activity: Arc::clone(&activity),
     });
+    let Service { router, fast_path } = service;
     let service = {
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let busy = activity.begin();
+            let prepared = match &fast_path {
+                Some(fast_path) => {
+                    let (method, uri, headers) =
+                        (request.method(), request.uri(), request.headers());
+                    match fast_path.answer(method, uri, headers, peer.ip()) {
+                        Answer::Served(response) => {
+                            drop(busy);
+                            return Either::Left(future::ready(Ok(response)));
+                        }
+                        Answer::Router(prepared) => prepared,
+                    }
+                }
+                None => None,
+            };
+            let extensions = request.extensions_mut();
             // The client's address, for whoever needs it (as
             // `into_make_service_with_connect_info` would give it).
-            request.extensions_mut().insert(ConnectInfo(peer));
-            let busy = activity.begin();
+            extensions.insert(ConnectInfo(peer));
+            if let Some(prepared) = prepared {
+                extensions.insert(prepared);
+            }
             let router = router.clone();
-            async move {
+            Either::Right(async move {
                 let response = router.oneshot(request).await;
                 drop(busy);
                 response
-            }
+            })
         })
     };
     let connection = builder.serve_connection(io, service);

@@ -1,10 +1,10 @@
-use crate::middleware::RequestLayer;
+use crate::fast_path::FastPath;
+use crate::middleware::{RequestLayer, RequestMetrics};
 use crate::routes;
 use crate::server::{self, ServerLimits};
 use crate::state::AppState;
 use access::Access;
 use anyhow::Context;
-use axum::Router;
 use feature_cache::{HotRecord, NearCache, RedisTier, TieredStore, Warmer};
 use feature_store::FeatureStore;
 use fleet::{FleetClient, Heartbeat, Responder, Vitals};
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 /// The API service, built and bound but not yet serving.
 pub struct Application {
     listener: TcpListener,
-    router: Router,
+    service: server::Service,
     state: AppState,
     subscriber: Option<Subscriber>,
     /// Counts reads into the hot-key record (off with `WARM_KEYS=0`).
@@ -80,15 +80,25 @@ impl Application {
         };
         // Inside the metrics: a request cut by its deadline is counted with
         // the 503 it got; a request admission refuses is refused at once.
+        let metrics = Arc::new(RequestMetrics::default());
+        let fast_path = FastPath::new(state.tiers.clone(), access.clone(), metrics.clone());
         let router = routes::router(settings.max_body_bytes)
-            .layer(RequestLayer::new(access, settings.http_request_timeout))
+            .layer(RequestLayer::new(
+                access,
+                settings.http_request_timeout,
+                metrics,
+            ))
             .with_state(state.clone());
+        let service = server::Service {
+            router,
+            fast_path: fast_path.map(Arc::new),
+        };
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("HTTP_ADDR: cannot bind {}", settings.http_addr))?;
         Ok(Self {
             listener,
-            router,
+            service,
             state,
             subscriber,
             hot,
@@ -112,7 +122,7 @@ impl Application {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
-            router,
+            service,
             state,
             subscriber,
             hot,
@@ -154,7 +164,7 @@ impl Application {
         // The serving loop hands every request its peer address
         // (`ConnectInfo`): admission limits anonymous clients by it.
         let limits = ServerLimits::from_settings(&state.settings);
-        server::serve(listener, router, limits, shutdown).await;
+        server::serve(listener, service, limits, shutdown).await;
         state.tiers.store().clone().shutdown().await;
         tracing::info!("stopped");
         Ok(())

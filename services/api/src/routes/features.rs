@@ -29,10 +29,14 @@ pub(super) fn routes(router: Router<AppState>, max_body_bytes: usize) -> Router<
     let router = both(router, "/api/features/", post(create_features).layer(limit));
     let router = both(
         router,
-        "/api/features/bulk/",
+        &format!("/api/features/{BULK}/"),
         post(bulk_create).layer(limit),
     );
-    let router = both(router, "/api/features/batch/", post(batch_get).layer(limit));
+    let router = both(
+        router,
+        &format!("/api/features/{BATCH}/"),
+        post(batch_get).layer(limit),
+    );
     let router = both(
         router,
         "/api/features/{customer_id}/delete/",
@@ -40,9 +44,53 @@ pub(super) fn routes(router: Router<AppState>, max_body_bytes: usize) -> Router<
     );
     both(
         router,
-        "/api/features/{customer_id}/",
+        DOCUMENT_ROUTE,
         get(get_features).delete(delete_features),
     )
+}
+
+/// The one-segment routes under `/api/features/` that are not a customer's:
+/// the router matches them before `{customer_id}`.
+const BULK: &str = "bulk";
+const BATCH: &str = "batch";
+
+/// The route of one customer's document, as the router registers and names
+/// it (its `MatchedPath`, the `route` label of the request metrics), with
+/// and without the trailing slash.
+pub const DOCUMENT_ROUTE: &str = "/api/features/{customer_id}/";
+pub const DOCUMENT_ROUTE_BARE: &str = "/api/features/{customer_id}";
+
+/// The customer id in `path` and the route it matches, when `path` is the
+/// route of one customer's document with an id that needs no decoding;
+/// `None` otherwise (another route, or an id the router must decode and
+/// check itself).
+pub fn document_route(path: &str) -> Option<(&str, &'static str)> {
+    let rest = path.strip_prefix("/api/features/")?;
+    let (id, route) = match rest.strip_suffix('/') {
+        Some(id) => (id, DOCUMENT_ROUTE),
+        None => (rest, DOCUMENT_ROUTE_BARE),
+    };
+    // Valid ids hold no `/` and no `%`.
+    (CustomerId::is_valid(id) && id != BULK && id != BATCH).then_some((id, route))
+}
+
+/// The answer with one customer's document, served by the tier `source`
+/// (its name also goes into the body and the `x-cache-source` header).
+pub fn served_response(document: &CachedDocument, source: &'static str) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::HeaderName::from_static("x-cache-source"),
+                HeaderValue::from_static(source),
+            ),
+        ],
+        document.body_with_source(source),
+    )
+        .into_response()
 }
 
 /// Body of `POST /api/features/`.
@@ -89,20 +137,7 @@ pub async fn get_features(
     };
     let source = lookup.source.as_str();
     tracing::Span::current().record("cache.tier", source);
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-            (
-                header::HeaderName::from_static("x-cache-source"),
-                HeaderValue::from_static(source),
-            ),
-        ],
-        lookup.document.body_with_source(source),
-    )
-        .into_response())
+    Ok(served_response(&lookup.document, source))
 }
 
 #[utoipa::path(
@@ -503,4 +538,41 @@ fn parse_features(raw: &RawValue) -> Result<Map<String, Value>, FieldError> {
     }
     codec::check_features_json(text).map_err(|err| FieldError::unstorable(&err))?;
     serde_json::from_str(text).map_err(|err| FieldError::new("features", err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_routes_are_recognized_as_the_router_registers_them() {
+        assert_eq!(DOCUMENT_ROUTE.trim_end_matches('/'), DOCUMENT_ROUTE_BARE);
+        let cases = [
+            ("/api/features/C1/", Some(("C1", DOCUMENT_ROUTE))),
+            ("/api/features/C1", Some(("C1", DOCUMENT_ROUTE_BARE))),
+            (
+                "/api/features/a.b:c-d_e/",
+                Some(("a.b:c-d_e", DOCUMENT_ROUTE)),
+            ),
+            // The router's own routes, and ids it must decode or refuse.
+            ("/api/features/bulk/", None),
+            ("/api/features/batch", None),
+            ("/api/features/", None),
+            ("/api/features", None),
+            ("/api/features//", None),
+            ("/api/features/C1//", None),
+            ("/api/features/C1/delete/", None),
+            ("/api/features/%43%31/", None),
+            ("/api/features/C%201/", None),
+            ("/api/Features/C1/", None),
+            ("/api/features/é/", None),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(document_route(path), expected, "{path}");
+        }
+        let longest = format!("/api/features/{}/", "x".repeat(CustomerId::MAX_LEN));
+        assert!(document_route(&longest).is_some());
+        let too_long = format!("/api/features/{}/", "x".repeat(CustomerId::MAX_LEN + 1));
+        assert_eq!(document_route(&too_long), None);
+    }
 }

@@ -11,6 +11,7 @@ mod contract;
 mod docs;
 mod errors;
 mod exact;
+mod fast_path;
 mod limits;
 mod outcomes;
 mod resilience;
