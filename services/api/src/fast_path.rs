@@ -1,69 +1,76 @@
-//! Near-cache hits answered before the router.
+//! `GET /api/features/{customer_id}/`, the service's hot path, answered
+//! before the router.
 //!
-//! `GET /api/features/{customer_id}/` answered by the near cache is the
-//! service's hot path. Through the router it also paid for routing, the
-//! path's extraction, the request layer's boxed future and deadline timer
-//! and the handler's own future: together more than the near cache and the
-//! HTTP exchange themselves (BENCHMARKS.md, "The hit path before the
+//! Through the router a read also paid for routing, the path's extraction,
+//! the request layer's and the handler's boxed futures and the request
+//! layer's deadline timer: together more than a near-cache hit and the HTTP
+//! exchange themselves (BENCHMARKS.md, "The document route before the
 //! router"). [`FastPath::answer`] looks at each request's method and path
-//! first and answers a near hit at once with what the router would answer:
-//! the same body and headers ([`features::served_response`]), admission
-//! ([`admission::admit_now`]), server span and request metrics
-//! ([`middleware::observe`]). Its trace is the server span and the
-//! near-cache lookup's span (no handler span between them).
+//! first and answers a read of one customer's document itself, with what
+//! the router would answer: the same admission ([`admission::admit_now`]),
+//! the same answer ([`features::document_answer`]: near cache, Redis,
+//! MongoDB, 404), within the same deadline, with the same server span and
+//! request metrics ([`middleware::observe`]). A near hit is answered at
+//! once, without a future; its trace is the server span and the near-cache
+//! lookup's span.
 //!
 //! Everything else goes to the router unchanged: other methods and routes,
-//! an id the router would have to decode, a miss, and admission that cannot
-//! decide without waiting (a JWT's keys). What was already done for such a
-//! request (its span, its admission) goes with it ([`Prepared`]), so that
-//! nothing is done twice: a rate limit is charged once per request.
+//! an id the router would have to decode, and a read whose admission cannot
+//! be decided without waiting (a JWT naming a key not loaded yet); nothing
+//! was taken or charged for those.
 
 use crate::admission;
-use crate::middleware::{self, Prepared, RequestMetrics};
+use crate::middleware::{self, RequestMetrics};
 use crate::routes::features;
 use access::Access;
 use axum::http::{HeaderMap, Method, Uri};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use feature_cache::TieredStore;
+use feature_store::CustomerId;
+use futures::future::BoxFuture;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
 
-/// Answers near-cache hits of one customer's document (see the module).
+/// Answers reads of one customer's document (see the module).
 pub struct FastPath {
     tiers: TieredStore,
     /// `None` in open mode (no credentials, no limits).
     access: Option<Arc<Access>>,
     metrics: Arc<RequestMetrics>,
+    /// `HTTP_REQUEST_TIMEOUT_MS`, as the request layer applies it.
+    deadline: Duration,
 }
 
 /// What [`FastPath::answer`] did with a request.
 pub enum Answer {
-    /// Answered: send this.
+    /// Answered at once: send this.
     Served(Response),
-    /// For the router, with what was done for it already (if anything):
-    /// put into the request's extensions.
-    Router(Option<Prepared>),
+    /// Being answered: send what this gives.
+    Later(BoxFuture<'static, Response>),
+    /// Not taken: the router answers it.
+    Router,
 }
 
 impl FastPath {
-    /// `None` without a near cache: there is nothing to answer from.
     pub fn new(
         tiers: TieredStore,
         access: Arc<Access>,
         metrics: Arc<RequestMetrics>,
-    ) -> Option<Self> {
-        tiers.near()?;
+        deadline: Duration,
+    ) -> Self {
         let access = (!access.is_open()).then_some(access);
-        Some(Self {
+        Self {
             tiers,
             access,
             metrics,
-        })
+            deadline,
+        }
     }
 
-    /// A request's answer if it is a near hit of `GET` on one customer's
-    /// document (from `client`), or what the router needs to go on.
+    /// A request's answer if it is a `GET` of one customer's document (from
+    /// `client`); [`Answer::Router`] otherwise.
     pub fn answer(
         &self,
         method: &Method,
@@ -72,10 +79,10 @@ impl FastPath {
         client: IpAddr,
     ) -> Answer {
         if method != Method::GET {
-            return Answer::Router(None);
+            return Answer::Router;
         }
         let Some((id, route)) = features::document_route(uri.path()) else {
-            return Answer::Router(None);
+            return Answer::Router;
         };
         let started = Instant::now();
         let span = middleware::request_span(method, Some(route), uri.path(), headers);
@@ -86,9 +93,8 @@ impl FastPath {
                     admission::admit_now(access, Some(route), method, headers, Some(client))
                 });
                 match admitted {
-                    // Admission would wait: the router's layer admits it
-                    // (nothing was taken or charged yet).
-                    None => return Answer::Router(None),
+                    // Admission would wait: the router's layer admits it.
+                    None => return Answer::Router,
                     Some(Err(mut refusal)) => {
                         let metrics = &self.metrics;
                         middleware::observe(
@@ -101,30 +107,51 @@ impl FastPath {
                         );
                         return Answer::Served(refusal);
                     }
-                    Some(Ok(permit)) => permit.map(Arc::new),
+                    Some(Ok(permit)) => permit,
                 }
             }
         };
-        match span.in_scope(|| self.tiers.near_hit(id)) {
-            Some(document) => {
-                let mut response = features::served_response(&document, "local");
-                // Held until the response is produced.
-                drop(permit);
-                middleware::observe(
-                    &mut response,
-                    &span,
-                    &self.metrics,
-                    method,
-                    Some(route),
-                    started,
-                );
-                Answer::Served(response)
-            }
-            None => Answer::Router(Some(Prepared {
-                span,
+        if let Some(document) = span.in_scope(|| self.tiers.near_hit(id)) {
+            let mut response = features::served_response(&document, "local");
+            // Held until the response is produced.
+            drop(permit);
+            middleware::observe(
+                &mut response,
+                &span,
+                &self.metrics,
+                method,
+                Some(route),
                 started,
-                permit,
-            })),
+            );
+            return Answer::Served(response);
         }
+        // `document_route` checked the id already.
+        let Ok(id) = CustomerId::parse(id) else {
+            return Answer::Router;
+        };
+        let tiers = self.tiers.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let deadline = self.deadline;
+        Answer::Later(Box::pin(async move {
+            let answer = async {
+                match features::document_answer(&tiers, id).await {
+                    Ok(response) => Ok(response),
+                    Err(err) => Ok(err.into_response()),
+                }
+            };
+            let mut response = middleware::within(deadline, answer)
+                .instrument(span.clone())
+                .await;
+            drop(permit);
+            middleware::observe(
+                &mut response,
+                &span,
+                &metrics,
+                &Method::GET,
+                Some(route),
+                started,
+            );
+            response
+        }))
     }
 }

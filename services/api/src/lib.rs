@@ -14,8 +14,8 @@
 //! - [`middleware`]: the one layer around every route: per-request span
 //!   (continuing the caller's trace), metrics, the `traceparent` response
 //!   header, admission, the request deadline.
-//! - [`fast_path`]: near-cache hits of one customer's document, answered
-//!   before the router with what the router would answer.
+//! - [`fast_path`]: `GET` of one customer's document, answered before the
+//!   router with what the router would answer.
 //!
 //! The cache logic itself lives in `feature-cache`; this crate is wiring.
 

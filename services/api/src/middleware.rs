@@ -13,9 +13,9 @@
 //! those cloned the route's boxed service and boxed a future per request; this
 //! one boxes one future, and clones the route only when admission has to wait.
 //!
-//! A request the fast path ([`crate::fast_path`]) looked at first carries
-//! what it did ([`Prepared`]): its span and admission are then not made
-//! again. Its answers go out through [`observe`], as the layer's do.
+//! The fast path ([`crate::fast_path`]) answers reads of one customer's
+//! document before the router with the same pieces: [`request_span`],
+//! [`within`] and [`observe`].
 
 use crate::admission;
 use crate::error::ApiError;
@@ -31,7 +31,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -50,8 +49,7 @@ struct Shared {
 }
 
 impl RequestLayer {
-    /// `metrics` is shared with whatever answers requests before the router
-    /// ([`crate::fast_path`]).
+    /// `metrics` is shared with the fast path ([`crate::fast_path`]).
     pub fn new(access: Arc<Access>, deadline: Duration, metrics: Arc<RequestMetrics>) -> Self {
         let access = (!access.is_open()).then_some(access);
         Self {
@@ -62,17 +60,6 @@ impl RequestLayer {
             }),
         }
     }
-}
-
-/// What was done for a request before the router ([`crate::fast_path`]),
-/// handed to this layer in the request's extensions so that it is not done
-/// twice: the server span, when the request began, and admission (its
-/// place under `MAX_CONCURRENT_REQUESTS`, when one was taken).
-#[derive(Clone)]
-pub struct Prepared {
-    pub span: tracing::Span,
-    pub started: Instant,
-    pub permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl<S> Layer<S> for RequestLayer {
@@ -106,31 +93,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let method = request.method().clone();
         let route = request.extensions().get::<MatchedPath>().cloned();
-        let prepared = request.extensions_mut().remove::<Prepared>();
-        let (span, started, permit) = match prepared {
-            Some(Prepared {
-                span,
-                started,
-                permit,
-            }) => (span, started, Some(permit)),
-            None => {
-                let route = route.as_ref().map(MatchedPath::as_str);
-                let span = request_span(&method, route, request.uri().path(), request.headers());
-                (span, Instant::now(), None)
-            }
-        };
+        let span = request_span(
+            &method,
+            route.as_ref().map(MatchedPath::as_str),
+            request.uri().path(),
+            request.headers(),
+        );
         let deadline = shared.deadline;
-        let work = match (&shared.access, permit) {
+        let work = match &shared.access {
             // The inner service is ready (`poll_ready` above): calling it now
             // spares a clone of it.
-            (None, _) => Work::Admitted(self.inner.call(request), None),
-            // Admitted before the router.
-            (Some(_), Some(permit)) => Work::Admitted(self.inner.call(request), permit),
-            (Some(access), None) => {
+            None => Work::Admitted(self.inner.call(request)),
+            Some(access) => {
                 // Admission may wait (a JWT's keys): the ready service goes
                 // with the request, a clone stays for the next one.
                 let clone = self.inner.clone();
@@ -141,8 +120,7 @@ where
         Box::pin(async move {
             let served = async {
                 match work {
-                    // The permit is held until the response is produced.
-                    Work::Admitted(future, _permit) => within(deadline, future).await,
+                    Work::Admitted(future) => within(deadline, future).await,
                     Work::Admit(access, mut inner, request) => {
                         let route = route.as_ref().map(MatchedPath::as_str);
                         let client = client_ip(&request);
@@ -198,15 +176,14 @@ pub fn observe(
 /// request here would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Work<F, S> {
-    /// Open mode, or admitted before the router: the route's future,
-    /// already made (and the permit admission gave, if any).
-    Admitted(F, Option<Arc<OwnedSemaphorePermit>>),
+    /// Open mode: the route's future, already made.
+    Admitted(F),
     /// Admission first, then the route.
     Admit(Arc<Access>, S, Request),
 }
 
 /// The route's answer, or 503 once the deadline passed.
-async fn within<F>(deadline: Duration, future: F) -> Response
+pub async fn within<F>(deadline: Duration, future: F) -> Response
 where
     F: Future<Output = Result<Response, Infallible>>,
 {

@@ -27,6 +27,7 @@ use futures::future::{self, Either};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -62,12 +63,12 @@ impl ServerLimits {
     }
 }
 
-/// What answers requests: the router, and before it the near hits' fast
-/// path (when there is a near cache).
+/// What answers requests: the router, and before it the fast path of the
+/// document reads.
 #[derive(Clone)]
 pub struct Service {
     pub router: Router,
-    pub fast_path: Option<Arc<FastPath>>,
+    pub fast_path: Arc<FastPath>,
 }
 
 /// Serves `service` on `listener` until `shutdown` is cancelled, then drains
@@ -158,32 +159,30 @@ async fn serve_connection(
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let busy = activity.begin();
-            let prepared = match &fast_path {
-                Some(fast_path) => {
-                    let (method, uri, headers) =
-                        (request.method(), request.uri(), request.headers());
-                    match fast_path.answer(method, uri, headers, peer.ip()) {
-                        Answer::Served(response) => {
-                            drop(busy);
-                            return Either::Left(future::ready(Ok(response)));
-                        }
-                        Answer::Router(prepared) => prepared,
-                    }
+            let (method, uri, headers) = (request.method(), request.uri(), request.headers());
+            let later = match fast_path.answer(method, uri, headers, peer.ip()) {
+                Answer::Served(response) => {
+                    drop(busy);
+                    return Either::Left(future::ready(Ok(response)));
                 }
-                None => None,
+                Answer::Later(answer) => Either::Left(answer),
+                Answer::Router => {
+                    // The client's address, for whoever needs it (as
+                    // `into_make_service_with_connect_info` would give it).
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    let router = router.clone();
+                    Either::Right(async move {
+                        match router.oneshot(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        }
+                    })
+                }
             };
-            let extensions = request.extensions_mut();
-            // The client's address, for whoever needs it (as
-            // `into_make_service_with_connect_info` would give it).
-            extensions.insert(ConnectInfo(peer));
-            if let Some(prepared) = prepared {
-                extensions.insert(prepared);
-            }
-            let router = router.clone();
             Either::Right(async move {
-                let response = router.oneshot(request).await;
+                let response = later.await;
                 drop(busy);
-                response
+                Ok::<_, Infallible>(response)
             })
         })
     };

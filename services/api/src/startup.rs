@@ -81,7 +81,12 @@ impl Application {
         // Inside the metrics: a request cut by its deadline is counted with
         // the 503 it got; a request admission refuses is refused at once.
         let metrics = Arc::new(RequestMetrics::default());
-        let fast_path = FastPath::new(state.tiers.clone(), access.clone(), metrics.clone());
+        let fast_path = FastPath::new(
+            state.tiers.clone(),
+            access.clone(),
+            metrics.clone(),
+            settings.http_request_timeout,
+        );
         let router = routes::router(settings.max_body_bytes)
             .layer(RequestLayer::new(
                 access,
@@ -91,7 +96,7 @@ impl Application {
             .with_state(state.clone());
         let service = server::Service {
             router,
-            fast_path: fast_path.map(Arc::new),
+            fast_path: Arc::new(fast_path),
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await

@@ -7,7 +7,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use feature_cache::{CachedDocument, WriteOutcome};
+use feature_cache::{CachedDocument, TieredStore, WriteOutcome};
 use feature_store::codec;
 use feature_store::{CustomerId, FeatureDocument, FeatureWrite};
 use serde::{Deserialize, Serialize};
@@ -126,13 +126,19 @@ pub struct ServedDocument {
         (status = 503, description = "Not cached and MongoDB unavailable", body = crate::error::ErrorBody)
     )
 )]
-#[tracing::instrument(skip_all, fields(customer_id = %id.0, cache.tier = tracing::field::Empty))]
 pub async fn get_features(
     State(state): State<AppState>,
     id: CustomerIdPath,
 ) -> Result<Response, ApiError> {
-    let CustomerIdPath(id) = id;
-    let Some(lookup) = state.tiers.get(&id).await? else {
+    document_answer(&state.tiers, id.0).await
+}
+
+/// The answer to `GET` of one customer's document: from the nearest tier
+/// that has it, or 404. Also what the fast path answers with
+/// ([`crate::fast_path`]).
+#[tracing::instrument(name = "get_features", skip_all, fields(customer_id = %id, cache.tier = tracing::field::Empty))]
+pub async fn document_answer(tiers: &TieredStore, id: CustomerId) -> Result<Response, ApiError> {
+    let Some(lookup) = tiers.get(&id).await? else {
         return Err(ApiError::NotFound(id.to_string()));
     };
     let source = lookup.source.as_str();

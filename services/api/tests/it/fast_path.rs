@@ -1,6 +1,6 @@
-//! Near-cache hits answered before the router (`cache_api::fast_path`): the
-//! same answers as the router gives, the router's own routes first, and
-//! admission once per request.
+//! Reads of one customer's document answered before the router
+//! (`cache_api::fast_path`): the same answers as the router gives (near hit,
+//! Redis hit, 404), the router's own routes first, admission once per request.
 //!
 //! The router's answer to the same request is reached with the id
 //! percent-encoded: the fast path leaves ids that need decoding to it.
@@ -77,6 +77,20 @@ async fn a_near_hit_is_answered_as_the_router_answers_it() {
         assert_eq!(body["features"]["b"], json!([1.5, "x"]));
         assert_eq!(body["source"], "local");
     }
+    // A Redis hit (each read finds the near cache without the key) and a 404.
+    let near = api.state().tiers.near().expect("a near cache");
+    near.invalidate("FP.1:a-b_c");
+    let fast_reply = api.get("/api/features/FP.1:a-b_c/").await;
+    near.invalidate("FP.1:a-b_c");
+    let router_reply = api.get(&format!("/api/features/{routed}/")).await;
+    assert_eq!(fast_reply.header("x-cache-source"), Some("redis"));
+    assert_eq!(seen(&fast_reply), seen(&router_reply));
+    let fast_reply = api.get("/api/features/NOBODY/").await;
+    fast_reply.expect_error(404, "not_found");
+    let router_reply = api
+        .get(&format!("/api/features/{}/", encoded("NOBODY")))
+        .await;
+    assert_eq!(seen(&fast_reply), seen(&router_reply));
     stack.finish().await;
 }
 
@@ -145,7 +159,7 @@ async fn admission_decides_near_hits_and_is_charged_once_per_request() {
     for id in ["HIT", "MISS"] {
         assert_eq!(api.send(write(id)).await.status, 201);
     }
-    // MISS is left in Redis only: the fast path admits it, then hands it on.
+    // MISS is left in Redis only.
     api.state()
         .tiers
         .near()
@@ -170,8 +184,8 @@ async fn admission_decides_near_hits_and_is_charged_once_per_request() {
         .await
         .expect_error(403, "forbidden");
 
-    // The reader's burst of 2: a miss handed to the router and a hit, each
-    // charged once; then the limit.
+    // The reader's burst of 2: a near miss and a near hit, each charged
+    // once; then the limit.
     let miss = api.send(read("MISS").bearer_auth(READER)).await;
     assert_eq!(miss.status, 200, "{}", miss.text());
     assert_eq!(miss.header("x-cache-source"), Some("redis"));
