@@ -6,7 +6,9 @@
 #
 # 1. callgrind (instructions, exact call graph): a near-cache-on cache-api under
 #    valgrind, wrk -t1 -c16 for 20 s of Zipf GETs (all near hits after warming);
-#    then the reference server the same way, for instructions and mallocs per request.
+#    then the reference server the same way, for instructions and mallocs per request;
+#    then Redis hits the same way: cache-api with the near cache off, and the reference
+#    server doing one Redis GET per request.
 #    `perf stat -e instructions` does not work in this VM (no hardware counters),
 #    so instruction counts come from callgrind.
 # 2. perf record -e cpu-clock (time samples, kernel included) of the same
@@ -113,6 +115,25 @@ proc stop --name ref-vg
     echo "## per request: cache-api (near hit) vs the reference server, both under callgrind"
     "$PY" "$BENCH" callgrind-summary "cache-api near hit=$RUN/callgrind.out=$RUN/logs/wrk-vg.txt" \
         "reference server=$RUN/callgrind-ref.out=$RUN/logs/wrk-ref-vg.txt"
+} >>"$OUT/profile-$NAME-callgrind.txt"
+
+log "callgrind: Redis hits, cache-api (near cache off) and the one-GET reference, wrk -t1 -c16 -d20s each"
+proc start --name api-redis-vg --port "$PA" --ready /api/health/ --timeout 120 "${COMMON[@]}" \
+    --env "HTTP_ADDR=127.0.0.1:$PA" --env LOCAL_CACHE_ENABLED=false -- \
+    valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind-redis.out" "$RUN/bin/cache-api"
+"$PY" "$BENCH" warm --api "http://127.0.0.1:$PA" --count "$KEYS"
+wrk -t1 -c16 -d20s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PA" -- "$RUN/ids.txt" >"$RUN/logs/wrk-redis-vg.txt"
+proc stop --name api-redis-vg
+proc start --name ref-redis-vg -- valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind-ref-redis.out" \
+    "$RUN/bin/cachectl" reference-server --addr "127.0.0.1:$PB" --redis-url "$REDIS_URL"
+sleep 5
+wrk -t1 -c16 -d20s -s bench/wrk/zipf_get.lua "http://127.0.0.1:$PB" -- "$RUN/ids.txt" >"$RUN/logs/wrk-ref-redis-vg.txt"
+proc stop --name ref-redis-vg
+{
+    echo
+    echo "## per request: cache-api (Redis hit, near cache off) vs the one-GET reference, both under callgrind"
+    "$PY" "$BENCH" callgrind-summary "cache-api Redis hit=$RUN/callgrind-redis.out=$RUN/logs/wrk-redis-vg.txt" \
+        "one-GET reference=$RUN/callgrind-ref-redis.out=$RUN/logs/wrk-ref-redis-vg.txt"
 } >>"$OUT/profile-$NAME-callgrind.txt"
 log "wrote $OUT/profile-$NAME-callgrind.txt"
 fi
