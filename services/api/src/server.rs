@@ -17,8 +17,11 @@
 //!   it serves and closes, and after `SHUTDOWN_GRACE_MS` whatever is left is
 //!   dropped.
 //!
+//! Each request goes to the fast path first ([`crate::fast_path`]: reads of
+//! one customer's document), and to the router when the fast path leaves it.
 //! The per-request deadline (`HTTP_REQUEST_TIMEOUT_MS`) is part of
-//! [`crate::middleware::RequestLayer`], so its answer is the API's JSON error.
+//! [`crate::middleware::RequestLayer`] and of the fast path, so its answer is
+//! the API's JSON error.
 
 use crate::fast_path::{Answer, FastPath};
 use axum::Router;
