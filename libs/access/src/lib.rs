@@ -347,7 +347,6 @@ impl Access {
 #[derive(Debug, Clone, Copy)]
 pub struct Overloaded;
 
-/// The presented secret: `Authorization: Bearer …` first, then `X-API-Key`.
 /// A checked token's principal, or why it is refused.
 fn token_principal(verdict: Result<jwt::TokenPrincipal, TokenError>) -> Result<Principal, Denial> {
     match verdict {
@@ -360,6 +359,7 @@ fn token_principal(verdict: Result<jwt::TokenPrincipal, TokenError>) -> Result<P
     }
 }
 
+/// The presented secret: `Authorization: Bearer …` first, then `X-API-Key`.
 fn presented_credentials(headers: &HeaderMap) -> Result<&str, Denial> {
     if let Some(value) = headers.get(AUTHORIZATION) {
         let value = value.to_str().map_err(|_| Denial::Invalid)?;

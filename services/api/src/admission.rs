@@ -68,7 +68,7 @@ pub async fn admit(
 }
 
 /// [`admit`]'s verdict when it needs no waiting (see
-/// [`Access::authenticate_now`]); `None`, with nothing taken or charged,
+/// [`Access::authenticate_now`]); `None`, with nothing kept or charged,
 /// when it would wait.
 pub fn admit_now(
     access: &Access,
@@ -80,12 +80,18 @@ pub fn admit_now(
     let Some(scope) = required_scope(method, route) else {
         return Some(Ok(None));
     };
-    let principal = access.authenticate_now(headers)?;
-    let verdict = match access.try_enter() {
-        Ok(permit) => decide(access, principal, scope, route, client).map(|()| permit),
-        Err(access::Overloaded) => Err(ApiError::Overloaded),
+    // In `admit`'s order: shedding before authentication (a place taken
+    // here is given back if authentication would wait).
+    let permit = match access.try_enter() {
+        Ok(permit) => permit,
+        Err(access::Overloaded) => return Some(Err(ApiError::Overloaded.into_response())),
     };
-    Some(verdict.map_err(IntoResponse::into_response))
+    let principal = access.authenticate_now(headers)?;
+    Some(
+        decide(access, principal, scope, route, client)
+            .map(|()| permit)
+            .map_err(IntoResponse::into_response),
+    )
 }
 
 /// The rest of admission once the caller is known (or refused): the

@@ -96,11 +96,10 @@ impl FastPath {
                     // Admission would wait: the router's layer admits it.
                     None => return Answer::Router,
                     Some(Err(mut refusal)) => {
-                        let metrics = &self.metrics;
                         middleware::observe(
                             &mut refusal,
                             &span,
-                            metrics,
+                            &self.metrics,
                             method,
                             Some(route),
                             started,
@@ -133,12 +132,7 @@ impl FastPath {
         let metrics = Arc::clone(&self.metrics);
         let deadline = self.deadline;
         Answer::Later(Box::pin(async move {
-            let answer = async {
-                match features::document_answer(&tiers, id).await {
-                    Ok(response) => Ok(response),
-                    Err(err) => Ok(err.into_response()),
-                }
-            };
+            let answer = async { Ok(features::document_answer(&tiers, id).await.into_response()) };
             let mut response = middleware::within(deadline, answer)
                 .instrument(span.clone())
                 .await;

@@ -550,6 +550,7 @@ async fn beyond_max_concurrent_requests_the_service_sheds_with_503() {
             ("MONGO_URI", &mongo_uri),
             ("MONGO_TIMEOUT_MS", "20000"),
             ("MAX_CONCURRENT_REQUESTS", "2"),
+            ("API_KEYS", &dev_keys()),
         ]),
     )
     .await;
@@ -558,11 +559,12 @@ async fn beyond_max_concurrent_requests_the_service_sheds_with_503() {
     let held: Vec<_> = ["HELD1", "HELD2"]
         .iter()
         .map(|id| {
-            let request = api.client().get(url(id)).send();
+            let request = api.client().get(url(id)).bearer_auth(READER).send();
             tokio::spawn(request)
         })
         .collect();
-    // Then every other request is refused at once. (Until both have been
+    // Then every other request is refused at once, before its credentials
+    // are looked at (the probes present none). (Until both have been
     // admitted, a probe may itself be admitted and wait: it gives up after
     // a second, freeing its place, and the next probe tries again.)
     let reply = eventually(
